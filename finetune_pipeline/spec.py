@@ -1,0 +1,398 @@
+"""The pipeline spec: one YAML file per fine-tuning pipeline, validated up front.
+
+Every problem in a spec is reported at once, each with its field path and YAML line
+(``specs/x.yaml:14: training.lora.r: must be > 0``). Field names follow peft / trl / axolotl
+(``lora.r``, ``lora.alpha``, ``target_modules``, ``learning_rate``, ``max_length``, ``packing``).
+No dagster import here: tests and other entry points use the spec directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PACKAGED_MODELS = {"smollm2-135m-instruct"}
+HIGHER_IS_BETTER = {"exact_match": True, "json_valid": True, "rouge_l": True, "field_accuracy": True, "perplexity": False}
+SEARCHABLE_PARAMS = {
+    "learning_rate",
+    "lora.r",
+    "lora.alpha",
+    "lora.dropout",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "warmup_ratio",
+    "weight_decay",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceSpec(_Strict):
+    incoming_dir: str = Field(
+        description="Folder watched for new data files; each file becomes one partition of raw_dataset. "
+        "Relative paths are resolved against the spec file's folder."
+    )
+    file_format: Literal["jsonl"] = Field("jsonl", description="File format of the dropped files (JSON Lines).")
+    record_format: Literal["chat"] = Field(
+        "chat", description="Record format: 'chat' = a list of {role, content} messages ending with an assistant turn."
+    )
+    messages_field: str = Field("messages", description="Column holding the chat messages.")
+    id_field: str | None = Field(
+        "id", description="Column holding a stable row id; rows without one get a content hash as id."
+    )
+    file_glob: str = Field("*.jsonl", description="Glob selecting data files inside incoming_dir.")
+    settle_seconds: float = Field(
+        2.0, ge=0, description="A file must be unchanged (size and mtime) for this long before it is ingested."
+    )
+
+
+class CleaningSpec(_Strict):
+    normalize_whitespace: bool = Field(True, description="Strip and collapse runs of spaces/tabs in every message.")
+    min_assistant_chars: int = Field(1, ge=0, description="Reject rows whose final assistant answer is shorter.")
+    max_total_chars: int = Field(20_000, gt=0, description="Reject rows whose messages together are longer.")
+    max_rejection_rate: float = Field(
+        0.05, ge=0, le=1, description="Blocking check: fraction of a drop's rows that may be quarantined."
+    )
+
+
+class SplitSpec(_Strict):
+    validation_fraction: float = Field(0.1, ge=0, lt=1, description="Share of rows assigned to validation.")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="Share of rows assigned to test.")
+    salt: str = Field(
+        "split-v1", description="Salt of the per-row hash that fixes each row's split; change it to reshuffle."
+    )
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitSpec:
+        if self.validation_fraction + self.test_fraction >= 1:
+            raise ValueError("validation_fraction + test_fraction must be < 1 so that rows remain for training")
+        return self
+
+
+class LoraSpec(_Strict):
+    r: int = Field(16, gt=0, description="LoRA rank (peft LoraConfig.r).")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (peft lora_alpha).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path (peft lora_dropout).")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules to adapt: 'all-linear' or a list of module names (peft target_modules)."
+    )
+
+
+class ModelSpec(_Strict):
+    base: str = Field(
+        "smollm2-135m-instruct",
+        description="Base model: a packaged name (smollm2-135m-instruct, offline), a local folder, or a hub id.",
+    )
+    method: Literal["lora", "qlora", "full"] = Field(
+        "lora", description="lora, qlora (4-bit nf4 base via bitsandbytes) or full fine-tuning."
+    )
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter settings for lora / qlora.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype the base weights are loaded in for training and evaluation."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the hub. Off by default: only enable for repositories you trust."
+    )
+
+
+class TrainingSpec(_Strict):
+    max_steps: int = Field(60, gt=0, description="Optimizer steps for the adapter (trl SFTConfig.max_steps).")
+    per_device_train_batch_size: int = Field(8, gt=0, description="Examples per device per step.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Steps to accumulate before an optimizer update.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule."
+    )
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps used for warm-up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_length: int = Field(512, gt=0, description="Longest tokenised example; longer ones are truncated.")
+    packing: bool = Field(False, description="Pack several examples into one sequence (trl packing).")
+    completion_only_loss: bool = Field(True, description="Compute the loss on the assistant answer only.")
+    logging_steps: int = Field(5, gt=0, description="Log loss every N steps (into the Dagster run and MLflow).")
+    eval_steps: int = Field(0, ge=0, description="Evaluate on the validation split every N steps (0 = only at the end).")
+    max_eval_samples: int = Field(128, gt=0, description="Validation rows used for the validation loss.")
+    seed: int = Field(42, description="Seed for data order and adapter initialisation.")
+
+
+class SearchParam(_Strict):
+    type: Literal["float", "int", "categorical"] = Field(description="Kind of distribution.")
+    low: float | None = Field(None, description="Lower bound (float/int).")
+    high: float | None = Field(None, description="Upper bound (float/int).")
+    log: bool = Field(False, description="Sample on a log scale (float/int).")
+    choices: list[Any] | None = Field(None, description="Values to choose from (categorical).")
+
+    @model_validator(mode="after")
+    def _shape(self) -> SearchParam:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical needs a non-empty 'choices' list")
+        else:
+            if self.low is None or self.high is None:
+                raise ValueError(f"{self.type} needs 'low' and 'high'")
+            if self.low > self.high:
+                raise ValueError("'low' must be <= 'high'")
+            if self.log and self.low <= 0:
+                raise ValueError("log scale needs 'low' > 0")
+        return self
+
+
+class SweepSpec(_Strict):
+    enabled: bool = Field(False, description="Run an Optuna search before training the adapter.")
+    n_trials: int = Field(4, gt=0, description="Trials per sweep (completed trials in storage count toward it).")
+    max_steps: int = Field(10, gt=0, description="Training steps per trial.")
+    pruner: Literal["median", "none"] = Field("median", description="Optuna pruner for unpromising trials.")
+    seed: int = Field(0, description="Sampler seed (TPE).")
+    search_space: dict[str, SearchParam] = Field(
+        default_factory=dict,
+        description=f"Parameters to search, by name: {', '.join(sorted(SEARCHABLE_PARAMS))}.",
+    )
+
+    @field_validator("search_space")
+    @classmethod
+    def _known_params(cls, v: dict[str, SearchParam]) -> dict[str, SearchParam]:
+        unknown = sorted(set(v) - SEARCHABLE_PARAMS)
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {unknown}; searchable: {sorted(SEARCHABLE_PARAMS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _space_when_enabled(self) -> SweepSpec:
+        if self.enabled and not self.search_space:
+            raise ValueError("sweep.enabled needs a non-empty search_space")
+        return self
+
+
+class EvaluationSpec(_Strict):
+    metrics: list[Literal["exact_match", "json_valid", "rouge_l", "perplexity", "field_accuracy"]] = Field(
+        default_factory=lambda: ["exact_match", "json_valid", "rouge_l", "perplexity", "field_accuracy"],
+        description="Metrics computed for base and tuned model on the test split.",
+    )
+    primary_metric: Literal["exact_match", "json_valid", "rouge_l", "perplexity", "field_accuracy"] = Field(
+        "exact_match", description="Metric that decides the gate and promotion."
+    )
+    min_improvement_over_base: float = Field(
+        0.0,
+        description="Blocking gate: tuned must beat base on the primary metric by at least this much "
+        "(in the metric's better direction).",
+    )
+    max_samples: int = Field(64, gt=0, description="Test rows generated for (perplexity uses the same rows).")
+    max_new_tokens: int = Field(64, gt=0, description="Generation length limit.")
+    batch_size: int = Field(16, gt=0, description="Generation batch size.")
+    n_report_samples: int = Field(8, ge=0, description="Sample outputs shown side by side in the report.")
+
+    @model_validator(mode="after")
+    def _primary_in_metrics(self) -> EvaluationSpec:
+        if self.primary_metric not in self.metrics:
+            raise ValueError(f"primary_metric '{self.primary_metric}' must be listed in metrics")
+        return self
+
+
+class RegistrySpec(_Strict):
+    model_name: str = Field(description="MLflow registered-model name.")
+    promotion_min_delta: float = Field(
+        0.0, description="'champion' moves only if the new version beats it on the primary metric by more than this."
+    )
+
+
+class AutomationSpec(_Strict):
+    sensor_enabled: bool = Field(True, description="Start the incoming-folder sensor by default.")
+    sensor_interval_seconds: int = Field(30, gt=0, description="Seconds between sensor ticks.")
+    retrain_cron: str | None = Field(
+        "0 3 * * *", description="Cron for the retraining schedule (skips when the training data is unchanged)."
+    )
+    schedule_enabled: bool = Field(False, description="Start the retraining schedule by default.")
+
+
+class PipelineSpec(_Strict):
+    name: str = Field(description="Pipeline name: asset key prefix and group (letters, digits, underscores).")
+    description: str = Field("", description="What this pipeline fine-tunes for.")
+    source: SourceSpec = Field(description="Where data comes from and how it is shaped.")
+    cleaning: CleaningSpec = Field(default_factory=CleaningSpec, description="Row validation and cleaning rules.")
+    split: SplitSpec = Field(default_factory=SplitSpec, description="Train/validation/test split.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Base model and fine-tuning method.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Trainer settings (trl SFTConfig).")
+    sweep: SweepSpec = Field(default_factory=SweepSpec, description="Optuna hyperparameter search.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Evaluation on the test split.")
+    registry: RegistrySpec = Field(description="MLflow model registry and promotion rule.")
+    automation: AutomationSpec = Field(default_factory=AutomationSpec, description="Sensor and schedule.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", v):
+            raise ValueError("must start with a letter and contain only letters, digits and underscores")
+        return v
+
+
+class LoadedSpec(BaseModel):
+    """A validated spec plus where it came from (for resolving relative paths and hashing)."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    spec: PipelineSpec
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent if self.path else Path.cwd()
+
+    def resolve(self, p: str) -> Path:
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else (self.base_dir / q).resolve()
+
+    @property
+    def incoming_dir(self) -> Path:
+        return self.resolve(self.spec.source.incoming_dir)
+
+    @property
+    def spec_hash(self) -> str:
+        return spec_hash(self.spec)
+
+
+class SpecError(ValueError):
+    """All problems found in one spec file, each with its field path and line."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s) in the pipeline spec:\n{lines}")
+
+
+def spec_hash(spec: PipelineSpec) -> str:
+    """Stable short hash of the spec's content (all fields, defaults included)."""
+    blob = json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _line_of(node: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
+    """1-based line of the YAML node at ``path`` (or of its deepest existing parent)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in path:
+        if isinstance(node, yaml.MappingNode):
+            nxt = next((v for k, v in node.value if k.value == str(part)), None)
+            if nxt is None:
+                key_node = next((k for k, _ in node.value if k.value == str(part)), None)
+                return key_node.start_mark.line + 1 if key_node is not None else line
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            return line
+        line = node.start_mark.line + 1
+    return line
+
+
+def _friendly(err: dict[str, Any]) -> str:
+    msg = str(err["msg"])
+    ctx = err.get("ctx") or {}
+    if err["type"] == "greater_than":
+        return f"must be > {ctx.get('gt')}"
+    if err["type"] == "greater_than_equal":
+        return f"must be >= {ctx.get('ge')}"
+    if err["type"] == "less_than":
+        return f"must be < {ctx.get('lt')}"
+    if err["type"] == "less_than_equal":
+        return f"must be <= {ctx.get('le')}"
+    if err["type"] == "extra_forbidden":
+        return "unknown field (check the spelling; see spec.schema.json for the fields)"
+    if err["type"] == "missing":
+        return "required field is missing"
+    return msg.removeprefix("Value error, ")
+
+
+def parse_spec(text: str, source: str = "<spec>", path: Path | None = None) -> LoadedSpec:
+    """Validate YAML text; raise SpecError listing every problem with its path and line."""
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise SpecError(source, [f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from exc
+    if not isinstance(data, dict):
+        raise SpecError(source, [f"{source}: the spec must be a YAML mapping with at least name, source and registry"])
+    try:
+        spec = PipelineSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            dotted = ".".join(str(p) for p in loc) or "<root>"
+            line = _line_of(node, loc)
+            where = f"{source}:{line}" if line else source
+            problems.append(f"{where}: {dotted}: {_friendly(err)}")
+        raise SpecError(source, problems) from None
+    return LoadedSpec(spec=spec, path=path.resolve() if path else None)
+
+
+def load_spec(path: str | Path) -> LoadedSpec:
+    """Load and validate one spec file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(str(p), [f"{p}: cannot read the spec file: {exc.strerror}"]) from exc
+    return parse_spec(text, source=str(p), path=p)
+
+
+def load_specs(folder: str | Path) -> list[LoadedSpec]:
+    """Load every ``*.yaml`` spec in a folder; all files are checked before any error is raised."""
+    folder = Path(folder)
+    specs: list[LoadedSpec] = []
+    problems: list[str] = []
+    for p in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
+        try:
+            specs.append(load_spec(p))
+        except SpecError as exc:
+            problems.extend(exc.problems)
+    names = [s.name for s in specs]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"{folder}: two specs use the name '{dup}'; pipeline names must be unique")
+    if problems:
+        raise SpecError(str(folder), problems)
+    return specs
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON schema of the spec, for editors (yaml-language-server) and docs."""
+    return PipelineSpec.model_json_schema()
+
+
+def main() -> None:  # pragma: no cover - thin CLI
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m finetune_pipeline.spec")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("schema", help="print the JSON schema")
+    chk = sub.add_parser("check", help="validate spec files")
+    chk.add_argument("paths", nargs="+")
+    args = ap.parse_args()
+    if args.cmd == "schema":
+        print(json.dumps(json_schema(), indent=2))
+        return
+    failed = False
+    for p in args.paths:
+        try:
+            s = load_spec(p)
+            print(f"{p}: ok ({s.name}, spec hash {s.spec_hash})")
+        except SpecError as exc:
+            failed = True
+            print(exc, file=sys.stderr)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
