@@ -64,7 +64,7 @@ def register_drops(pipeline: str | None = None) -> dict[str, list[str]]:
         for d in scan.ready:
             print(f"{spec.name}: registered drop {d.key} <- {d.path.name}")
         if scan.waiting:
-            print(f"{spec.name}: {len(scan.waiting)} file(s) still settling, not registered: {sorted(scan.waiting)}")
+            print(f"{spec.name}: {len(scan.waiting)} file(s) still settling, not registered: {scan.waiting}")
     return added
 
 

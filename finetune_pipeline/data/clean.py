@@ -107,7 +107,10 @@ def clean_file(path: Path, drop: str, source: SourceSpec, cleaning: CleaningSpec
     data = path.read_bytes()
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()  # the newline that ends the last line does not start another one
+    for lineno, raw in enumerate(lines, start=1):
         if not raw.strip():
             blank += 1
             continue

@@ -45,8 +45,9 @@ def candidate_files(incoming: Path, glob: str) -> list[Path]:
 
 @dataclass(frozen=True)
 class ScanResult:
-    ready: list[Drop]  # settled files, one per distinct content
-    waiting: dict[str, list[int]]  # path -> [size, mtime_ns] of files seen but not settled yet
+    ready: list[Drop]  # settled files with new content, one per distinct content
+    seen: dict[str, list]  # path -> [size, mtime_ns, key or None]: the sensor's cursor for the next scan
+    waiting: list[str]  # files still being written or settling
     unchanged_skipped: int  # settled files whose content is already a known partition
 
 
@@ -54,39 +55,43 @@ def scan_incoming(
     incoming: Path,
     glob: str,
     settle_seconds: float,
-    previous: dict[str, list[int]] | None,
+    previous: dict[str, list] | None,
     known_keys: set[str],
     now: float | None = None,
 ) -> ScanResult:
     """Find files that are finished being written and not yet ingested.
 
-    A file is ready when its size and mtime are the same as at the previous scan (``previous``) and it
-    has not been modified for ``settle_seconds``; with ``previous=None`` (one-shot scans from the CLI)
-    only the age rule applies. Files whose content hash is in ``known_keys`` are skipped, so a file seen
-    twice, or copied under another name, never gives a second partition.
+    A file is ready when its size and mtime equal those of the previous scan (``previous``, the last
+    result's ``seen``) and it has not been modified for ``settle_seconds``; with ``previous=None``
+    (one-shot scans from the CLI) only the age rule applies. Files whose content hash is in
+    ``known_keys`` are skipped, so a file seen twice, or copied under another name, never gives a second
+    partition. Hashes of unchanged files are remembered in ``seen`` and not recomputed.
     """
     now = time.time() if now is None else now
     ready: dict[str, Drop] = {}
-    waiting: dict[str, list[int]] = {}
+    seen: dict[str, list] = {}
+    waiting: list[str] = []
     skipped = 0
     for p in candidate_files(incoming, glob):
         st = p.stat()
         sig = [st.st_size, st.st_mtime_ns]
-        stable = previous is None or previous.get(str(p)) == sig
-        old_enough = now - st.st_mtime >= settle_seconds
-        if not (stable and old_enough and st.st_size > 0):
-            waiting[str(p)] = sig
+        before = (previous or {}).get(str(p))
+        stable = previous is None or (before is not None and before[:2] == sig)
+        if not (stable and now - st.st_mtime >= settle_seconds and st.st_size > 0):
+            seen[str(p)] = [*sig, None]
+            waiting.append(str(p))
             continue
-        key = drop_key(p)
+        key = before[2] if before is not None and len(before) > 2 and before[2] else drop_key(p)
+        if [p.stat().st_size, p.stat().st_mtime_ns] != sig:  # a writer resumed while we hashed: next tick
+            seen[str(p)] = [p.stat().st_size, p.stat().st_mtime_ns, None]
+            waiting.append(str(p))
+            continue
+        seen[str(p)] = [*sig, key]
         if key in known_keys or key in ready:
             skipped += 1
             continue
-        # Re-check after hashing: a writer that resumed during the hash makes the file wait another tick.
-        if [p.stat().st_size, p.stat().st_mtime_ns] != sig:
-            waiting[str(p)] = [p.stat().st_size, p.stat().st_mtime_ns]
-            continue
         ready[key] = Drop(key=key, path=p, size=st.st_size)
-    return ScanResult(ready=list(ready.values()), waiting=waiting, unchanged_skipped=skipped)
+    return ScanResult(ready=list(ready.values()), seen=seen, waiting=waiting, unchanged_skipped=skipped)
 
 
 def find_drop(incoming: Path, glob: str, key: str) -> Path:

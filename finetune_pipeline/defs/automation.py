@@ -26,10 +26,10 @@ def build_sensor(spec: LoadedSpec, ingest_job: dg.UnresolvedAssetJobDefinition) 
         description=f"Ingests each finished file dropped into {spec.incoming_dir} as one partition (by content hash).",
     )
     def incoming_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-        previous = json.loads(context.cursor)["waiting"] if context.cursor else {}
+        previous = json.loads(context.cursor).get("seen", {}) if context.cursor else {}
         known = set(context.instance.get_dynamic_partitions(parts.name))
         scan = scan_incoming(spec.incoming_dir, src.file_glob, src.settle_seconds, previous, known)
-        cursor = json.dumps({"waiting": scan.waiting})
+        cursor = json.dumps({"seen": scan.seen})
         if not scan.ready:
             return dg.SensorResult(
                 skip_reason=f"no new finished files in {spec.incoming_dir} ({len(scan.waiting)} still being written "

@@ -87,19 +87,30 @@ def build_model_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
         def hyperparameter_sweep(context: dg.AssetExecutionContext, state: StateStore, mlflow_tracking: MlflowTracking,
                                  optuna: OptunaStorage) -> dg.MaterializeResult:
             from finetune_pipeline.tracking import mlflow_store
-            from finetune_pipeline.tuning.sweep import run_sweep
+            from finetune_pipeline.tuning.sweep import run_sweep, study_name
 
             frames, manifest = _splits(state, spec)
             base = _base(state, spec)
             _, art = mlflow_tracking.setup_for(state)
             exp = mlflow_store.experiment_id(spec.name, art)
             lin = lineage(context, spec)
+            best_file = state.pipeline_dir(spec.name) / "sweep" / "best.json"
+            name = study_name(spec.name, _h(manifest["version"], base["digest"]), s.sweep, s.model, s.training)
+            done = json.loads(best_file.read_text()) if best_file.exists() else {}
+            if done.get("study") == name:
+                context.log.info(f"sweep {name} already finished for this data (MLflow run {done['mlflow_run_id']}): reusing it")
+                return dg.MaterializeResult(
+                    metadata={"best_params": dg.MetadataValue.json(done["best_params"]), "best_eval_loss": done["best_value"],
+                              "trials_run_now": 0, "study": name, "reused": True,
+                              **mlflow_link(mlflow_tracking.ui_url, exp, done["mlflow_run_id"])},
+                    data_version=dg.DataVersion(_h(name, done["best_params"])),
+                )
             with mlflow_store.run(exp, "sweep", lin) as parent:
                 _log_splits(state, frames, manifest, spec, ["train", "validation"])
                 res = run_sweep(
                     pipeline=spec.name, base_path=base["path"], model=s.model, training=s.training, sweep=s.sweep,
                     train_messages=list(frames["train"]["messages"]), val_messages=list(frames["validation"]["messages"]),
-                    storage_uri=optuna.uri_for(state), data_digest=manifest["version"],
+                    storage_uri=optuna.uri_for(state), data_digest=_h(manifest["version"], base["digest"]),
                     work_dir=state.pipeline_dir(spec.name) / "sweep", log=logger(context),
                     mlflow_experiment=exp, lineage=lin,
                 )
@@ -110,11 +121,11 @@ def build_model_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
                 mlflow.set_tag("optuna.study", res.study_name)
             out = {"study": res.study_name, "best_params": res.best_params, "best_value": res.best_value,
                    "mlflow_run_id": parent.info.run_id, "data_version": manifest["version"]}
-            (state.pipeline_dir(spec.name) / "sweep" / "best.json").write_text(json.dumps(out, indent=2))
+            best_file.write_text(json.dumps(out, indent=2))
             return dg.MaterializeResult(
                 metadata={"best_params": dg.MetadataValue.json(res.best_params), "best_eval_loss": res.best_value,
                           "trials_complete": res.n_complete, "trials_pruned": res.n_pruned, "trials_run_now": res.n_run_now,
-                          "study": res.study_name, "trials": dg.MetadataValue.json(res.trials),
+                          "study": res.study_name, "trials": dg.MetadataValue.json(res.trials), "reused": False,
                           **mlflow_link(mlflow_tracking.ui_url, exp, parent.info.run_id)},
                 data_version=dg.DataVersion(_h(res.study_name, res.best_params)),
             )

@@ -93,6 +93,15 @@ def provision_base_model(base: str, trust_remote_code: bool = False, target_root
     return ProvisionedModel(base, base, "hub", base, False, time.perf_counter() - t0)
 
 
+def quiet_progress_bars() -> None:
+    """Progress is logged into the Dagster run; tqdm bars from datasets/transformers would only add noise."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def torch_dtype(name: str) -> Any:
     import torch
 
@@ -112,6 +121,7 @@ def load_model(path: str, spec: ModelSpec, for_training: bool) -> Any:
     """Load the base model in the spec's dtype; QLoRA loads it 4-bit nf4 (bitsandbytes) and prepares it for k-bit training."""
     from transformers import AutoModelForCausalLM
 
+    quiet_progress_bars()
     kwargs: dict[str, Any] = {
         "dtype": torch_dtype(spec.dtype),
         "trust_remote_code": spec.trust_remote_code,

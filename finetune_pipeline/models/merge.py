@@ -10,14 +10,14 @@ PROBE_TEXT = "Check the round trip: the reloaded model must give the same logits
 
 
 def standalone_model(base_path: str, model: ModelSpec, tuned_path: str) -> tuple[Any, Any]:
-    """(model, tokenizer) with the adapter merged into full-precision base weights (QLoRA merges into an
-    unquantised copy of the base), or the fully fine-tuned model itself."""
+    """(model, tokenizer) with the adapter merged into float32 base weights (QLoRA and bf16 training merge
+    into an unquantised float32 copy of the base), or the fully fine-tuned model itself."""
     from transformers import AutoModelForCausalLM
 
     from finetune_pipeline.models.base import load_tokenizer, torch_dtype
 
     tok = load_tokenizer(tuned_path, model.trust_remote_code)
-    dtype = torch_dtype("float32" if model.method == "qlora" else model.dtype)
+    dtype = torch_dtype("float32")
     if model.method == "full":
         m = AutoModelForCausalLM.from_pretrained(tuned_path, dtype=dtype, use_safetensors=True)
         return m.eval(), tok
@@ -30,12 +30,13 @@ def standalone_model(base_path: str, model: ModelSpec, tuned_path: str) -> tuple
 
 
 def tuned_model(base_path: str, model: ModelSpec, tuned_path: str) -> Any:
-    """The model as trained: base + adapter, unmerged (what eval ran)."""
+    """The trained weights as trained: base + adapter, unmerged, in float32 (the round-trip reference)."""
     from finetune_pipeline.evaluation.generate import load_for_eval
 
+    fp32 = model.model_copy(update={"dtype": "float32", "method": "lora" if model.method == "qlora" else model.method})
     if model.method == "full":
-        return load_for_eval(tuned_path, model, None)[0]
-    return load_for_eval(base_path, model, tuned_path)[0]
+        return load_for_eval(tuned_path, fp32, None)[0]
+    return load_for_eval(base_path, fp32, tuned_path)[0]
 
 
 def max_logit_diff(a: Any, b: Any, tok: Any, text: str = PROBE_TEXT) -> float:

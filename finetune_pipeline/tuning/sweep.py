@@ -82,7 +82,7 @@ def run_sweep(
     finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
     remaining = max(0, sweep.n_trials - len(finished))
     log(f"study {name}: {len(finished)} trial(s) already done, running {remaining}")
-    eval_every = max(1, sweep.max_steps // 3)
+    eval_every = max(1, sweep.max_steps // 2)  # two validation points per trial feed the pruner
     trial_training = training.model_copy(update={"eval_steps": eval_every})
 
     class _Prune(TrainerCallback):

@@ -1,0 +1,144 @@
+"""Tier 2: the drop sensor and the retraining schedule against a real (temporary, SQLite) Dagster instance."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from finetune_pipeline.data.drops import drop_key, scan_incoming
+from finetune_pipeline.defs.pipeline import build_pipeline_defs
+from finetune_pipeline.spec import parse_spec
+from finetune_pipeline_tests.conftest import chat_row, write_jsonl
+
+
+def _spec(tmp_path: Path, settle: float = 0.0):
+    text = f"""
+name: watch
+source: {{incoming_dir: {tmp_path / "incoming"}, settle_seconds: {settle}}}
+registry: {{model_name: watch-model}}
+automation: {{retrain_cron: "0 3 * * *"}}
+"""
+    return parse_spec(text, path=tmp_path / "watch.yaml")
+
+
+def _defs(spec, tmp_path: Path) -> dg.Definitions:
+    from finetune_pipeline.defs.resources import MlflowTracking, OptunaStorage, StateStore
+
+    res = {"state": StateStore(root=str(tmp_path / "state")), "mlflow_tracking": MlflowTracking(), "optuna": OptunaStorage()}
+    return dg.Definitions.merge(build_pipeline_defs(spec), dg.Definitions(resources=res))
+
+
+def _instance(tmp_path: Path):
+    (tmp_path / "dagster").mkdir(exist_ok=True)
+    return dg.instance_for_test(temp_dir=str(tmp_path / "dagster"))
+
+
+def _age(path: Path, seconds: float) -> None:
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
+def test_scan_waits_for_a_file_to_settle(tmp_path: Path) -> None:
+    inc = tmp_path / "in"
+    f = write_jsonl(inc / "a.jsonl", [chat_row(1)])
+    first = scan_incoming(inc, "*.jsonl", 0, {}, set())  # first sighting: size/mtime unknown before
+    assert first.ready == [] and first.waiting == [str(f)]
+    with f.open("a") as fh:  # the writer appends between ticks: still not ready
+        fh.write(json.dumps(chat_row(2)) + "\n")
+    second = scan_incoming(inc, "*.jsonl", 0, first.seen, set())
+    assert second.ready == []
+    # too young for the settle time: waits even when unchanged
+    assert scan_incoming(inc, "*.jsonl", 3600, second.seen, set()).ready == []
+    third = scan_incoming(inc, "*.jsonl", 0, second.seen, set())
+    assert [d.key for d in third.ready] == [drop_key(f)] and third.seen[str(f)][2] == drop_key(f)
+    fourth = scan_incoming(inc, "*.jsonl", 0, third.seen, {drop_key(f)})
+    assert fourth.ready == [] and fourth.unchanged_skipped == 1
+
+
+def test_same_content_twice_is_one_drop_and_temp_files_are_ignored(tmp_path: Path) -> None:
+    inc = tmp_path / "in"
+    a = write_jsonl(inc / "a.jsonl", [chat_row(1)])
+    (inc / "copy.jsonl").write_bytes(a.read_bytes())
+    write_jsonl(inc / ".hidden.jsonl", [chat_row(3)])
+    (inc / "upload.jsonl.part").write_text("{")
+    res = scan_incoming(inc, "*.jsonl", 0, None, set())
+    assert len(res.ready) == 1 and res.unchanged_skipped == 1
+    again = scan_incoming(inc, "*.jsonl", 0, None, {res.ready[0].key})
+    assert again.ready == [] and again.unchanged_skipped == 2
+
+
+def test_sensor_registers_partitions_once(tmp_path: Path) -> None:
+    spec = _spec(tmp_path)
+    defs = _defs(spec, tmp_path)
+    sensor = defs.resolve_sensor_def("watch_incoming_sensor")
+    f = write_jsonl(tmp_path / "incoming" / "a.jsonl", [chat_row(1), chat_row(2)])
+    _age(f, 10)
+    with _instance(tmp_path) as instance:
+        ctx = dg.build_sensor_context(instance=instance, definitions=defs)
+        r1 = sensor(ctx)
+        assert not r1.run_requests and r1.cursor  # first sighting only records size/mtime
+        ctx = dg.build_sensor_context(instance=instance, cursor=r1.cursor, definitions=defs)
+        r2 = sensor(ctx)
+        assert [r.partition_key for r in r2.run_requests] == [drop_key(f)]
+        assert r2.dynamic_partitions_requests[0].partition_keys == [drop_key(f)]
+        assert r2.run_requests[0].tags["finetune/source_file"] == str(f)
+        instance.add_dynamic_partitions("watch_drops", [drop_key(f)])  # what the daemon does with the request
+        ctx = dg.build_sensor_context(instance=instance, cursor=r2.cursor, definitions=defs)
+        r3 = sensor(ctx)
+        assert not r3.run_requests and "1 already ingested" in str(r3.skip_reason)
+
+
+def test_ingest_job_and_schedule_skip_until_data_changes(tmp_path: Path) -> None:
+    """raw_dataset + cleaned_dataset for a partition with real resources; the schedule asks to retrain only
+    while the set of cleaned drops differs from what the last adapter recorded."""
+    from finetune_pipeline.defs.automation import current_fingerprint
+    from finetune_pipeline.defs.resources import StateStore
+
+    spec = _spec(tmp_path)
+    defs = _defs(spec, tmp_path)
+    f = write_jsonl(tmp_path / "incoming" / "a.jsonl", [chat_row(i) for i in range(20)] + ["{broken"])
+    key = drop_key(f)
+    schedule = defs.resolve_schedule_def("watch_retrain_schedule")
+    with _instance(tmp_path) as instance:
+        assert "no cleaned drops" in schedule.evaluate_tick(dg.build_schedule_context(instance=instance)).skip_message
+        instance.add_dynamic_partitions("watch_drops", [key])
+        assets = [a for a in defs.assets if a.key.path[-1] in ("raw_dataset", "cleaned_dataset")]
+        res = dg.materialize(assets, partition_key=key, instance=instance,
+                             resources={"state": StateStore(root=str(tmp_path / "state"))})
+        assert res.success
+        mats = {m.asset_key.path[-1]: m for m in res.get_asset_materialization_events()}
+        md = mats["cleaned_dataset"].materialization.metadata
+        assert (md["rows_in"].value, md["kept"].value, md["quarantined"].value) == (21, 20, 1)
+        assert md["rejection_reasons"].value == {"invalid_json": 1}
+        checks = {c.check_name: c.passed for c in res.get_asset_check_evaluations()}
+        assert checks == {"rows_accounted": True, "rejection_rate": True, "chat_schema": True}  # 1/21 < 5%
+        tick = schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
+        assert len(tick.run_requests) == 1
+        fp, drops = current_fingerprint(instance, spec)
+        assert drops == [key]
+        # Record an adapter trained on exactly this data: the schedule now skips.
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(asset_key=dg.AssetKey(["watch", "adapter"]), metadata={"training_fingerprint": fp})
+        )
+        tick = schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
+        assert tick.run_requests == [] and "unchanged" in tick.skip_message
+
+
+def test_rejection_gate_blocks_a_bad_drop(tmp_path: Path) -> None:
+    from finetune_pipeline.defs.resources import StateStore
+
+    spec = _spec(tmp_path)
+    defs = _defs(spec, tmp_path)
+    f = write_jsonl(tmp_path / "incoming" / "bad.jsonl", [chat_row(1)] + ["{nope"] * 3)
+    with _instance(tmp_path) as instance:
+        instance.add_dynamic_partitions("watch_drops", [drop_key(f)])
+        assets = [a for a in defs.assets if a.key.path[-1] in ("raw_dataset", "cleaned_dataset")]
+        res = dg.materialize(assets, partition_key=drop_key(f), instance=instance, raise_on_error=False,
+                             resources={"state": StateStore(root=str(tmp_path / "state"))})
+        checks = {c.check_name: c for c in res.get_asset_check_evaluations()}
+        assert checks["rejection_rate"].passed is False
+        assert checks["rejection_rate"].metadata["rejection_rate"].value == pytest.approx(0.75)
+        assert not res.success  # blocking check fails the run

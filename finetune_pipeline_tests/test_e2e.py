@@ -1,0 +1,216 @@
+"""Tier 3: the real CLI (`finetune-pipeline`, `dagster asset materialize`, `dagster job execute`) on a small spec,
+with real SQLite-backed Dagster, MLflow and Optuna under a temporary state root. Asserts behaviour, not exit codes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from finetune_pipeline.data.demo_tickets import write_demo_drops
+from finetune_pipeline_tests.conftest import REPO
+
+pytestmark = pytest.mark.e2e
+
+SPEC = """
+name: mini
+source: {{incoming_dir: {incoming}, settle_seconds: 0}}
+cleaning: {{max_rejection_rate: 0.05}}
+split: {{validation_fraction: 0.1, test_fraction: 0.1}}
+model: {{base: {model}, method: lora, lora: {{r: 4, alpha: 8, dropout: 0.0}}}}
+training: {{max_steps: 10, per_device_train_batch_size: 4, learning_rate: 0.005, logging_steps: 2, max_length: 256,
+           max_eval_samples: 16, seed: 7}}
+sweep:
+  enabled: true
+  n_trials: 2
+  max_steps: 2
+  pruner: none
+  search_space:
+    learning_rate: {{type: float, low: 0.002, high: 0.01, log: true}}
+evaluation: {{primary_metric: perplexity, max_samples: 6, max_new_tokens: 8, batch_size: 6, n_report_samples: 2}}
+registry: {{model_name: mini-model}}
+"""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict:
+    root = tmp_path_factory.mktemp("e2e")
+    drops = write_demo_drops(root / "all")
+    incoming = root / "incoming"
+    incoming.mkdir()
+    # two small drops taken from the demo files (same faults and duplicates, fewer rows)
+    for i, p in enumerate(drops):
+        lines = p.read_text().splitlines(keepends=True)
+        (incoming / f"drop{i}.jsonl").write_text("".join(lines[:160]))
+    (root / "specs").mkdir()
+    (root / "specs" / "mini.yaml").write_text(SPEC.format(incoming=incoming, model=tiny_model))
+    env = {
+        **os.environ,
+        "FINETUNE_HOME": str(root / "state"),
+        "FINETUNE_SPECS": str(root / "specs"),
+        "DAGSTER_HOME": str(REPO),
+        "FINETUNE_DAGSTER_DIR": str(root / "state" / "dagster"),
+    }
+    return {"root": root, "env": env, "incoming": incoming, "model": tiny_model}
+
+
+def cli(world: dict, *args: str) -> str:
+    out = subprocess.run(list(args), cwd=REPO, env=world["env"], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"{' '.join(args)} failed:\n{out.stdout[-4000:]}\n{out.stderr[-8000:]}"
+    return out.stdout + out.stderr
+
+
+def dagster_cli(world: dict, *args: str) -> str:
+    return cli(world, sys.executable, "-m", "dagster", *args, "-m", "finetune_pipeline.definitions")
+
+
+def ingest_all(world: dict) -> list[str]:
+    out = cli(world, sys.executable, "-m", "finetune_pipeline.cli", "register-drops")
+    keys = [ln.split("registered drop ")[1].split()[0] for ln in out.splitlines() if "registered drop" in ln]
+    for k in keys:
+        dagster_cli(world, "asset", "materialize", "--select", "mini/raw_dataset,mini/cleaned_dataset", "--partition", k)
+    return keys
+
+
+@pytest.fixture(scope="module")
+def trained(world: dict) -> dict:
+    keys = ingest_all(world)
+    assert len(keys) == 2
+    log = dagster_cli(world, "job", "execute", "-j", "mini_train")
+    return {"keys": keys, "log": log}
+
+
+@pytest.fixture()
+def env(world: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
+    for k in ("FINETUNE_HOME", "FINETUNE_SPECS", "DAGSTER_HOME", "FINETUNE_DAGSTER_DIR"):
+        monkeypatch.setenv(k, world["env"][k])
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{world['root'] / 'state' / 'mlflow' / 'mlflow.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{world['root'] / 'state' / 'mlflow' / 'mlflow.db'}")
+    return world
+
+
+def latest(instance: dg.DagsterInstance, name: str) -> dict:
+    ev = instance.get_latest_materialization_event(dg.AssetKey(["mini", name]))
+    assert ev is not None, f"mini/{name} was never materialized"
+    return {k: v.value for k, v in ev.asset_materialization.metadata.items()} | {
+        "_version": ev.asset_materialization.tags.get("dagster/data_version"),
+        "_run": ev.run_id,
+    }
+
+
+def test_pipeline_trains_evaluates_and_registers(trained: dict, env: dict) -> None:
+    import mlflow
+    import torch
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    from finetune_pipeline.models.base import lora_config
+    from finetune_pipeline.models.merge import max_logit_diff, tuned_model
+    from finetune_pipeline.spec import load_spec
+
+    instance = dg.DagsterInstance.get()
+    cleaned = instance.get_materialized_partitions(dg.AssetKey(["mini", "cleaned_dataset"]))
+    assert cleaned == set(trained["keys"])
+    splits = latest(instance, "dataset_splits")
+    assert splits["train_rows"] > 200 and splits["test_rows"] > 10 and splits["cross_drop_duplicates"] > 0
+    adapter = latest(instance, "adapter")
+    assert adapter["reused"] is False and adapter["steps"] == 10
+
+    # loss logged to MLflow and falling
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("mini")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert {"sweep", "trial-0", "trial-1", "train", "eval", "register"} <= set(runs)
+    history = client.get_metric_history(adapter["mlflow_run_id"], "train_loss")
+    assert len(history) == 5 and history[-1].value < history[0].value
+    # sweep trials are nested runs under the sweep run
+    assert runs["trial-0"].data.tags["mlflow.parentRunId"] == runs["sweep"].info.run_id
+
+    # every LoRA weight changed: B starts at zero, A differs from its seeded initialisation
+    spec = load_spec(Path(env["env"]["FINETUNE_SPECS"]) / "mini.yaml").spec
+    weights = load_file(Path(adapter["path"]) / "adapter_model.safetensors")
+    base = AutoModelForCausalLM.from_pretrained(env["model"])
+    set_seed(spec.training.seed)
+    init = {k.replace(".default", ""): v for k, v in get_peft_model(base, lora_config(spec.model)).state_dict().items() if "lora_" in k}
+    assert weights and set(weights) == set(init)
+    for k, w in weights.items():
+        assert not torch.equal(w, init[k]), f"{k} did not change"
+
+    # eval report and the blocking gate
+    report = latest(instance, "eval_report")
+    assert report["tuned"]["perplexity"] < report["base"]["perplexity"]
+    assert "| perplexity |" in report["report"]
+    gates = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+        [dg.AssetCheckKey(dg.AssetKey(["mini", "eval_report"]), "tuned_beats_base")]
+    )
+    assert all(e.status.value == "SUCCEEDED" for e in gates.values())
+
+    # registered version with aliases, lineage tags, dataset digests equal to Dagster's
+    reg = latest(instance, "registered_model")
+    mv = client.get_model_version_by_alias("mini-model", "champion")
+    assert str(mv.version) == reg["version"] == "1" and reg["promoted"] is True
+    assert set(reg["aliases"]) == {"challenger", "champion"}
+    t = mv.tags
+    for tag in ("train_run_id", "sweep_run_id", "eval_run_id", "register_run_id"):
+        assert t[f"finetune.{tag}"] in {r.info.run_id for r in runs.values()}
+    assert t["finetune.splits_version"] == splits["_version"]
+    assert {t[f"finetune.dataset_digest.{s}"] for s in ("train", "validation", "test")} == {
+        splits["train_digest"], splits["validation_digest"], splits["test_digest"]}
+    assert set(t["finetune.drops"].split(",")) == set(trained["keys"])
+    train_run = client.get_run(t["finetune.train_run_id"])
+    assert train_run.data.tags["dagster.run_id"] == adapter["_run"]
+    assert train_run.data.tags["dagster.asset_key"] == "mini/adapter"
+    assert train_run.data.tags["finetune.spec_hash"]
+    inputs = {d.dataset.name: d.dataset.digest for d in train_run.inputs.dataset_inputs}
+    assert inputs == {"mini/dataset_splits/train": splits["train_digest"], "mini/dataset_splits/validation": splits["validation_digest"]}
+
+    # the registered model reloads and gives the trained adapter's logits
+    components = mlflow.transformers.load_model("models:/mini-model@champion", return_type="components")
+    tok = AutoTokenizer.from_pretrained(adapter["path"])
+    diff = max_logit_diff(tuned_model(str(env["model"]), spec.model, adapter["path"]), components["model"], tok)
+    assert diff < 1e-4
+
+    # lineage command follows the champion back to its runs and datasets
+    out = cli(env, sys.executable, "-m", "finetune_pipeline.cli", "lineage", "models:/mini-model@champion")
+    chain = json.loads(out[out.index("{"):])
+    assert chain["runs"]["train_run_id"]["datasets"][0]["digest"] in {splits["train_digest"], splits["validation_digest"]}
+
+
+def test_unchanged_data_does_not_retrain_and_new_drop_triggers_schedule(trained: dict, env: dict) -> None:
+    import mlflow
+
+    from finetune_pipeline.definitions import build_definitions
+
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("mini")
+    n_runs = len(client.search_runs([exp.experiment_id]))
+    dagster_cli(env, "job", "execute", "-j", "mini_train")
+    instance = dg.DagsterInstance.get()
+    adapter = latest(instance, "adapter")
+    assert adapter["reused"] is True
+    sweep = latest(instance, "hyperparameter_sweep")
+    assert sweep["trials_run_now"] == 0 and sweep["reused"] is True
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.run_name for r in runs].count("train") == 1, "unchanged data must not start another training run"
+    assert len(runs) == n_runs  # no new sweep, trial, train, eval or register run
+    assert len(client.search_model_versions("name = 'mini-model'")) == 1
+
+    defs = build_definitions(Path(env["env"]["FINETUNE_SPECS"]))
+    schedule = defs.resolve_schedule_def("mini_retrain_schedule")
+    tick = schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
+    assert not tick.run_requests and "unchanged" in tick.skip_message
+
+    # a new drop lands: the schedule now asks for a retrain
+    extra = env["root"] / "all"
+    lines = sorted(extra.glob("*.jsonl"))[0].read_text().splitlines(keepends=True)
+    (env["incoming"] / "drop_new.jsonl").write_text("".join(lines[400:480]))
+    new = ingest_all(env)
+    assert len(new) == 1
+    tick = schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
+    assert len(tick.run_requests) == 1

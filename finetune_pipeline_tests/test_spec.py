@@ -1,0 +1,110 @@
+"""Tier 1: spec validation reports every problem at once, with field path and line."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finetune_pipeline.spec import SpecError, json_schema, load_spec, load_specs, parse_spec
+
+REPO = Path(__file__).resolve().parent.parent
+
+MINIMAL = """
+name: demo
+source: {incoming_dir: in}
+registry: {model_name: demo-model}
+"""
+
+
+def test_bundled_spec_is_valid_and_resolves_paths() -> None:
+    s = load_spec(REPO / "specs" / "ticket_triage.yaml")
+    assert s.name == "ticket_triage"
+    assert s.incoming_dir == (REPO / "data" / "ticket_triage" / "incoming").resolve()
+    assert s.spec.model.trust_remote_code is False
+    assert len(s.spec_hash) == 16
+
+
+def test_minimal_spec_gets_documented_defaults() -> None:
+    s = parse_spec(MINIMAL).spec
+    assert s.model.method == "lora" and s.model.lora.r == 16 and s.model.lora.target_modules == "all-linear"
+    assert s.sweep.enabled is False
+
+
+def test_all_problems_reported_at_once_with_path_and_line() -> None:
+    text = """name: bad name
+source:
+  incoming_dir: in
+model:
+  method: lora
+  lora:
+    r: 0
+    alpah: 3
+training:
+  learning_rate: -1
+sweep:
+  enabled: true
+  search_space:
+    momentum: {type: float, low: 0.1, high: 0.9}
+registry: {model_name: m}
+"""
+    with pytest.raises(SpecError) as exc:
+        parse_spec(text, source="bad.yaml")
+    problems = exc.value.problems
+    joined = "\n".join(problems)
+    assert "bad.yaml:1: name: must start with a letter" in joined
+    assert "bad.yaml:7: model.lora.r: must be > 0" in joined
+    assert "bad.yaml:8: model.lora.alpah: unknown field" in joined
+    assert "bad.yaml:10: training.learning_rate: must be > 0" in joined
+    assert "sweep.search_space: unknown parameter(s) ['momentum']" in joined
+    assert len(problems) == 5
+
+
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        ("split: {validation_fraction: 0.5, test_fraction: 0.5}", "validation_fraction + test_fraction must be < 1"),
+        ("evaluation: {metrics: [rouge_l], primary_metric: exact_match}", "primary_metric 'exact_match' must be listed"),
+        ("sweep: {enabled: true}", "needs a non-empty search_space"),
+        ("sweep: {search_space: {learning_rate: {type: float, low: 0, high: 1, log: true}}}", "log scale needs 'low' > 0"),
+        ("model: {method: dora}", "model.method"),
+    ],
+)
+def test_rule_violations_name_the_field(patch: str, expected: str) -> None:
+    with pytest.raises(SpecError) as exc:
+        parse_spec(MINIMAL + patch + "\n")
+    assert expected in str(exc.value)
+
+
+def test_missing_required_sections_and_bad_yaml() -> None:
+    with pytest.raises(SpecError) as exc:
+        parse_spec("name: x\n", source="x.yaml")
+    assert any("source: required field is missing" in p for p in exc.value.problems)
+    assert any("registry: required field is missing" in p for p in exc.value.problems)
+    with pytest.raises(SpecError, match="x.yaml:2: not valid YAML"):
+        parse_spec("name: x\n  bad: [\n", source="x.yaml")
+
+
+def test_load_specs_checks_every_file_and_unique_names(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(MINIMAL)
+    (tmp_path / "b.yaml").write_text(MINIMAL)
+    (tmp_path / "c.yaml").write_text("name: c\nsource: {incoming_dir: in}\nregistry: {model_name: c}\ntraining: {max_steps: 0}\n")
+    with pytest.raises(SpecError) as exc:
+        load_specs(tmp_path)
+    joined = "\n".join(exc.value.problems)
+    assert "training.max_steps: must be > 0" in joined
+    assert "two specs use the name 'demo'" in joined
+
+
+def test_committed_json_schema_is_current() -> None:
+    committed = json.loads((REPO / "finetune_pipeline" / "spec.schema.json").read_text())
+    assert committed == json_schema(), "regenerate: python -m finetune_pipeline.spec schema > finetune_pipeline/spec.schema.json"
+
+
+def test_every_field_is_documented() -> None:
+    schema = json_schema()
+    missing = []
+    for name, d in [("PipelineSpec", schema), *schema.get("$defs", {}).items()]:
+        for field, prop in d.get("properties", {}).items():
+            if not prop.get("description"):
+                missing.append(f"{name}.{field}")
+    assert missing == []

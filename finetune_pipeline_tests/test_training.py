@@ -1,0 +1,99 @@
+"""Tier 2: real trl training on a tiny model; the Optuna sweep with real storage; the registry round trip."""
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from finetune_pipeline.spec import EvaluationSpec, ModelSpec, SearchParam, SweepSpec, TrainingSpec
+from finetune_pipeline_tests.conftest import chat_row
+
+ROWS = [json.dumps(chat_row(i)["messages"]) for i in range(48)]
+TRAIN = TrainingSpec(max_steps=8, per_device_train_batch_size=4, learning_rate=5e-3, logging_steps=1, max_length=128)
+LORA = ModelSpec(lora={"r": 4, "alpha": 8, "dropout": 0.0})
+
+
+def test_lora_training_changes_every_adapter_weight_and_lowers_loss(tiny_model: Path, tmp_path: Path) -> None:
+    from finetune_pipeline.training.sft import TrainRequest, train
+
+    res = train(TrainRequest(str(tiny_model), LORA, TRAIN, ROWS[:40], ROWS[40:], tmp_path / "a"), log=lambda m: None)
+    assert res.steps == 8 and len(res.loss_history) == 8
+    assert res.loss_history[-1][1] < res.loss_history[0][1]
+    assert res.lora_tensors_total > 0 and res.lora_tensors_changed == res.lora_tensors_total
+    assert res.train_tokens > 0 and res.tokens_per_second > 0
+    assert 0 < res.trainable_params < res.total_params / 10
+    saved = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert saved and all("lora_" in k for k in saved)
+    assert (tmp_path / "a" / "chat_template.jinja").exists() or "chat_template" in (tmp_path / "a" / "tokenizer_config.json").read_text()
+    assert not list((tmp_path / "a").glob("*.bin")), "only safetensors are written"
+
+
+def test_full_finetune_and_same_seed_same_weights(tiny_model: Path, tmp_path: Path) -> None:
+    from finetune_pipeline.training.sft import TrainRequest, train
+
+    full = ModelSpec(method="full")
+    short = TRAIN.model_copy(update={"max_steps": 3})
+    a = train(TrainRequest(str(tiny_model), full, short, ROWS[:16], [], tmp_path / "f1"), log=lambda m: None)
+    b = train(TrainRequest(str(tiny_model), full, short, ROWS[:16], [], tmp_path / "f2"), log=lambda m: None)
+    assert a.trainable_params == a.total_params
+    wa, wb = load_file(tmp_path / "f1" / "model.safetensors"), load_file(tmp_path / "f2" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
+
+
+def test_sweep_uses_persistent_storage_and_resumes(tiny_model: Path, tmp_path: Path) -> None:
+    import optuna
+
+    from finetune_pipeline.tuning.sweep import run_sweep
+
+    sweep = SweepSpec(enabled=True, n_trials=2, max_steps=2, pruner="none",
+                      search_space={"learning_rate": SearchParam(type="float", low=1e-3, high=1e-2, log=True),
+                                    "lora.r": SearchParam(type="categorical", choices=[2, 4])})
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    kw = dict(pipeline="p", base_path=str(tiny_model), model=LORA, training=TRAIN, sweep=sweep,
+              train_messages=ROWS[:24], val_messages=ROWS[40:], storage_uri=storage, data_digest="d1",
+              work_dir=tmp_path / "sweep", log=lambda m: None)
+    first = run_sweep(**kw)
+    assert first.n_complete == 2 and first.n_run_now == 2
+    assert set(first.best_params) == {"learning_rate", "lora.r"}
+    study = optuna.load_study(study_name=first.study_name, storage=storage)
+    assert study.best_value == pytest.approx(first.best_value)
+    again = run_sweep(**kw)  # same data and settings: the stored trials count, nothing reruns
+    assert again.n_run_now == 0 and again.best_params == first.best_params
+    more = run_sweep(**{**kw, "sweep": sweep.model_copy(update={"n_trials": 3})})
+    assert more.study_name != first.study_name  # settings are part of the study's identity
+
+
+def test_eval_and_registry_round_trip_and_promotion(tiny_model: Path, tmp_path: Path) -> None:
+    """Real MLflow (SQLite + local artifacts): register, reload with equal logits, champion moves only if better."""
+    import mlflow
+
+    from finetune_pipeline.evaluation.evaluate import evaluate
+    from finetune_pipeline.models.merge import max_logit_diff, standalone_model, tuned_model
+    from finetune_pipeline.tracking import mlflow_store
+    from finetune_pipeline.training.sft import TrainRequest, train
+
+    train(TrainRequest(str(tiny_model), LORA, TRAIN, ROWS[:40], ROWS[40:], tmp_path / "a"), log=lambda m: None)
+    spec = EvaluationSpec(primary_metric="perplexity", max_samples=4, max_new_tokens=8, batch_size=4)
+    report = evaluate(str(tiny_model), LORA, str(tmp_path / "a"), ROWS[40:44], spec, base_cache=tmp_path / "base.json", log=lambda m: None)
+    assert report.tuned["perplexity"] < report.base["perplexity"] and report.primary_improvement > 0
+    assert (tmp_path / "base.json").exists() and report.n_samples == 4
+
+    mlflow_store.configure(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "art")
+    exp = mlflow_store.experiment_id("p", tmp_path / "art")
+    lin = mlflow_store.Lineage("p", "p/registered_model", "run-1", None, "0.1.0", "abc")
+    with mlflow_store.run(exp, "register", lin):
+        merged, tok = standalone_model(str(tiny_model), LORA, str(tmp_path / "a"))
+        uri, v1 = mlflow_store.log_and_register(merged, tok, "m", {"finetune.adapter_key": "k1"})
+    reloaded = mlflow.transformers.load_model(uri, return_type="components")["model"]
+    assert max_logit_diff(tuned_model(str(tiny_model), LORA, str(tmp_path / "a")), reloaded, tok) < 1e-4
+    r1 = mlflow_store.promote("m", v1, "perplexity", 10.0, 0.0)
+    assert r1.promoted and r1.aliases == ["challenger", "champion"]
+    with mlflow_store.run(exp, "register", lin):
+        _, v2 = mlflow_store.log_and_register(merged, tok, "m", {"finetune.adapter_key": "k2"})
+    r2 = mlflow_store.promote("m", v2, "perplexity", 12.0, 0.0)  # worse: stays challenger
+    assert not r2.promoted and r2.champion_version == v1 and "improvement -2.0000" in r2.reason
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias("m", "champion").version) == v1
+    assert str(client.get_model_version_by_alias("m", "challenger").version) == v2
+    assert str(mlflow_store.find_version_by_tag("m", "finetune.adapter_key", "k2").version) == v2
