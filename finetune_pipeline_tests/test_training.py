@@ -97,3 +97,17 @@ def test_eval_and_registry_round_trip_and_promotion(tiny_model: Path, tmp_path: 
     assert str(client.get_model_version_by_alias("m", "champion").version) == v1
     assert str(client.get_model_version_by_alias("m", "challenger").version) == v2
     assert str(mlflow_store.find_version_by_tag("m", "finetune.adapter_key", "k2").version) == v2
+
+
+def test_qlora_trains_and_merges_on_cpu(tiny_model: Path, tmp_path: Path) -> None:
+    """QLoRA (4-bit nf4 base, double quantisation) as a functional check: on CPU bitsandbytes has no 4-bit
+    autograd kernel, so speed is meaningless here, but the adapter must train and merge into a float32 base."""
+    from finetune_pipeline.models.merge import max_logit_diff, standalone_model, tuned_model
+    from finetune_pipeline.training.sft import TrainRequest, train
+
+    q = ModelSpec(method="qlora", lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    res = train(TrainRequest(str(tiny_model), q, TRAIN.model_copy(update={"max_steps": 3}), ROWS[:16], ROWS[40:44],
+                             tmp_path / "q"), log=lambda m: None)
+    assert res.method == "qlora" and res.lora_tensors_changed == res.lora_tensors_total > 0
+    merged, tok = standalone_model(str(tiny_model), q, str(tmp_path / "q"))
+    assert max_logit_diff(merged, tuned_model(str(tiny_model), q, str(tmp_path / "q")), tok) < 1e-4
