@@ -1,9 +1,9 @@
 """`finetune-pipeline`: register dropped files, run the demo end to end through the dagster CLI, trace lineage.
 
-    finetune-pipeline demo [--pipeline ticket_triage]   ingest every drop, then train/eval/register
-    finetune-pipeline register-drops                     add a partition per finished file (what the sensor does)
-    finetune-pipeline lineage models:/NAME@champion      follow a registered model back to its runs and drops
-    finetune-pipeline env                                print the environment the dagster CLI needs (eval it)
+finetune-pipeline demo [--pipeline ticket_triage]   ingest every drop, then train/eval/register
+finetune-pipeline register-drops                     add a partition per finished file (what the sensor does)
+finetune-pipeline lineage models:/NAME@champion      follow a registered model back to its runs and drops
+finetune-pipeline env                                print the environment the dagster CLI needs (eval it)
 """
 
 from __future__ import annotations
@@ -87,7 +87,9 @@ def demo(pipeline: str) -> None:
         if d in cleaned:
             print(f"drop {d} already ingested")
             continue
-        _dagster("asset", "materialize", "--select", f"{pipeline}/raw_dataset,{pipeline}/cleaned_dataset", "--partition", d)
+        _dagster(
+            "asset", "materialize", "--select", f"{pipeline}/raw_dataset,{pipeline}/cleaned_dataset", "--partition", d
+        )
     _dagster("job", "execute", "-j", f"{pipeline}_train")
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s; state under {env[STATE_ENV]}")
     _summary(pipeline)
@@ -106,7 +108,9 @@ def _summary(pipeline: str) -> None:
         if asset == "eval_report":
             print(md["report"].value.split("## Samples")[0])
         else:
-            print(f"registered {md['model_uri'].value}, aliases {md['aliases'].value}, champion v{md['champion_version'].value}")
+            print(
+                f"registered {md['model_uri'].value}, aliases {md['aliases'].value}, champion v{md['champion_version'].value}"
+            )
             print(f"promotion: {md['promotion_reason'].value}")
 
 
@@ -120,7 +124,9 @@ def lineage(model_uri: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="finetune-pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="finetune-pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="ingest every drop, then train, evaluate and register")
     d.add_argument("--pipeline", default="ticket_triage")

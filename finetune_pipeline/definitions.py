@@ -22,7 +22,9 @@ def specs_dir() -> Path:
 def build_definitions(folder: Path | None = None) -> dg.Definitions:
     folder = folder or specs_dir()
     if not folder.is_dir():
-        raise FileNotFoundError(f"specs folder {folder} does not exist: set FINETUNE_SPECS or run from the repository root")
+        raise FileNotFoundError(
+            f"specs folder {folder} does not exist: set FINETUNE_SPECS or run from the repository root"
+        )
     specs = load_specs(folder)
     return dg.Definitions.merge(
         *[build_pipeline_defs(s) for s in specs],

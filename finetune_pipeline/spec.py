@@ -18,7 +18,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PACKAGED_MODELS = {"smollm2-135m-instruct"}
-HIGHER_IS_BETTER = {"exact_match": True, "json_valid": True, "rouge_l": True, "field_accuracy": True, "perplexity": False}
+HIGHER_IS_BETTER = {
+    "exact_match": True,
+    "json_valid": True,
+    "rouge_l": True,
+    "field_accuracy": True,
+    "perplexity": False,
+}
 SEARCHABLE_PARAMS = {
     "learning_rate",
     "lora.r",
@@ -117,7 +123,9 @@ class TrainingSpec(_Strict):
     packing: bool = Field(False, description="Pack several examples into one sequence (trl packing).")
     completion_only_loss: bool = Field(True, description="Compute the loss on the assistant answer only.")
     logging_steps: int = Field(5, gt=0, description="Log loss every N steps (into the Dagster run and MLflow).")
-    eval_steps: int = Field(0, ge=0, description="Evaluate on the validation split every N steps (0 = only at the end).")
+    eval_steps: int = Field(
+        0, ge=0, description="Evaluate on the validation split every N steps (0 = only at the end)."
+    )
     max_eval_samples: int = Field(128, gt=0, description="Validation rows used for the validation loss.")
     seed: int = Field(42, description="Seed for data order and adapter initialisation.")
 

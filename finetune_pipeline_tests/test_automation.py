@@ -27,7 +27,11 @@ automation: {{retrain_cron: "0 3 * * *"}}
 def _defs(spec, tmp_path: Path) -> dg.Definitions:
     from finetune_pipeline.defs.resources import MlflowTracking, OptunaStorage, StateStore
 
-    res = {"state": StateStore(root=str(tmp_path / "state")), "mlflow_tracking": MlflowTracking(), "optuna": OptunaStorage()}
+    res = {
+        "state": StateStore(root=str(tmp_path / "state")),
+        "mlflow_tracking": MlflowTracking(),
+        "optuna": OptunaStorage(),
+    }
     return dg.Definitions.merge(build_pipeline_defs(spec), dg.Definitions(resources=res))
 
 
@@ -106,8 +110,9 @@ def test_ingest_job_and_schedule_skip_until_data_changes(tmp_path: Path) -> None
         assert "no cleaned drops" in schedule.evaluate_tick(dg.build_schedule_context(instance=instance)).skip_message
         instance.add_dynamic_partitions("watch_drops", [key])
         assets = [a for a in defs.assets if a.key.path[-1] in ("raw_dataset", "cleaned_dataset")]
-        res = dg.materialize(assets, partition_key=key, instance=instance,
-                             resources={"state": StateStore(root=str(tmp_path / "state"))})
+        res = dg.materialize(
+            assets, partition_key=key, instance=instance, resources={"state": StateStore(root=str(tmp_path / "state"))}
+        )
         assert res.success
         mats = {m.asset_key.path[-1]: m for m in res.get_asset_materialization_events()}
         md = mats["cleaned_dataset"].materialization.metadata
@@ -136,8 +141,13 @@ def test_rejection_gate_blocks_a_bad_drop(tmp_path: Path) -> None:
     with _instance(tmp_path) as instance:
         instance.add_dynamic_partitions("watch_drops", [drop_key(f)])
         assets = [a for a in defs.assets if a.key.path[-1] in ("raw_dataset", "cleaned_dataset")]
-        res = dg.materialize(assets, partition_key=drop_key(f), instance=instance, raise_on_error=False,
-                             resources={"state": StateStore(root=str(tmp_path / "state"))})
+        res = dg.materialize(
+            assets,
+            partition_key=drop_key(f),
+            instance=instance,
+            raise_on_error=False,
+            resources={"state": StateStore(root=str(tmp_path / "state"))},
+        )
         checks = {c.check_name: c for c in res.get_asset_check_evaluations()}
         assert checks["rejection_rate"].passed is False
         assert checks["rejection_rate"].metadata["rejection_rate"].value == pytest.approx(0.75)

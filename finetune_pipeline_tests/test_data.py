@@ -50,7 +50,11 @@ def test_every_fault_is_quarantined_with_reason_and_line(tmp_path: Path) -> None
     }
     assert list(res.kept["row_id"]) == ["r1"]
     assert res.duplicates.iloc[0].to_dict() == {
-        "drop": "drop1", "source_line": 9, "row_id": "r1", "duplicate_of": "r1", "content_hash": res.kept["content_hash"][0]
+        "drop": "drop1",
+        "source_line": 9,
+        "row_id": "r1",
+        "duplicate_of": "r1",
+        "content_hash": res.kept["content_hash"][0],
     }
     assert res.blank_lines == 1 and res.rows_in == 11 and res.accounted()
     assert "robot" in res.quarantine.set_index("source_line").loc[7, "detail"]
@@ -88,14 +92,25 @@ def _frame(ids: list[str], drop: str) -> pd.DataFrame:
     rows = []
     for i in ids:
         m = json.dumps(chat_row(int(i.strip("r")))["messages"])
-        rows.append({"row_id": i, "messages": m, "content_hash": f"h{i}", "prompt_hash": f"p{i}", "drop": drop, "source_line": 1})
+        rows.append(
+            {
+                "row_id": i,
+                "messages": m,
+                "content_hash": f"h{i}",
+                "prompt_hash": f"p{i}",
+                "drop": drop,
+                "source_line": 1,
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def test_split_is_stable_when_drops_are_added() -> None:
     spec = SplitSpec(validation_fraction=0.1, test_fraction=0.2)
     first = build_splits([_frame([f"r{i}" for i in range(300)], "a")], spec)
-    second = build_splits([_frame([f"r{i}" for i in range(300)], "a"), _frame([f"r{i}" for i in range(300, 600)], "b")], spec)
+    second = build_splits(
+        [_frame([f"r{i}" for i in range(300)], "a"), _frame([f"r{i}" for i in range(300, 600)], "b")], spec
+    )
     for s in ("train", "validation", "test"):
         old = set(first.frames[s]["row_id"])
         assert old <= set(second.frames[s]["row_id"]), f"a later drop moved rows out of {s}"
@@ -117,7 +132,11 @@ def test_digest_is_order_independent_and_content_sensitive() -> None:
     g = f.copy()
     g.loc[0, "content_hash"] = "changed"
     assert frame_digest(f, ["row_id", "content_hash"]) != frame_digest(g, ["row_id", "content_hash"])
-    assert training_fingerprint(["a", "b"], "s") == training_fingerprint(["b", "a"], "s") != training_fingerprint(["a"], "s")
+    assert (
+        training_fingerprint(["a", "b"], "s")
+        == training_fingerprint(["b", "a"], "s")
+        != training_fingerprint(["a"], "s")
+    )
 
 
 @settings(max_examples=50, deadline=None)

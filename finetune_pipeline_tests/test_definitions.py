@@ -13,7 +13,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _spec(name: str, sweep: bool) -> str:
-    extra = "sweep: {enabled: true, search_space: {learning_rate: {type: float, low: 0.0001, high: 0.001}}}\n" if sweep else ""
+    extra = (
+        "sweep: {enabled: true, search_space: {learning_rate: {type: float, low: 0.0001, high: 0.001}}}\n"
+        if sweep
+        else ""
+    )
     return f"name: {name}\nsource: {{incoming_dir: in_{name}}}\nregistry: {{model_name: {name}-m}}\n{extra}"
 
 
@@ -23,7 +27,15 @@ def test_two_specs_two_independent_groups(tmp_path: Path) -> None:
     defs = build_definitions(tmp_path)
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    stages = ["raw_dataset", "cleaned_dataset", "dataset_splits", "base_model", "adapter", "eval_report", "registered_model"]
+    stages = [
+        "raw_dataset",
+        "cleaned_dataset",
+        "dataset_splits",
+        "base_model",
+        "adapter",
+        "eval_report",
+        "registered_model",
+    ]
     assert {f"alpha/{s}" for s in stages} | {"alpha/hyperparameter_sweep"} <= keys
     assert {f"beta/{s}" for s in stages} <= keys and "beta/hyperparameter_sweep" not in keys
     for k in graph.get_all_asset_keys():
@@ -35,26 +47,50 @@ def test_two_specs_two_independent_groups(tmp_path: Path) -> None:
     assert {"alpha_ingest", "alpha_train", "beta_ingest", "beta_train"} <= names
     assert defs.resolve_sensor_def("alpha_incoming_sensor") and defs.resolve_schedule_def("beta_retrain_schedule")
     checks = {c.name for c in graph.asset_check_keys if c.asset_key.path[0] == "alpha"}
-    assert {"rows_accounted", "rejection_rate", "chat_schema", "no_split_overlap", "tuned_beats_base", "reload_same_logits"} == checks
+    assert {
+        "rows_accounted",
+        "rejection_rate",
+        "chat_schema",
+        "no_split_overlap",
+        "tuned_beats_base",
+        "reload_same_logits",
+    } == checks
 
 
 def test_import_does_not_load_torch_and_cli_validates(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-c", "import sys, finetune_pipeline.definitions; print('torch' in sys.modules, 'transformers' in sys.modules)"],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, finetune_pipeline.definitions; print('torch' in sys.modules, 'transformers' in sys.modules)",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.strip().splitlines()[-1] == "False False"
-    env = {**os.environ, "DAGSTER_HOME": str(REPO), "FINETUNE_HOME": str(tmp_path), "FINETUNE_DAGSTER_DIR": str(tmp_path / "dagster")}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(REPO),
+        "FINETUNE_HOME": str(tmp_path),
+        "FINETUNE_DAGSTER_DIR": str(tmp_path / "dagster"),
+    }
     val = subprocess.run(
         [sys.executable, "-m", "dagster", "definitions", "validate", "-m", "finetune_pipeline.definitions"],
-        cwd=REPO, capture_output=True, text=True, env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert val.returncode == 0, val.stdout + val.stderr
     assert "All code locations passed validation" in val.stdout + val.stderr
 
 
 def test_bad_spec_fails_loading_with_file_and_line(tmp_path: Path) -> None:
-    (tmp_path / "bad.yaml").write_text("name: x\nsource: {incoming_dir: in}\nregistry: {model_name: m}\ntraining:\n  max_steps: -3\n")
+    (tmp_path / "bad.yaml").write_text(
+        "name: x\nsource: {incoming_dir: in}\nregistry: {model_name: m}\ntraining:\n  max_steps: -3\n"
+    )
     try:
         build_definitions(tmp_path)
     except ValueError as exc:

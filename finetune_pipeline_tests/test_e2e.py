@@ -71,7 +71,9 @@ def ingest_all(world: dict) -> list[str]:
     out = cli(world, sys.executable, "-m", "finetune_pipeline.cli", "register-drops")
     keys = [ln.split("registered drop ")[1].split()[0] for ln in out.splitlines() if "registered drop" in ln]
     for k in keys:
-        dagster_cli(world, "asset", "materialize", "--select", "mini/raw_dataset,mini/cleaned_dataset", "--partition", k)
+        dagster_cli(
+            world, "asset", "materialize", "--select", "mini/raw_dataset,mini/cleaned_dataset", "--partition", k
+        )
     return keys
 
 
@@ -137,7 +139,11 @@ def test_pipeline_trains_evaluates_and_registers(trained: dict, env: dict) -> No
     weights = load_file(Path(adapter["path"]) / "adapter_model.safetensors")
     base = AutoModelForCausalLM.from_pretrained(env["model"])
     set_seed(spec.training.seed)
-    init = {k.replace(".default", ""): v for k, v in get_peft_model(base, lora_config(spec.model)).state_dict().items() if "lora_" in k}
+    init = {
+        k.replace(".default", ""): v
+        for k, v in get_peft_model(base, lora_config(spec.model)).state_dict().items()
+        if "lora_" in k
+    }
     assert weights and set(weights) == set(init)
     for k, w in weights.items():
         assert not torch.equal(w, init[k]), f"{k} did not change"
@@ -161,14 +167,20 @@ def test_pipeline_trains_evaluates_and_registers(trained: dict, env: dict) -> No
         assert t[f"finetune.{tag}"] in {r.info.run_id for r in runs.values()}
     assert t["finetune.splits_version"] == splits["_version"]
     assert {t[f"finetune.dataset_digest.{s}"] for s in ("train", "validation", "test")} == {
-        splits["train_digest"], splits["validation_digest"], splits["test_digest"]}
+        splits["train_digest"],
+        splits["validation_digest"],
+        splits["test_digest"],
+    }
     assert set(t["finetune.drops"].split(",")) == set(trained["keys"])
     train_run = client.get_run(t["finetune.train_run_id"])
     assert train_run.data.tags["dagster.run_id"] == adapter["_run"]
     assert train_run.data.tags["dagster.asset_key"] == "mini/adapter"
     assert train_run.data.tags["finetune.spec_hash"]
     inputs = {d.dataset.name: d.dataset.digest for d in train_run.inputs.dataset_inputs}
-    assert inputs == {"mini/dataset_splits/train": splits["train_digest"], "mini/dataset_splits/validation": splits["validation_digest"]}
+    assert inputs == {
+        "mini/dataset_splits/train": splits["train_digest"],
+        "mini/dataset_splits/validation": splits["validation_digest"],
+    }
 
     # the registered model reloads and gives the trained adapter's logits
     components = mlflow.transformers.load_model("models:/mini-model@champion", return_type="components")
@@ -178,8 +190,11 @@ def test_pipeline_trains_evaluates_and_registers(trained: dict, env: dict) -> No
 
     # lineage command follows the champion back to its runs and datasets
     out = cli(env, sys.executable, "-m", "finetune_pipeline.cli", "lineage", "models:/mini-model@champion")
-    chain = json.loads(out[out.index("{"):])
-    assert chain["runs"]["train_run_id"]["datasets"][0]["digest"] in {splits["train_digest"], splits["validation_digest"]}
+    chain = json.loads(out[out.index("{") :])
+    assert chain["runs"]["train_run_id"]["datasets"][0]["digest"] in {
+        splits["train_digest"],
+        splits["validation_digest"],
+    }
 
 
 def test_unchanged_data_does_not_retrain_and_new_drop_triggers_schedule(trained: dict, env: dict) -> None:

@@ -16,7 +16,7 @@ REF = '{"category": "billing", "priority": "high", "product": "PayFlow", "sentim
     [
         (REF, 1.0, 1.0, 1.0),
         ('{"priority":"high","category":"billing","product":"PayFlow","sentiment":"negative"}', 1.0, 1.0, 1.0),
-        ('```json\n' + REF + '\n```', 1.0, 1.0, 1.0),
+        ("```json\n" + REF + "\n```", 1.0, 1.0, 1.0),
         ('{"category": "billing", "priority": "low", "product": "PayFlow", "sentiment": "neutral"}', 0.0, 1.0, 0.5),
         ('{"category": "billing", "priority": "high"', 0.0, 0.0, 0.0),
         ("I cannot help with that.", 0.0, 0.0, 0.0),
@@ -48,8 +48,15 @@ def test_improvement_direction() -> None:
 
 def test_report_table_and_gate_value() -> None:
     spec = EvaluationSpec(primary_metric="field_accuracy", n_report_samples=1)
-    rep = build_report(spec, [REF, REF], ["t1", "t2"], ["nope", "nope"], [REF, "{}"],
-                       {"perplexity": 9.0, "eos_rate": 0.0}, {"perplexity": 3.0, "eos_rate": 1.0})
+    rep = build_report(
+        spec,
+        [REF, REF],
+        ["t1", "t2"],
+        ["nope", "nope"],
+        [REF, "{}"],
+        {"perplexity": 9.0, "eos_rate": 0.0},
+        {"perplexity": 3.0, "eos_rate": 1.0},
+    )
     assert rep.tuned["field_accuracy"] == 0.5 and rep.base["field_accuracy"] == 0.0
     assert rep.primary_improvement == 0.5
     assert rep.delta["perplexity"] == 6.0

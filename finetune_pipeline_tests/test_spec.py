@@ -63,9 +63,15 @@ registry: {model_name: m}
     ("patch", "expected"),
     [
         ("split: {validation_fraction: 0.5, test_fraction: 0.5}", "validation_fraction + test_fraction must be < 1"),
-        ("evaluation: {metrics: [rouge_l], primary_metric: exact_match}", "primary_metric 'exact_match' must be listed"),
+        (
+            "evaluation: {metrics: [rouge_l], primary_metric: exact_match}",
+            "primary_metric 'exact_match' must be listed",
+        ),
         ("sweep: {enabled: true}", "needs a non-empty search_space"),
-        ("sweep: {search_space: {learning_rate: {type: float, low: 0, high: 1, log: true}}}", "log scale needs 'low' > 0"),
+        (
+            "sweep: {search_space: {learning_rate: {type: float, low: 0, high: 1, log: true}}}",
+            "log scale needs 'low' > 0",
+        ),
         ("model: {method: dora}", "model.method"),
     ],
 )
@@ -87,7 +93,9 @@ def test_missing_required_sections_and_bad_yaml() -> None:
 def test_load_specs_checks_every_file_and_unique_names(tmp_path: Path) -> None:
     (tmp_path / "a.yaml").write_text(MINIMAL)
     (tmp_path / "b.yaml").write_text(MINIMAL)
-    (tmp_path / "c.yaml").write_text("name: c\nsource: {incoming_dir: in}\nregistry: {model_name: c}\ntraining: {max_steps: 0}\n")
+    (tmp_path / "c.yaml").write_text(
+        "name: c\nsource: {incoming_dir: in}\nregistry: {model_name: c}\ntraining: {max_steps: 0}\n"
+    )
     with pytest.raises(SpecError) as exc:
         load_specs(tmp_path)
     joined = "\n".join(exc.value.problems)
@@ -97,7 +105,9 @@ def test_load_specs_checks_every_file_and_unique_names(tmp_path: Path) -> None:
 
 def test_committed_json_schema_is_current() -> None:
     committed = json.loads((REPO / "finetune_pipeline" / "spec.schema.json").read_text())
-    assert committed == json_schema(), "regenerate: python -m finetune_pipeline.spec schema > finetune_pipeline/spec.schema.json"
+    assert committed == json_schema(), (
+        "regenerate: python -m finetune_pipeline.spec schema > finetune_pipeline/spec.schema.json"
+    )
 
 
 def test_every_field_is_documented() -> None:

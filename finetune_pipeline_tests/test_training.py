@@ -25,7 +25,9 @@ def test_lora_training_changes_every_adapter_weight_and_lowers_loss(tiny_model: 
     assert 0 < res.trainable_params < res.total_params / 10
     saved = load_file(tmp_path / "a" / "adapter_model.safetensors")
     assert saved and all("lora_" in k for k in saved)
-    assert (tmp_path / "a" / "chat_template.jinja").exists() or "chat_template" in (tmp_path / "a" / "tokenizer_config.json").read_text()
+    assert (tmp_path / "a" / "chat_template.jinja").exists() or "chat_template" in (
+        tmp_path / "a" / "tokenizer_config.json"
+    ).read_text()
     assert not list((tmp_path / "a").glob("*.bin")), "only safetensors are written"
 
 
@@ -35,7 +37,7 @@ def test_full_finetune_and_same_seed_same_weights(tiny_model: Path, tmp_path: Pa
     full = ModelSpec(method="full")
     short = TRAIN.model_copy(update={"max_steps": 3})
     a = train(TrainRequest(str(tiny_model), full, short, ROWS[:16], [], tmp_path / "f1"), log=lambda m: None)
-    b = train(TrainRequest(str(tiny_model), full, short, ROWS[:16], [], tmp_path / "f2"), log=lambda m: None)
+    train(TrainRequest(str(tiny_model), full, short, ROWS[:16], [], tmp_path / "f2"), log=lambda m: None)
     assert a.trainable_params == a.total_params
     wa, wb = load_file(tmp_path / "f1" / "model.safetensors"), load_file(tmp_path / "f2" / "model.safetensors")
     assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
@@ -46,13 +48,30 @@ def test_sweep_uses_persistent_storage_and_resumes(tiny_model: Path, tmp_path: P
 
     from finetune_pipeline.tuning.sweep import run_sweep
 
-    sweep = SweepSpec(enabled=True, n_trials=2, max_steps=2, pruner="none",
-                      search_space={"learning_rate": SearchParam(type="float", low=1e-3, high=1e-2, log=True),
-                                    "lora.r": SearchParam(type="categorical", choices=[2, 4])})
+    sweep = SweepSpec(
+        enabled=True,
+        n_trials=2,
+        max_steps=2,
+        pruner="none",
+        search_space={
+            "learning_rate": SearchParam(type="float", low=1e-3, high=1e-2, log=True),
+            "lora.r": SearchParam(type="categorical", choices=[2, 4]),
+        },
+    )
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    kw = dict(pipeline="p", base_path=str(tiny_model), model=LORA, training=TRAIN, sweep=sweep,
-              train_messages=ROWS[:24], val_messages=ROWS[40:], storage_uri=storage, data_digest="d1",
-              work_dir=tmp_path / "sweep", log=lambda m: None)
+    kw = dict(
+        pipeline="p",
+        base_path=str(tiny_model),
+        model=LORA,
+        training=TRAIN,
+        sweep=sweep,
+        train_messages=ROWS[:24],
+        val_messages=ROWS[40:],
+        storage_uri=storage,
+        data_digest="d1",
+        work_dir=tmp_path / "sweep",
+        log=lambda m: None,
+    )
     first = run_sweep(**kw)
     assert first.n_complete == 2 and first.n_run_now == 2
     assert set(first.best_params) == {"learning_rate", "lora.r"}
@@ -75,7 +94,15 @@ def test_eval_and_registry_round_trip_and_promotion(tiny_model: Path, tmp_path: 
 
     train(TrainRequest(str(tiny_model), LORA, TRAIN, ROWS[:40], ROWS[40:], tmp_path / "a"), log=lambda m: None)
     spec = EvaluationSpec(primary_metric="perplexity", max_samples=4, max_new_tokens=8, batch_size=4)
-    report = evaluate(str(tiny_model), LORA, str(tmp_path / "a"), ROWS[40:44], spec, base_cache=tmp_path / "base.json", log=lambda m: None)
+    report = evaluate(
+        str(tiny_model),
+        LORA,
+        str(tmp_path / "a"),
+        ROWS[40:44],
+        spec,
+        base_cache=tmp_path / "base.json",
+        log=lambda m: None,
+    )
     assert report.tuned["perplexity"] < report.base["perplexity"] and report.primary_improvement > 0
     assert (tmp_path / "base.json").exists() and report.n_samples == 4
 
@@ -106,8 +133,12 @@ def test_qlora_trains_and_merges_on_cpu(tiny_model: Path, tmp_path: Path) -> Non
     from finetune_pipeline.training.sft import TrainRequest, train
 
     q = ModelSpec(method="qlora", lora={"r": 4, "alpha": 8, "dropout": 0.0})
-    res = train(TrainRequest(str(tiny_model), q, TRAIN.model_copy(update={"max_steps": 3}), ROWS[:16], ROWS[40:44],
-                             tmp_path / "q"), log=lambda m: None)
+    res = train(
+        TrainRequest(
+            str(tiny_model), q, TRAIN.model_copy(update={"max_steps": 3}), ROWS[:16], ROWS[40:44], tmp_path / "q"
+        ),
+        log=lambda m: None,
+    )
     assert res.method == "qlora" and res.lora_tensors_changed == res.lora_tensors_total > 0
     merged, tok = standalone_model(str(tiny_model), q, str(tmp_path / "q"))
     assert max_logit_diff(merged, tuned_model(str(tiny_model), q, str(tmp_path / "q")), tok) < 1e-4

@@ -136,7 +136,13 @@ def clean_file(path: Path, drop: str, source: SourceSpec, cleaning: CleaningSpec
         row_id = str(given_id) if given_id not in (None, "") else chash[:16]
         if chash in seen:
             duplicates.append(
-                {"drop": drop, "source_line": lineno, "row_id": row_id, "duplicate_of": seen[chash], "content_hash": chash}
+                {
+                    "drop": drop,
+                    "source_line": lineno,
+                    "row_id": row_id,
+                    "duplicate_of": seen[chash],
+                    "content_hash": chash,
+                }
             )
             continue
         seen[chash] = row_id

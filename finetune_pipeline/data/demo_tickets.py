@@ -245,21 +245,17 @@ _BODIES: dict[str, tuple[str, ...]] = {
         "and I checked spam.",
         "Our admin left the company and we need to transfer ownership of the {product} workspace "
         "to {email}. How do we do that?",
-        "My {product} account got locked after too many login attempts on {date}. "
-        "Please unlock it for {email}.",
+        "My {product} account got locked after too many login attempts on {date}. Please unlock it for {email}.",
         "Two-factor authentication for {product} is tied to an old phone I no longer have. "
         "Can you reset it for {email}?",
-        "Please change the email on my {product} account from {email} to {email2}. "
-        "I can verify ownership if needed.",
-        "A teammate's {product} account was deactivated by mistake on {date}. "
-        "Can you restore access for {email}?",
+        "Please change the email on my {product} account from {email} to {email2}. I can verify ownership if needed.",
+        "A teammate's {product} account was deactivated by mistake on {date}. Can you restore access for {email}?",
     ),
     "shipping": (
         "I ordered the {product} {item} on {date} (order {order}) and tracking has not updated in {days} days.",
         "The {product} {item} from order {order} arrived damaged. The box was crushed and the device "
         "won't power on. Please send a replacement.",
-        "Order {order} for {qty} {product} {item}s was marked delivered on {date}, "
-        "but nothing arrived at our office.",
+        "Order {order} for {qty} {product} {item}s was marked delivered on {date}, but nothing arrived at our office.",
         "We received the wrong item in order {order}. We ordered the {product} {item} but got a "
         "different device. How do I return it?",
         "Can you change the delivery address on order {order} ({product} {item})? "

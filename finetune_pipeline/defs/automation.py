@@ -1,7 +1,6 @@
 """Per-pipeline automation: a sensor on the incoming folder and a retraining schedule that skips unchanged data."""
+
 from __future__ import annotations
-
-
 
 import json
 
@@ -39,8 +38,9 @@ def build_sensor(spec: LoadedSpec, ingest_job: dg.UnresolvedAssetJobDefinition) 
         keys = [d.key for d in scan.ready]
         return dg.SensorResult(
             run_requests=[
-                dg.RunRequest(partition_key=d.key, run_key=f"{spec.name}:{d.key}",
-                              tags={"finetune/source_file": str(d.path)})
+                dg.RunRequest(
+                    partition_key=d.key, run_key=f"{spec.name}:{d.key}", tags={"finetune/source_file": str(d.path)}
+                )
                 for d in scan.ready
             ],
             dynamic_partitions_requests=[parts.build_add_request(keys)],
@@ -85,7 +85,9 @@ def build_schedule(spec: LoadedSpec, train_job: dg.UnresolvedAssetJobDefinition)
             return dg.SkipReason("no cleaned drops yet: drop a data file into the incoming folder first")
         last = last_trained_fingerprint(context.instance, spec)
         if last == fp:
-            return dg.SkipReason(f"training data unchanged since the last adapter (fingerprint {fp}, {len(drops)} drops)")
+            return dg.SkipReason(
+                f"training data unchanged since the last adapter (fingerprint {fp}, {len(drops)} drops)"
+            )
         return dg.RunRequest(run_key=f"{spec.name}:retrain:{fp}", tags={"finetune/training_fingerprint": fp})
 
     return retrain_schedule

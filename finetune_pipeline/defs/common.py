@@ -47,7 +47,12 @@ def table(df: pd.DataFrame, limit: int = 25) -> dg.TableMetadataValue:
     head = df.head(limit)
     cols = [dg.TableColumn(str(c), "string" if head[c].dtype == object else str(head[c].dtype)) for c in head.columns]
     recs = [
-        dg.TableRecord({str(c): (str(v)[:300] if isinstance(v, str) else (v.item() if hasattr(v, "item") else v)) for c, v in r.items()})
+        dg.TableRecord(
+            {
+                str(c): (str(v)[:300] if isinstance(v, str) else (v.item() if hasattr(v, "item") else v))
+                for c, v in r.items()
+            }
+        )
         for r in head.to_dict(orient="records")
     ]
     return dg.MetadataValue.table(records=recs, schema=dg.TableSchema(columns=cols))

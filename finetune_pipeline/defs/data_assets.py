@@ -1,6 +1,5 @@
 """Data assets: raw_dataset and cleaned_dataset per drop, dataset_splits over all drops."""
 
-
 import json
 import shutil
 from pathlib import Path
@@ -29,7 +28,11 @@ def raw_paths(state: StateStore, spec: LoadedSpec, drop: str) -> dict[str, Path]
 def build_data_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
     parts = drops_partitions(spec)
     src = spec.spec.source
-    raw_key, cleaned_key, splits_key = key(spec, "raw_dataset"), key(spec, "cleaned_dataset"), key(spec, "dataset_splits")
+    raw_key, cleaned_key, splits_key = (
+        key(spec, "raw_dataset"),
+        key(spec, "cleaned_dataset"),
+        key(spec, "dataset_splits"),
+    )
 
     @dg.asset(
         key=raw_key,
@@ -42,7 +45,11 @@ def build_data_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
     def raw_dataset(context: dg.AssetExecutionContext, state: StateStore) -> dg.MaterializeResult:
         drop = context.partition_key
         cfg_path = context.run.tags.get("finetune/source_file")
-        source = Path(cfg_path) if cfg_path and Path(cfg_path).exists() else find_drop(spec.incoming_dir, src.file_glob, drop)
+        source = (
+            Path(cfg_path)
+            if cfg_path and Path(cfg_path).exists()
+            else find_drop(spec.incoming_dir, src.file_glob, drop)
+        )
         dest = raw_paths(state, spec, drop)["raw"]
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_suffix(".tmp")
@@ -76,12 +83,24 @@ def build_data_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
         code_version=CODE_VERSION,
         kinds={"pandas", "parquet"},
         check_specs=[
-            dg.AssetCheckSpec("rows_accounted", asset=cleaned_key, blocking=True,
-                              description="rows_in = kept + quarantined + deduplicated: nothing is lost."),
-            dg.AssetCheckSpec("rejection_rate", asset=cleaned_key, blocking=True,
-                              description="Share of quarantined rows is within cleaning.max_rejection_rate."),
-            dg.AssetCheckSpec("chat_schema", asset=cleaned_key, blocking=True,
-                              description="Every kept row is a chat with a user turn and a final non-empty assistant turn."),
+            dg.AssetCheckSpec(
+                "rows_accounted",
+                asset=cleaned_key,
+                blocking=True,
+                description="rows_in = kept + quarantined + deduplicated: nothing is lost.",
+            ),
+            dg.AssetCheckSpec(
+                "rejection_rate",
+                asset=cleaned_key,
+                blocking=True,
+                description="Share of quarantined rows is within cleaning.max_rejection_rate.",
+            ),
+            dg.AssetCheckSpec(
+                "chat_schema",
+                asset=cleaned_key,
+                blocking=True,
+                description="Every kept row is a chat with a user turn and a final non-empty assistant turn.",
+            ),
         ],
         description="One drop normalised to the chat schema, validated and exact-deduplicated; bad rows quarantined with their reason.",
     )
@@ -89,7 +108,9 @@ def build_data_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
         drop = context.partition_key
         p = raw_paths(state, spec, drop)
         if not p["raw"].exists():
-            raise FileNotFoundError(f"raw_dataset for drop {drop} is missing at {p['raw']}: materialize raw_dataset first")
+            raise FileNotFoundError(
+                f"raw_dataset for drop {drop} is missing at {p['raw']}: materialize raw_dataset first"
+            )
         res = clean_file(p["raw"], drop, src, spec.spec.cleaning)
         for name, df in (("kept", res.kept), ("quarantine", res.quarantine), ("duplicates", res.duplicates)):
             p[name].parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +119,9 @@ def build_data_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
             f"{res.rows_in} rows in: {len(res.kept)} kept, {len(res.quarantine)} quarantined {res.reasons}, "
             f"{len(res.duplicates)} exact duplicates"
         )
-        schema_ok = all(json.loads(m)[-1]["role"] == "assistant" and json.loads(m)[-1]["content"] for m in res.kept["messages"])
+        schema_ok = all(
+            json.loads(m)[-1]["role"] == "assistant" and json.loads(m)[-1]["content"] for m in res.kept["messages"]
+        )
         limit = spec.spec.cleaning.max_rejection_rate
         return dg.MaterializeResult(
             metadata={
@@ -116,15 +139,29 @@ def build_data_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
             },
             data_version=dg.DataVersion(frame_digest(res.kept, ["row_id", "content_hash"])),
             check_results=[
-                dg.AssetCheckResult(check_name="rows_accounted", passed=res.accounted(),
-                                    metadata={"rows_in": res.rows_in, "kept": len(res.kept),
-                                              "quarantined": len(res.quarantine), "deduplicated": len(res.duplicates)}),
-                dg.AssetCheckResult(check_name="rejection_rate", passed=res.rejection_rate <= limit,
-                                    metadata={"rejection_rate": res.rejection_rate, "limit": limit,
-                                              "reasons": dg.MetadataValue.json(res.reasons)},
-                                    description=None if res.rejection_rate <= limit else
-                                    f"{res.rejection_rate:.1%} of rows quarantined > {limit:.1%}: inspect the quarantine "
-                                    "table, fix the file, or raise cleaning.max_rejection_rate"),
+                dg.AssetCheckResult(
+                    check_name="rows_accounted",
+                    passed=res.accounted(),
+                    metadata={
+                        "rows_in": res.rows_in,
+                        "kept": len(res.kept),
+                        "quarantined": len(res.quarantine),
+                        "deduplicated": len(res.duplicates),
+                    },
+                ),
+                dg.AssetCheckResult(
+                    check_name="rejection_rate",
+                    passed=res.rejection_rate <= limit,
+                    metadata={
+                        "rejection_rate": res.rejection_rate,
+                        "limit": limit,
+                        "reasons": dg.MetadataValue.json(res.reasons),
+                    },
+                    description=None
+                    if res.rejection_rate <= limit
+                    else f"{res.rejection_rate:.1%} of rows quarantined > {limit:.1%}: inspect the quarantine "
+                    "table, fix the file, or raise cleaning.max_rejection_rate",
+                ),
                 dg.AssetCheckResult(check_name="chat_schema", passed=bool(schema_ok)),
             ],
         )
@@ -136,8 +173,12 @@ def build_data_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
         code_version=CODE_VERSION,
         kinds={"pandas", "parquet"},
         check_specs=[
-            dg.AssetCheckSpec("no_split_overlap", asset=splits_key, blocking=True,
-                              description="No row (by content or id) is in two splits."),
+            dg.AssetCheckSpec(
+                "no_split_overlap",
+                asset=splits_key,
+                blocking=True,
+                description="No row (by content or id) is in two splits.",
+            ),
         ],
         description="All cleaned drops combined and deduplicated across drops, split into train/validation/test by row id.",
     )
@@ -159,12 +200,19 @@ def build_data_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
             res.frames[s].to_parquet(out / f"{s}.parquet", index=False)
         res.cross_drop_duplicates.to_parquet(out / "cross_drop_duplicates.parquet", index=False)
         overlaps = overlap_report(res.frames)
-        manifest = {"drops": res.drops, "digests": res.digests, "version": res.combined_digest,
-                    "counts": {s: len(res.frames[s]) for s in SPLITS}, "spec_hash": spec.spec_hash}
+        manifest = {
+            "drops": res.drops,
+            "digests": res.digests,
+            "version": res.combined_digest,
+            "counts": {s: len(res.frames[s]) for s in SPLITS},
+            "spec_hash": spec.spec_hash,
+        }
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
         exact = sum(v for k, v in overlaps.items() if k.endswith(("_content_overlap", "_id_overlap")))
-        context.log.info(f"splits {manifest['counts']} from {len(res.drops)} drop(s); "
-                         f"{len(res.cross_drop_duplicates)} cross-drop duplicates removed")
+        context.log.info(
+            f"splits {manifest['counts']} from {len(res.drops)} drop(s); "
+            f"{len(res.cross_drop_duplicates)} cross-drop duplicates removed"
+        )
         return dg.MaterializeResult(
             metadata={
                 **{f"{s}_rows": len(res.frames[s]) for s in SPLITS},
@@ -178,8 +226,9 @@ def build_data_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
             },
             data_version=dg.DataVersion(res.combined_digest),
             check_results=[
-                dg.AssetCheckResult(check_name="no_split_overlap", passed=exact == 0,
-                                    metadata={k: v for k, v in overlaps.items()}),
+                dg.AssetCheckResult(
+                    check_name="no_split_overlap", passed=exact == 0, metadata={k: v for k, v in overlaps.items()}
+                ),
             ],
         )
 

@@ -7,14 +7,15 @@ import dagster as dg
 from finetune_pipeline.defs.automation import build_schedule, build_sensor
 from finetune_pipeline.defs.common import drops_partitions, key
 from finetune_pipeline.defs.data_assets import build_data_assets
-from finetune_pipeline.defs.model_assets import build_model_assets
+from finetune_pipeline.defs.release_assets import build_release_assets
+from finetune_pipeline.defs.training_assets import build_training_assets
 from finetune_pipeline.spec import LoadedSpec
 
 
 def build_pipeline_defs(spec: LoadedSpec) -> dg.Definitions:
     """All definitions for one pipeline spec (resources are supplied once, by the caller)."""
     data_assets = build_data_assets(spec)
-    model_assets = build_model_assets(spec)
+    model_assets = [*build_training_assets(spec), *build_release_assets(spec)]
     ingest = dg.define_asset_job(
         f"{spec.name}_ingest",
         selection=dg.AssetSelection.assets(key(spec, "raw_dataset"), key(spec, "cleaned_dataset")),

@@ -12,7 +12,14 @@ from finetune_pipeline.evaluation.report import EvalReport, build_report
 from finetune_pipeline.spec import EvaluationSpec, ModelSpec
 
 
-def _outputs(base_path: str, model: ModelSpec, adapter: str | None, rows: list[str], spec: EvaluationSpec, log: Callable[[str], None]) -> ModelOutputs:
+def _outputs(
+    base_path: str,
+    model: ModelSpec,
+    adapter: str | None,
+    rows: list[str],
+    spec: EvaluationSpec,
+    log: Callable[[str], None],
+) -> ModelOutputs:
     m, tok = load_for_eval(base_path, model, adapter)
     try:
         return run_model(m, tok, rows, spec, log)

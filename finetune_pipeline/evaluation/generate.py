@@ -87,7 +87,10 @@ def run_model(
             logits = model(input_ids=ids, attention_mask=att).logits.float()
         shift_logits, shift_labels = logits[:, :-1], lab[:, 1:]
         loss = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+            shift_logits.reshape(-1, shift_logits.size(-1)),
+            shift_labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
         )
         nll += float(loss)
         count += int((shift_labels != -100).sum())

@@ -55,7 +55,12 @@ def rouge_l(pred: str, ref: str) -> float:
     return float(_rouge().score(ref, pred)["rougeL"].fmeasure)
 
 
-PER_ROW = {"exact_match": exact_match, "json_valid": lambda p, r: json_valid(p), "rouge_l": rouge_l, "field_accuracy": field_accuracy}
+PER_ROW = {
+    "exact_match": exact_match,
+    "json_valid": lambda p, r: json_valid(p),
+    "rouge_l": rouge_l,
+    "field_accuracy": field_accuracy,
+}
 
 
 def score(preds: Sequence[str], refs: Sequence[str], metrics: Sequence[str]) -> dict[str, float]:

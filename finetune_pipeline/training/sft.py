@@ -112,7 +112,9 @@ def train(
             logs = logs or {}
             if "loss" in logs:
                 history.append((state.global_step, float(logs["loss"])))
-                log(f"step {state.global_step}/{max_steps} loss {logs['loss']:.4f} lr {logs.get('learning_rate', 0):.2e}")
+                log(
+                    f"step {state.global_step}/{max_steps} loss {logs['loss']:.4f} lr {logs.get('learning_rate', 0):.2e}"
+                )
             if "eval_loss" in logs:
                 eval_losses.append(float(logs["eval_loss"]))
                 eval_at.append(state.global_step)
@@ -170,9 +172,7 @@ def train(
         eval_loss = float(trainer.evaluate()["eval_loss"])
         log(f"final eval_loss {eval_loss:.4f}")
     tokens = int(trainer.state.num_input_tokens_seen)
-    changed = sum(
-        int(not torch.equal(init[n], p.detach())) for n, p in trainer.model.named_parameters() if n in init
-    )
+    changed = sum(int(not torch.equal(init[n], p.detach())) for n, p in trainer.model.named_parameters() if n in init)
     shutil.rmtree(out / "trainer", ignore_errors=True)
     if req.save:
         out.mkdir(parents=True, exist_ok=True)

@@ -70,7 +70,11 @@ def run_sweep(
     if storage_uri.startswith("sqlite:///"):
         Path(storage_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     name = study_name(pipeline, data_digest, sweep, model, training)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1) if sweep.pruner == "median" else optuna.pruners.NopPruner()
+    pruner = (
+        optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+        if sweep.pruner == "median"
+        else optuna.pruners.NopPruner()
+    )
     study = optuna.create_study(
         study_name=name,
         storage=storage_uri,
@@ -79,7 +83,9 @@ def run_sweep(
         pruner=pruner,
         load_if_exists=True,
     )
-    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    finished = [
+        t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    ]
     remaining = max(0, sweep.n_trials - len(finished))
     log(f"study {name}: {len(finished)} trial(s) already done, running {remaining}")
     eval_every = max(1, sweep.max_steps // 2)  # two validation points per trial feed the pruner
@@ -89,7 +95,9 @@ def run_sweep(
         def __init__(self, trial: Any):
             self.trial = trial
 
-        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kw: Any) -> None:
+        def on_evaluate(
+            self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kw: Any
+        ) -> None:
             if metrics and "eval_loss" in metrics:
                 self.trial.report(float(metrics["eval_loss"]), state.global_step)
                 if self.trial.should_prune():
@@ -99,7 +107,13 @@ def run_sweep(
         params = {k: suggest(trial, k, p) for k, p in sweep.search_space.items()}
         log(f"trial {trial.number}: {params}")
         ctx = (
-            mlflow_store.run(mlflow_experiment, f"trial-{trial.number}", lineage, nested=True, **{"optuna.study": name, "optuna.trial": str(trial.number)})
+            mlflow_store.run(
+                mlflow_experiment,
+                f"trial-{trial.number}",
+                lineage,
+                nested=True,
+                **{"optuna.study": name, "optuna.trial": str(trial.number)},
+            )
             if mlflow_experiment and lineage
             else contextlib.nullcontext()
         )
@@ -160,4 +174,3 @@ def run_sweep(
         n_run_now=remaining,
         trials=trials,
     )
-

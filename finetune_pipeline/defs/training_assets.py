@@ -1,0 +1,278 @@
+"""Training-side assets: base_model, hyperparameter_sweep (optional), adapter.
+
+Each is a thin shell: read inputs from the state root, call one library function, record MLflow lineage,
+return metadata. torch & co. are imported only inside the library functions these call.
+"""
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from finetune_pipeline.data.split import training_fingerprint
+from finetune_pipeline.defs.common import CODE_VERSION, key, lineage, logger, mlflow_link, png_markdown
+from finetune_pipeline.defs.inputs import content_key, log_splits, read_base, read_splits
+from finetune_pipeline.defs.resources import MlflowTracking, OptunaStorage, StateStore
+from finetune_pipeline.spec import LoadedSpec
+
+
+def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
+    s = spec.spec
+    k = {n: key(spec, n) for n in ("dataset_splits", "base_model", "hyperparameter_sweep", "adapter")}
+    assets: list[dg.AssetsDefinition] = []
+
+    @dg.asset(
+        key=k["base_model"],
+        group_name=spec.name,
+        code_version=CODE_VERSION,
+        kinds={"transformers"},
+        description="Base model as a local safetensors folder (a packaged GGUF is converted once).",
+    )
+    def base_model(context: dg.AssetExecutionContext, state: StateStore) -> dg.MaterializeResult:
+        from finetune_pipeline.models.base import provision_base_model
+
+        base = s.model.base
+        if Path(base).expanduser().exists() or base.startswith((".", "/")):
+            base = str(spec.resolve(base))
+        pm = provision_base_model(base, s.model.trust_remote_code, target_root=state.models_dir())
+        info = {"path": pm.path, "kind": pm.kind, "digest": pm.digest, "source": s.model.base}
+        (state.pipeline_dir(spec.name) / "base_model.json").write_text(json.dumps(info, indent=2))
+        context.log.info(
+            f"base model {s.model.base} -> {pm.path} ({'converted' if pm.converted else 'reused'}, {pm.seconds:.1f}s)"
+        )
+        return dg.MaterializeResult(
+            metadata={
+                "path": dg.MetadataValue.path(pm.path),
+                "kind": pm.kind,
+                "weights_digest": pm.digest,
+                "converted_now": pm.converted,
+                "seconds": round(pm.seconds, 2),
+            },
+            data_version=dg.DataVersion(pm.digest),
+        )
+
+    assets.append(base_model)
+
+    if s.sweep.enabled:
+
+        @dg.asset(
+            key=k["hyperparameter_sweep"],
+            deps=[k["dataset_splits"], k["base_model"]],
+            group_name=spec.name,
+            code_version=CODE_VERSION,
+            kinds={"optuna", "mlflow"},
+            description="Optuna search over the spec's search space; the best parameters feed the adapter.",
+        )
+        def hyperparameter_sweep(
+            context: dg.AssetExecutionContext, state: StateStore, mlflow_tracking: MlflowTracking, optuna: OptunaStorage
+        ) -> dg.MaterializeResult:
+            from finetune_pipeline.tracking import mlflow_store
+            from finetune_pipeline.tuning.sweep import run_sweep, study_name
+
+            frames, manifest = read_splits(state, spec)
+            base = read_base(state, spec)
+            _, art = mlflow_tracking.setup_for(state)
+            exp = mlflow_store.experiment_id(spec.name, art)
+            lin = lineage(context, spec)
+            best_file = state.pipeline_dir(spec.name) / "sweep" / "best.json"
+            name = study_name(spec.name, content_key(manifest["version"], base["digest"]), s.sweep, s.model, s.training)
+            done = json.loads(best_file.read_text()) if best_file.exists() else {}
+            if done.get("study") == name:
+                context.log.info(
+                    f"sweep {name} already finished for this data (MLflow run {done['mlflow_run_id']}): reusing it"
+                )
+                return dg.MaterializeResult(
+                    metadata={
+                        "best_params": dg.MetadataValue.json(done["best_params"]),
+                        "best_eval_loss": done["best_value"],
+                        "trials_run_now": 0,
+                        "study": name,
+                        "reused": True,
+                        **mlflow_link(mlflow_tracking.ui_url, exp, done["mlflow_run_id"]),
+                    },
+                    data_version=dg.DataVersion(content_key(name, done["best_params"])),
+                )
+            with mlflow_store.run(exp, "sweep", lin) as parent:
+                log_splits(state, frames, manifest, spec, ["train", "validation"])
+                res = run_sweep(
+                    pipeline=spec.name,
+                    base_path=base["path"],
+                    model=s.model,
+                    training=s.training,
+                    sweep=s.sweep,
+                    train_messages=list(frames["train"]["messages"]),
+                    val_messages=list(frames["validation"]["messages"]),
+                    storage_uri=optuna.uri_for(state),
+                    data_digest=content_key(manifest["version"], base["digest"]),
+                    work_dir=state.pipeline_dir(spec.name) / "sweep",
+                    log=logger(context),
+                    mlflow_experiment=exp,
+                    lineage=lin,
+                )
+                mlflow_store.log_metrics({"best_eval_loss": res.best_value})
+                import mlflow
+
+                mlflow.log_params({f"best.{p}": v for p, v in res.best_params.items()})
+                mlflow.set_tag("optuna.study", res.study_name)
+            out = {
+                "study": res.study_name,
+                "best_params": res.best_params,
+                "best_value": res.best_value,
+                "mlflow_run_id": parent.info.run_id,
+                "data_version": manifest["version"],
+            }
+            best_file.write_text(json.dumps(out, indent=2))
+            return dg.MaterializeResult(
+                metadata={
+                    "best_params": dg.MetadataValue.json(res.best_params),
+                    "best_eval_loss": res.best_value,
+                    "trials_complete": res.n_complete,
+                    "trials_pruned": res.n_pruned,
+                    "trials_run_now": res.n_run_now,
+                    "study": res.study_name,
+                    "trials": dg.MetadataValue.json(res.trials),
+                    "reused": False,
+                    **mlflow_link(mlflow_tracking.ui_url, exp, parent.info.run_id),
+                },
+                data_version=dg.DataVersion(content_key(res.study_name, res.best_params)),
+            )
+
+        assets.append(hyperparameter_sweep)
+
+    adapter_deps = [k["dataset_splits"], k["base_model"]] + ([k["hyperparameter_sweep"]] if s.sweep.enabled else [])
+
+    @dg.asset(
+        key=k["adapter"],
+        deps=adapter_deps,
+        group_name=spec.name,
+        code_version=CODE_VERSION,
+        kinds={"pytorch", "peft", "mlflow"},
+        description="Fine-tuned adapter (LoRA/QLoRA) or full model, trained with trl's SFTTrainer on the train split.",
+    )
+    def adapter(
+        context: dg.AssetExecutionContext, state: StateStore, mlflow_tracking: MlflowTracking
+    ) -> dg.MaterializeResult:
+        from finetune_pipeline.tracking import mlflow_store
+        from finetune_pipeline.training.sft import TrainRequest, effective_params, train
+
+        frames, manifest = read_splits(state, spec)
+        base = read_base(state, spec)
+        best = {}
+        sweep_run = ""
+        if s.sweep.enabled:
+            sb = json.loads((state.pipeline_dir(spec.name) / "sweep" / "best.json").read_text())
+            best, sweep_run = sb["best_params"], sb["mlflow_run_id"]
+        params = effective_params(s.training, s.model, best)
+        adapter_key = content_key(
+            manifest["version"],
+            base["digest"],
+            s.model.model_dump(mode="json"),
+            s.training.model_dump(mode="json"),
+            params,
+            CODE_VERSION,
+        )
+        out = state.pipeline_dir(spec.name) / "adapters" / adapter_key
+        fingerprint = training_fingerprint(manifest["drops"], spec.spec_hash)
+        _, art = mlflow_tracking.setup_for(state)
+        exp = mlflow_store.experiment_id(spec.name, art)
+        if (out / "train_result.json").exists() and (out / "lineage.json").exists():
+            result = json.loads((out / "train_result.json").read_text())
+            lin_rec = json.loads((out / "lineage.json").read_text())
+            context.log.info(
+                f"training data and settings unchanged: reusing adapter {adapter_key} "
+                f"trained in MLflow run {lin_rec['train_run_id']} (no retraining)"
+            )
+            reused = True
+        else:
+            reused = False
+            with mlflow_store.run(exp, "train", lineage(context, spec), **{"finetune.sweep_run_id": sweep_run}) as r:
+                log_splits(state, frames, manifest, spec, ["train", "validation"])
+                import mlflow
+
+                mlflow.log_params(
+                    {
+                        **params,
+                        "method": s.model.method,
+                        "max_steps": s.training.max_steps,
+                        "base_model": s.model.base,
+                        "max_length": s.training.max_length,
+                    }
+                )
+                tmp = out.with_name(out.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                res = train(
+                    TrainRequest(
+                        base_path=base["path"],
+                        model=s.model,
+                        training=s.training,
+                        train_messages=list(frames["train"]["messages"]),
+                        eval_messages=list(frames["validation"]["messages"]),
+                        output_dir=tmp,
+                        overrides=best,
+                    ),
+                    log=logger(context),
+                )
+                for step, loss in res.loss_history:
+                    mlflow.log_metric("train_loss", loss, step=step)
+                mlflow_store.log_metrics(
+                    {
+                        "eval_loss": res.eval_loss,
+                        "tokens_per_second": res.tokens_per_second,
+                        "train_tokens": res.train_tokens,
+                        "wall_seconds": res.wall_seconds,
+                        "trainable_params": res.trainable_params,
+                    }
+                )
+                lin_rec = {
+                    "train_run_id": r.info.run_id,
+                    "sweep_run_id": sweep_run,
+                    "splits_version": manifest["version"],
+                    "split_digests": manifest["digests"],
+                    "drops": manifest["drops"],
+                    "fingerprint": fingerprint,
+                    "dagster_run_id": context.run_id,
+                }
+                (tmp / "lineage.json").write_text(json.dumps(lin_rec, indent=2))
+                mlflow.log_artifacts(str(tmp), artifact_path="adapter")
+                shutil.rmtree(out, ignore_errors=True)
+                tmp.rename(out)
+            result = json.loads((out / "train_result.json").read_text())
+        hist = result["loss_history"]
+        meta: dict[str, Any] = {
+            "path": dg.MetadataValue.path(str(out)),
+            "adapter_key": adapter_key,
+            "reused": reused,
+            "method": result["method"],
+            "steps": result["steps"],
+            "eval_loss": result["eval_loss"],
+            "first_loss": hist[0][1] if hist else None,
+            "final_loss": hist[-1][1] if hist else None,
+            "tokens_per_second": round(result["tokens_per_second"], 1),
+            "train_tokens": result["train_tokens"],
+            "wall_seconds": round(result["wall_seconds"], 1),
+            "trainable_params": result["trainable_params"],
+            "lora_tensors_changed": f"{result['lora_tensors_changed']}/{result['lora_tensors_total']}",
+            "params": dg.MetadataValue.json(result["params"]),
+            "training_fingerprint": fingerprint,
+            **mlflow_link(mlflow_tracking.ui_url, exp, lin_rec["train_run_id"]),
+        }
+        if hist:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(5, 3))
+            ax.plot([h[0] for h in hist], [h[1] for h in hist], marker="o")
+            ax.set_xlabel("step")
+            ax.set_ylabel("train loss")
+            ax.set_title(f"{spec.name} adapter")
+            meta["loss_curve"] = png_markdown(fig, "loss curve")
+            plt.close(fig)
+        return dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(adapter_key))
+
+    assets.append(adapter)
+
+    return assets
