@@ -229,3 +229,34 @@ def test_unchanged_data_does_not_retrain_and_new_drop_triggers_schedule(trained:
     assert len(new) == 1
     tick = schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
     assert len(tick.run_requests) == 1
+
+
+def test_failed_gate_never_registers(trained: dict, env: dict) -> None:
+    """Raise the bar so the tuned model cannot pass: the blocking check fails the run before registration."""
+    import mlflow
+
+    spec_file = Path(env["env"]["FINETUNE_SPECS"]) / "mini.yaml"
+    spec_file.write_text(
+        spec_file.read_text().replace(
+            "primary_metric: perplexity,", "primary_metric: perplexity, min_improvement_over_base: 1.0e+9,"
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "dagster", "job", "execute", "-m", "finetune_pipeline.definitions", "-j", "mini_train"],
+        cwd=REPO,
+        env=env["env"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode != 0
+    instance = dg.DagsterInstance.get()
+    gate = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+        [dg.AssetCheckKey(dg.AssetKey(["mini", "eval_report"]), "tuned_beats_base")]
+    )
+    assert [e.status.value for e in gate.values()] == ["FAILED"]
+    client = mlflow.MlflowClient()
+    assert len(client.search_model_versions("name = 'mini-model'")) == 1
+    assert str(client.get_model_version_by_alias("mini-model", "champion").version) == "1"
+    reg = latest(instance, "registered_model")
+    assert reg["_run"] != latest(instance, "eval_report")["_run"]  # registered_model did not run this time

@@ -6,7 +6,6 @@ return metadata. torch & co. are imported only inside the library functions thes
 
 import json
 import shutil
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -31,11 +30,11 @@ def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
         description="Base model as a local safetensors folder (a packaged GGUF is converted once).",
     )
     def base_model(context: dg.AssetExecutionContext, state: StateStore) -> dg.MaterializeResult:
-        from finetune_pipeline.models.base import provision_base_model
+        from finetune_pipeline.models.base import PACKAGED, provision_base_model
 
         base = s.model.base
-        if Path(base).expanduser().exists() or base.startswith((".", "/")):
-            base = str(spec.resolve(base))
+        if base not in PACKAGED and (base.startswith((".", "/", "~")) or spec.resolve(base).exists()):
+            base = str(spec.resolve(base))  # a local folder, relative to the spec file
         pm = provision_base_model(base, s.model.trust_remote_code, target_root=state.models_dir())
         info = {"path": pm.path, "kind": pm.kind, "digest": pm.digest, "source": s.model.base}
         (state.pipeline_dir(spec.name) / "base_model.json").write_text(json.dumps(info, indent=2))
