@@ -47,7 +47,9 @@ def build_release_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
         if not (adir / "lineage.json").exists():
             raise FileNotFoundError(f"adapter {adapter_key} not found at {adir}: materialize {spec.name}/adapter first")
         lin_rec = json.loads((adir / "lineage.json").read_text())
-        eval_key = content_key(adapter_key, manifest["digests"]["test"], s.evaluation.model_dump(mode="json"))
+        # the gate threshold is applied below, on the (possibly reused) report: it is not part of the key
+        eval_settings = s.evaluation.model_dump(mode="json", exclude={"min_improvement_over_base"})
+        eval_key = content_key(adapter_key, manifest["digests"]["test"], eval_settings)
         edir = state.pipeline_dir(spec.name) / "eval" / eval_key
         _, art = mlflow_tracking.setup_for(state)
         exp = mlflow_store.experiment_id(spec.name, art)
@@ -68,7 +70,7 @@ def build_release_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
                         content_key(
                             base["digest"],
                             manifest["digests"]["test"],
-                            s.evaluation.model_dump(mode="json"),
+                            eval_settings,
                             s.model.dtype,
                             s.model.method,
                         )
