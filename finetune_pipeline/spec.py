@@ -232,6 +232,12 @@ class PipelineSpec(_Strict):
     registry: RegistrySpec = Field(description="MLflow model registry and promotion rule.")
     automation: AutomationSpec = Field(default_factory=AutomationSpec, description="Sensor and schedule.")
 
+    @model_validator(mode="after")
+    def _sweep_needs_validation(self) -> PipelineSpec:
+        if self.sweep.enabled and self.split.validation_fraction == 0:
+            raise ValueError("sweep.enabled scores trials on the validation split: set split.validation_fraction > 0")
+        return self
+
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:

@@ -57,7 +57,7 @@ def test_scan_waits_for_a_file_to_settle(tmp_path: Path) -> None:
     # too young for the settle time: waits even when unchanged
     assert scan_incoming(inc, "*.jsonl", 3600, second.seen, set()).ready == []
     third = scan_incoming(inc, "*.jsonl", 0, second.seen, set())
-    assert [d.key for d in third.ready] == [drop_key(f)] and third.seen[str(f)][2] == drop_key(f)
+    assert [d.key for d in third.ready] == [drop_key(f)] and third.seen[str(f)][3] == drop_key(f)
     fourth = scan_incoming(inc, "*.jsonl", 0, third.seen, {drop_key(f)})
     assert fourth.ready == [] and fourth.unchanged_skipped == 1
 
@@ -107,7 +107,14 @@ def test_ingest_job_and_schedule_skip_until_data_changes(tmp_path: Path) -> None
     key = drop_key(f)
     schedule = defs.resolve_schedule_def("watch_retrain_schedule")
     with _instance(tmp_path) as instance:
-        assert "no cleaned drops" in schedule.evaluate_tick(dg.build_schedule_context(instance=instance)).skip_message
+        assert (
+            "no usable drops"
+            in schedule.evaluate_tick(
+                dg.build_schedule_context(
+                    instance=instance, resources={"state": StateStore(root=str(tmp_path / "state"))}
+                )
+            ).skip_message
+        )
         instance.add_dynamic_partitions("watch_drops", [key])
         assets = [a for a in defs.assets if a.key.path[-1] in ("raw_dataset", "cleaned_dataset")]
         res = dg.materialize(
@@ -120,15 +127,19 @@ def test_ingest_job_and_schedule_skip_until_data_changes(tmp_path: Path) -> None
         assert md["rejection_reasons"].value == {"invalid_json": 1}
         checks = {c.check_name: c.passed for c in res.get_asset_check_evaluations()}
         assert checks == {"rows_accounted": True, "rejection_rate": True, "chat_schema": True}  # 1/21 < 5%
-        tick = schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
+        tick = schedule.evaluate_tick(
+            dg.build_schedule_context(instance=instance, resources={"state": StateStore(root=str(tmp_path / "state"))})
+        )
         assert len(tick.run_requests) == 1
-        fp, drops = current_fingerprint(instance, spec)
+        fp, drops = current_fingerprint(instance, StateStore(root=str(tmp_path / "state")), spec)
         assert drops == [key]
         # Record an adapter trained on exactly this data: the schedule now skips.
         instance.report_runless_asset_event(
             dg.AssetMaterialization(asset_key=dg.AssetKey(["watch", "adapter"]), metadata={"training_fingerprint": fp})
         )
-        tick = schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
+        tick = schedule.evaluate_tick(
+            dg.build_schedule_context(instance=instance, resources={"state": StateStore(root=str(tmp_path / "state"))})
+        )
         assert tick.run_requests == [] and "unchanged" in tick.skip_message
 
 
@@ -152,3 +163,10 @@ def test_rejection_gate_blocks_a_bad_drop(tmp_path: Path) -> None:
         assert checks["rejection_rate"].passed is False
         assert checks["rejection_rate"].metadata["rejection_rate"].value == pytest.approx(0.75)
         assert not res.success  # blocking check fails the run
+        # and the drop is kept out of training: no published cleaned rows, not among the usable drops
+        from finetune_pipeline.defs.data_assets import raw_paths, usable_drops
+
+        state = StateStore(root=str(tmp_path / "state"))
+        assert not raw_paths(state, spec, drop_key(f))["kept"].exists()
+        assert usable_drops(state, spec, [drop_key(f)]) == []
+        assert raw_paths(state, spec, drop_key(f))["quarantine"].exists()

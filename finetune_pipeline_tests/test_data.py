@@ -126,6 +126,15 @@ def test_cross_drop_duplicates_keep_the_first_drop() -> None:
     assert res.cross_drop_duplicates[["drop", "row_id", "duplicate_of"]].values.tolist() == [["b", "r2", "r2"]]
 
 
+def test_same_id_with_other_content_in_a_later_drop_gets_a_distinct_id() -> None:
+    a = _frame(["r1"], "a")
+    b = _frame(["r2"], "b").assign(row_id="r1")  # another drop reuses id r1 for different content
+    res = build_splits([a, b], SplitSpec())
+    ids = sorted(pd.concat(res.frames.values())["row_id"])
+    assert ids == ["r1", "r1@b"]
+    assert all(v == 0 for k, v in overlap_report(res.frames).items() if k.endswith("_id_overlap"))
+
+
 def test_digest_is_order_independent_and_content_sensitive() -> None:
     f = _frame(["r1", "r2", "r3"], "a")
     assert frame_digest(f, ["row_id", "content_hash"]) == frame_digest(f.iloc[::-1], ["row_id", "content_hash"])

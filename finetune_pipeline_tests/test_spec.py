@@ -73,6 +73,10 @@ registry: {model_name: m}
             "log scale needs 'low' > 0",
         ),
         ("model: {method: dora}", "model.method"),
+        (
+            "split: {validation_fraction: 0}\nsweep: {enabled: true, search_space: {lora.r: {type: categorical, choices: [4]}}}",
+            "set split.validation_fraction > 0",
+        ),
     ],
 )
 def test_rule_violations_name_the_field(patch: str, expected: str) -> None:

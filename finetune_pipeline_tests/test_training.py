@@ -31,6 +31,16 @@ def test_lora_training_changes_every_adapter_weight_and_lowers_loss(tiny_model: 
     assert not list((tmp_path / "a").glob("*.bin")), "only safetensors are written"
 
 
+def test_lora_same_seed_same_adapter(tiny_model: Path, tmp_path: Path) -> None:
+    from finetune_pipeline.training.sft import TrainRequest, train
+
+    short = TRAIN.model_copy(update={"max_steps": 3})
+    for d in ("l1", "l2"):
+        train(TrainRequest(str(tiny_model), LORA, short, ROWS[:16], [], tmp_path / d), log=lambda m: None)
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("l1", "l2"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
 def test_full_finetune_and_same_seed_same_weights(tiny_model: Path, tmp_path: Path) -> None:
     from finetune_pipeline.training.sft import TrainRequest, train
 
@@ -79,8 +89,10 @@ def test_sweep_uses_persistent_storage_and_resumes(tiny_model: Path, tmp_path: P
     assert study.best_value == pytest.approx(first.best_value)
     again = run_sweep(**kw)  # same data and settings: the stored trials count, nothing reruns
     assert again.n_run_now == 0 and again.best_params == first.best_params
-    more = run_sweep(**{**kw, "sweep": sweep.model_copy(update={"n_trials": 3})})
-    assert more.study_name != first.study_name  # settings are part of the study's identity
+    # the trials' own step settings are not part of the study's identity; the data is
+    longer = run_sweep(**{**kw, "training": TRAIN.model_copy(update={"max_steps": 99, "logging_steps": 3})})
+    assert longer.study_name == first.study_name and longer.n_run_now == 0
+    assert run_sweep(**{**kw, "data_digest": "d2"}).n_run_now == 2
 
 
 def test_eval_and_registry_round_trip_and_promotion(tiny_model: Path, tmp_path: Path) -> None:

@@ -173,6 +173,28 @@ def _q(drop: str, line: int, reason: str, detail: str, raw: str) -> dict[str, An
     return {"drop": drop, "source_line": line, "reason": reason, "detail": detail, "raw": raw}
 
 
+def schema_problems(kept: pd.DataFrame) -> list[str]:
+    """Invariants of a cleaned drop: each row parses, has a user turn, ends with a non-empty assistant
+    answer, and row ids are unique. Empty list = fine."""
+    problems = []
+    for row_id, m in zip(kept["row_id"], kept["messages"], strict=True):
+        msgs = json.loads(m)
+        if not any(x["role"] == "user" for x in msgs) or msgs[-1]["role"] != "assistant" or not msgs[-1]["content"]:
+            problems.append(f"row {row_id}: not a chat ending with a non-empty assistant answer")
+    dup_ids = kept["row_id"][kept["row_id"].duplicated()].tolist()
+    if dup_ids:
+        problems.append(f"row ids used twice with different content: {dup_ids[:5]}")
+    return problems
+
+
+def write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
+    """Write next to the target and rename, so a concurrent reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_parquet(tmp, index=False)
+    tmp.replace(path)
+
+
 def frame_digest(df: pd.DataFrame, columns: list[str]) -> str:
     """Order-independent digest of a frame's content (used as Dagster data version and MLflow dataset digest)."""
     if df.empty:

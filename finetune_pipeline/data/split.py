@@ -44,11 +44,12 @@ class SplitResult:
         return hashlib.sha256(json.dumps(self.digests, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_splits(cleaned: list[pd.DataFrame], spec: SplitSpec) -> SplitResult:
-    """``cleaned`` in drop-registration order; the first occurrence of a content hash wins across drops."""
+def build_splits(cleaned: list[pd.DataFrame], spec: SplitSpec, drops: list[str] | None = None) -> SplitResult:
+    """``cleaned`` in drop-registration order (``drops`` names them); the first occurrence of a content hash
+    wins across drops."""
     frames = [f for f in cleaned if not f.empty]
     if not frames:
-        raise ValueError("no cleaned rows: materialize cleaned_dataset for at least one drop first")
+        raise ValueError("no cleaned rows: materialize cleaned_dataset for at least one drop that passes its gates")
     allrows = pd.concat(frames, ignore_index=True)
     first = ~allrows.duplicated("content_hash", keep="first")
     kept = allrows[first].copy()
@@ -60,7 +61,7 @@ def build_splits(cleaned: list[pd.DataFrame], spec: SplitSpec) -> SplitResult:
     kept.loc[clash, "row_id"] = kept.loc[clash, "row_id"] + "@" + kept.loc[clash, "drop"]
     kept["split"] = [split_of(r, spec) for r in kept["row_id"]]
     out = {s: kept[kept["split"] == s].drop(columns="split").reset_index(drop=True) for s in SPLITS}
-    drops = list(dict.fromkeys(allrows["drop"]))
+    drops = list(drops) if drops is not None else list(dict.fromkeys(allrows["drop"]))
     return SplitResult(
         frames=out,
         cross_drop_duplicates=dup[["drop", "source_line", "row_id", "duplicate_of", "content_hash"]].reset_index(

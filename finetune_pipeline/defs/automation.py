@@ -1,18 +1,19 @@
 """Per-pipeline automation: a sensor on the incoming folder and a retraining schedule that skips unchanged data."""
 
-from __future__ import annotations
-
 import json
+from typing import Any
 
 import dagster as dg
 
 from finetune_pipeline.data.drops import scan_incoming
 from finetune_pipeline.data.split import training_fingerprint
 from finetune_pipeline.defs.common import drops_partitions, key
+from finetune_pipeline.defs.data_assets import usable_drops
+from finetune_pipeline.defs.resources import StateStore
 from finetune_pipeline.spec import LoadedSpec
 
 
-def build_sensor(spec: LoadedSpec, ingest_job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefinition:
+def build_sensor(spec: LoadedSpec, ingest_job: Any) -> dg.SensorDefinition:
     parts = drops_partitions(spec)
     src = spec.spec.source
     auto = spec.spec.automation
@@ -50,11 +51,10 @@ def build_sensor(spec: LoadedSpec, ingest_job: dg.UnresolvedAssetJobDefinition) 
     return incoming_sensor
 
 
-def current_fingerprint(instance: dg.DagsterInstance, spec: LoadedSpec) -> tuple[str, list[str]]:
-    """Fingerprint of the data the next training run would use: every cleaned drop, plus the spec."""
-    parts = drops_partitions(spec)
-    cleaned = instance.get_materialized_partitions(key(spec, "cleaned_dataset"))
-    drops = [d for d in instance.get_dynamic_partitions(parts.name) if d in cleaned]
+def current_fingerprint(instance: dg.DagsterInstance, state: StateStore, spec: LoadedSpec) -> tuple[str, list[str]]:
+    """Fingerprint of the data the next training run would use (the drops that passed their gates) and the spec.
+    dataset_splits records the same drops, and the adapter the same fingerprint."""
+    drops = usable_drops(state, spec, instance.get_dynamic_partitions(drops_partitions(spec).name))
     return training_fingerprint(drops, spec.spec_hash), drops
 
 
@@ -67,7 +67,7 @@ def last_trained_fingerprint(instance: dg.DagsterInstance, spec: LoadedSpec) -> 
     return str(v.value) if v is not None else None
 
 
-def build_schedule(spec: LoadedSpec, train_job: dg.UnresolvedAssetJobDefinition) -> dg.ScheduleDefinition | None:
+def build_schedule(spec: LoadedSpec, train_job: Any) -> dg.ScheduleDefinition | None:
     auto = spec.spec.automation
     if not auto.retrain_cron:
         return None
@@ -79,10 +79,12 @@ def build_schedule(spec: LoadedSpec, train_job: dg.UnresolvedAssetJobDefinition)
         default_status=dg.DefaultScheduleStatus.RUNNING if auto.schedule_enabled else dg.DefaultScheduleStatus.STOPPED,
         description="Retrains when the cleaned drops or the spec changed since the last adapter; skips otherwise.",
     )
-    def retrain_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
-        fp, drops = current_fingerprint(context.instance, spec)
+    def retrain_schedule(context: dg.ScheduleEvaluationContext, state: StateStore) -> dg.RunRequest | dg.SkipReason:
+        fp, drops = current_fingerprint(context.instance, state, spec)
         if not drops:
-            return dg.SkipReason("no cleaned drops yet: drop a data file into the incoming folder first")
+            return dg.SkipReason(
+                "no usable drops yet: drop a data file into the incoming folder (and let it pass its gates)"
+            )
         last = last_trained_fingerprint(context.instance, spec)
         if last == fp:
             return dg.SkipReason(

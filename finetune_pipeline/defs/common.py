@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -13,7 +15,18 @@ import pandas as pd
 from finetune_pipeline import __version__
 from finetune_pipeline.spec import LoadedSpec
 
-CODE_VERSION = __version__
+
+def _source_hash() -> str:
+    """Hash of the package's Python source: a code change invalidates cached sweeps, adapters and evaluations."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+CODE_VERSION = f"{__version__}+{_source_hash()}"
 
 
 def key(spec: LoadedSpec, name: str) -> dg.AssetKey:

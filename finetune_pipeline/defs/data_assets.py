@@ -7,7 +7,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from finetune_pipeline.data.clean import clean_file, frame_digest
+from finetune_pipeline.data.clean import clean_file, frame_digest, schema_problems, write_parquet_atomic
 from finetune_pipeline.data.drops import file_digest, find_drop
 from finetune_pipeline.data.split import SPLITS, build_splits, overlap_report
 from finetune_pipeline.defs.common import CODE_VERSION, drops_partitions, key, table
@@ -23,6 +23,11 @@ def raw_paths(state: StateStore, spec: LoadedSpec, drop: str) -> dict[str, Path]
         "quarantine": d / "quarantine" / f"{drop}.parquet",
         "duplicates": d / "duplicates" / f"{drop}.parquet",
     }
+
+
+def usable_drops(state: StateStore, spec: LoadedSpec, registered: list[str]) -> list[str]:
+    """Registered drops (in the order they arrived) whose cleaned rows passed their gates: what training uses."""
+    return [d for d in registered if raw_paths(state, spec, d)["kept"].exists()]
 
 
 def build_data_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
@@ -112,17 +117,20 @@ def build_data_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
                 f"raw_dataset for drop {drop} is missing at {p['raw']}: materialize raw_dataset first"
             )
         res = clean_file(p["raw"], drop, src, spec.spec.cleaning)
-        for name, df in (("kept", res.kept), ("quarantine", res.quarantine), ("duplicates", res.duplicates)):
-            p[name].parent.mkdir(parents=True, exist_ok=True)
-            df.to_parquet(p[name], index=False)
+        write_parquet_atomic(res.quarantine, p["quarantine"])
+        write_parquet_atomic(res.duplicates, p["duplicates"])
         context.log.info(
             f"{res.rows_in} rows in: {len(res.kept)} kept, {len(res.quarantine)} quarantined {res.reasons}, "
             f"{len(res.duplicates)} exact duplicates"
         )
-        schema_ok = all(
-            json.loads(m)[-1]["role"] == "assistant" and json.loads(m)[-1]["content"] for m in res.kept["messages"]
-        )
         limit = spec.spec.cleaning.max_rejection_rate
+        schema = schema_problems(res.kept)
+        gates_ok = res.accounted() and res.rejection_rate <= limit and not schema
+        if gates_ok:
+            write_parquet_atomic(res.kept, p["kept"])  # only a drop that passed its gates is used for training
+        else:
+            p["kept"].unlink(missing_ok=True)
+            context.log.warning(f"drop {drop} failed its quality gates: it is left out of dataset_splits")
         return dg.MaterializeResult(
             metadata={
                 "rows_in": res.rows_in,
@@ -136,6 +144,7 @@ def build_data_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
                 "quarantine_file": dg.MetadataValue.path(str(p["quarantine"])),
                 "dagster/row_count": len(res.kept),
                 "path": dg.MetadataValue.path(str(p["kept"])),
+                "used_for_training": gates_ok,
             },
             data_version=dg.DataVersion(frame_digest(res.kept, ["row_id", "content_hash"])),
             check_results=[
@@ -162,7 +171,11 @@ def build_data_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
                     else f"{res.rejection_rate:.1%} of rows quarantined > {limit:.1%}: inspect the quarantine "
                     "table, fix the file, or raise cleaning.max_rejection_rate",
                 ),
-                dg.AssetCheckResult(check_name="chat_schema", passed=bool(schema_ok)),
+                dg.AssetCheckResult(
+                    check_name="chat_schema",
+                    passed=not schema,
+                    metadata={"problems": dg.MetadataValue.json(schema[:20])},
+                ),
             ],
         )
 
@@ -183,22 +196,23 @@ def build_data_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
         description="All cleaned drops combined and deduplicated across drops, split into train/validation/test by row id.",
     )
     def dataset_splits(context: dg.AssetExecutionContext, state: StateStore) -> dg.MaterializeResult:
-        drops = context.instance.get_dynamic_partitions(parts.name)  # in the order they were added
-        frames, missing = [], []
-        for d in drops:
-            f = raw_paths(state, spec, d)["kept"]
-            if f.exists():
-                frames.append(pd.read_parquet(f))
-            else:
-                missing.append(d)
+        registered = context.instance.get_dynamic_partitions(parts.name)
+        drops = usable_drops(state, spec, registered)
+        frames = [pd.read_parquet(raw_paths(state, spec, d)["kept"]) for d in drops]
+        missing = [d for d in registered if d not in drops]
         if missing:
-            context.log.warning(f"drops registered but not cleaned yet (left out): {missing}")
-        res = build_splits(frames, spec.spec.split)
+            context.log.warning(f"drops not cleaned yet or blocked by their gates (left out): {missing}")
+        res = build_splits(frames, spec.spec.split, drops)
+        if res.frames["train"].empty:
+            raise ValueError(
+                f"the train split is empty ({sum(len(f) for f in res.frames.values())} rows in all): "
+                "add data or lower split.validation_fraction / split.test_fraction"
+            )
         out = state.pipeline_dir(spec.name) / "splits"
         out.mkdir(parents=True, exist_ok=True)
         for s in SPLITS:
-            res.frames[s].to_parquet(out / f"{s}.parquet", index=False)
-        res.cross_drop_duplicates.to_parquet(out / "cross_drop_duplicates.parquet", index=False)
+            write_parquet_atomic(res.frames[s], out / f"{s}.parquet")
+        write_parquet_atomic(res.cross_drop_duplicates, out / "cross_drop_duplicates.parquet")
         overlaps = overlap_report(res.frames)
         manifest = {
             "drops": res.drops,
@@ -218,7 +232,7 @@ def build_data_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
                 **{f"{s}_rows": len(res.frames[s]) for s in SPLITS},
                 **{f"{s}_digest": res.digests[s] for s in SPLITS},
                 "drops": dg.MetadataValue.json(res.drops),
-                "drops_not_cleaned": dg.MetadataValue.json(missing),
+                "drops_left_out": dg.MetadataValue.json(missing),
                 "cross_drop_duplicates": len(res.cross_drop_duplicates),
                 "overlap": dg.MetadataValue.json(overlaps),
                 "path": dg.MetadataValue.path(str(out)),

@@ -17,6 +17,16 @@ from finetune_pipeline.defs.resources import MlflowTracking, OptunaStorage, Stat
 from finetune_pipeline.spec import LoadedSpec
 
 
+def sweep_study(spec: LoadedSpec, manifest: dict[str, Any], base: dict[str, Any]) -> str:
+    """The Optuna study for the current data, base weights, code and settings (the sweep and adapter agree on it)."""
+    from finetune_pipeline.tuning.sweep import study_name
+
+    s = spec.spec
+    return study_name(
+        spec.name, content_key(manifest["version"], base["digest"], CODE_VERSION), s.sweep, s.model, s.training
+    )
+
+
 def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
     s = spec.spec
     k = {n: key(spec, n) for n in ("dataset_splits", "base_model", "hyperparameter_sweep", "adapter")}
@@ -68,7 +78,7 @@ def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
             context: dg.AssetExecutionContext, state: StateStore, mlflow_tracking: MlflowTracking, optuna: OptunaStorage
         ) -> dg.MaterializeResult:
             from finetune_pipeline.tracking import mlflow_store
-            from finetune_pipeline.tuning.sweep import run_sweep, study_name
+            from finetune_pipeline.tuning.sweep import run_sweep
 
             frames, manifest = read_splits(state, spec)
             base = read_base(state, spec)
@@ -76,7 +86,7 @@ def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
             exp = mlflow_store.experiment_id(spec.name, art)
             lin = lineage(context, spec)
             best_file = state.pipeline_dir(spec.name) / "sweep" / "best.json"
-            name = study_name(spec.name, content_key(manifest["version"], base["digest"]), s.sweep, s.model, s.training)
+            name = sweep_study(spec, manifest, base)
             done = json.loads(best_file.read_text()) if best_file.exists() else {}
             if done.get("study") == name:
                 context.log.info(
@@ -104,7 +114,7 @@ def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
                     train_messages=list(frames["train"]["messages"]),
                     val_messages=list(frames["validation"]["messages"]),
                     storage_uri=optuna.uri_for(state),
-                    data_digest=content_key(manifest["version"], base["digest"]),
+                    data_digest=content_key(manifest["version"], base["digest"], CODE_VERSION),
                     work_dir=state.pipeline_dir(spec.name) / "sweep",
                     log=logger(context),
                     mlflow_experiment=exp,
@@ -161,14 +171,21 @@ def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
         best = {}
         sweep_run = ""
         if s.sweep.enabled:
-            sb = json.loads((state.pipeline_dir(spec.name) / "sweep" / "best.json").read_text())
+            best_file = state.pipeline_dir(spec.name) / "sweep" / "best.json"
+            current = sweep_study(spec, manifest, base)
+            sb = json.loads(best_file.read_text()) if best_file.exists() else {}
+            if sb.get("study") != current:
+                raise dg.Failure(
+                    f"no finished sweep for the current data and settings (study {current}); "
+                    f"materialize {spec.name}/hyperparameter_sweep first"
+                )
             best, sweep_run = sb["best_params"], sb["mlflow_run_id"]
         params = effective_params(s.training, s.model, best)
         adapter_key = content_key(
             manifest["version"],
             base["digest"],
             s.model.model_dump(mode="json"),
-            s.training.model_dump(mode="json"),
+            s.training.model_dump(mode="json", exclude={"logging_steps"}),
             params,
             CODE_VERSION,
         )

@@ -34,14 +34,15 @@ class ProvisionedModel:
 
 
 def _weights_digest(folder: Path) -> str:
+    """sha256 over the weights, config, tokenizer and chat template: what the model computes and how it is prompted."""
     h = hashlib.sha256()
-    for f in sorted(folder.glob("*.safetensors")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}".encode())
-        with f.open("rb") as fh:  # head and tail: cheap, and changes whenever the weights do in practice
-            h.update(fh.read(1 << 20))
-            fh.seek(max(0, st.st_size - (1 << 20)))
-            h.update(fh.read())
+    names = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+    files = sorted(folder.glob("*.safetensors")) + [folder / n for n in names if (folder / n).exists()]
+    for f in files:
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
     return h.hexdigest()[:16]
 
 

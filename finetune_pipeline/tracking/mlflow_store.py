@@ -177,6 +177,31 @@ def promote(
     )
 
 
+RELOAD_TAG = "finetune.reload_max_logit_diff"
+
+
+def reload_diff(registered_name: str, version: str) -> float | None:
+    """The recorded round-trip result of a version, if it was verified already."""
+    from mlflow import MlflowClient
+
+    raw = MlflowClient().get_model_version(registered_name, version).tags.get(RELOAD_TAG)
+    return float(raw) if raw is not None else None
+
+
+def verify_reload(registered_name: str, version: str, reference: Any) -> float:
+    """Load the version back from the registry, compare its logits with ``reference`` (the model as trained),
+    and record the largest absolute difference on the version."""
+    import mlflow.transformers
+    from mlflow import MlflowClient
+
+    from finetune_pipeline.models.merge import max_logit_diff
+
+    parts = mlflow.transformers.load_model(f"models:/{registered_name}/{version}", return_type="components")
+    diff = max_logit_diff(reference, parts["model"], parts["tokenizer"])
+    MlflowClient().set_model_version_tag(registered_name, version, RELOAD_TAG, repr(diff))
+    return diff
+
+
 def find_version_by_tag(registered_name: str, tag: str, value: str) -> Any | None:
     """An existing version of the model carrying ``tag=value`` (so re-runs do not register duplicates)."""
     from mlflow import MlflowClient

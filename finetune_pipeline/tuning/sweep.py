@@ -33,9 +33,17 @@ class SweepResult:
     trials: list[dict[str, Any]]
 
 
+TRIAL_OVERRIDES = {"max_steps", "eval_steps", "logging_steps"}  # set by the sweep itself, not part of its identity
+
+
 def study_name(pipeline: str, data_digest: str, sweep: SweepSpec, model: ModelSpec, training: TrainingSpec) -> str:
     blob = json.dumps(
-        [sweep.model_dump(mode="json"), model.model_dump(mode="json"), training.model_dump(mode="json")], sort_keys=True
+        [
+            sweep.model_dump(mode="json"),
+            model.model_dump(mode="json"),
+            training.model_dump(mode="json", exclude=TRIAL_OVERRIDES),
+        ],
+        sort_keys=True,
     )
     return f"{pipeline}-{data_digest}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
