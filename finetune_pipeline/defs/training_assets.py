@@ -17,14 +17,17 @@ from finetune_pipeline.defs.resources import MlflowTracking, OptunaStorage, Stat
 from finetune_pipeline.spec import LoadedSpec
 
 
+def sweep_inputs_digest(manifest: dict[str, Any], base: dict[str, Any]) -> str:
+    """What a sweep's trials depend on besides the settings: the splits, the base weights and the code."""
+    return content_key(manifest["version"], base["digest"], CODE_VERSION)
+
+
 def sweep_study(spec: LoadedSpec, manifest: dict[str, Any], base: dict[str, Any]) -> str:
     """The Optuna study for the current data, base weights, code and settings (the sweep and adapter agree on it)."""
     from finetune_pipeline.tuning.sweep import study_name
 
     s = spec.spec
-    return study_name(
-        spec.name, content_key(manifest["version"], base["digest"], CODE_VERSION), s.sweep, s.model, s.training
-    )
+    return study_name(spec.name, sweep_inputs_digest(manifest, base), s.sweep, s.model, s.training)
 
 
 def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
@@ -114,7 +117,7 @@ def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
                     train_messages=list(frames["train"]["messages"]),
                     val_messages=list(frames["validation"]["messages"]),
                     storage_uri=optuna.uri_for(state),
-                    data_digest=content_key(manifest["version"], base["digest"], CODE_VERSION),
+                    data_digest=sweep_inputs_digest(manifest, base),
                     work_dir=state.pipeline_dir(spec.name) / "sweep",
                     log=logger(context),
                     mlflow_experiment=exp,
