@@ -13,25 +13,6 @@ def state_root() -> Path:
     return Path(os.environ.get(STATE_ENV) or ".finetune").expanduser().resolve()
 
 
-def pipeline_dir(pipeline: str) -> Path:
-    """Folder for one pipeline's datasets, adapters and reports."""
-    return state_root() / "pipelines" / pipeline
-
-
 def models_dir() -> Path:
     """Folder for provisioned base models (safetensors folders)."""
     return state_root() / "models"
-
-
-def mlflow_tracking_uri() -> str:
-    """Default MLflow tracking store: SQLite under the state root."""
-    return f"sqlite:///{state_root() / 'mlflow' / 'mlflow.db'}"
-
-
-def mlflow_artifact_root() -> Path:
-    return state_root() / "mlflow" / "artifacts"
-
-
-def optuna_storage_uri() -> str:
-    """Default Optuna storage: SQLite under the state root."""
-    return f"sqlite:///{state_root() / 'optuna' / 'optuna.db'}"

@@ -99,7 +99,7 @@ def build_release_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
                 run_id = r.info.run_id
             (edir / "eval_run_id").write_text(run_id)
             (edir / "adapter_key").write_text(str(adapter_key))
-        md = render_markdown(report, f"{spec.name}: base vs tuned")
+        md = (edir / "report.md").read_text()
         gain = report.primary_improvement
         passed = gain == gain and gain >= gate
         return dg.MaterializeResult(

@@ -61,7 +61,3 @@ def evaluate(
         tuned = _outputs(base_path, model, tuned_path, rows, spec, log)
     extra = lambda o: {"perplexity": o.perplexity, "eos_rate": sum(o.eos_reached) / len(o.eos_reached)}  # noqa: E731
     return build_report(spec, refs, prompts, base.predictions, tuned.predictions, extra(base), extra(tuned))
-
-
-def load_report(path: Path) -> EvalReport:
-    return EvalReport.from_json(path.read_text())

@@ -74,10 +74,6 @@ def run(experiment: str, run_name: str, lineage: Lineage, nested: bool = False, 
         yield r
 
 
-def run_url(tracking_ui: str | None, experiment: str, run_id: str) -> str | None:
-    return f"{tracking_ui.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}" if tracking_ui else None
-
-
 def log_dataset(df: pd.DataFrame, name: str, digest: str, source: str, context: str) -> None:
     """Record a dataset input on the active run, with the same digest as the Dagster data version."""
     import mlflow
