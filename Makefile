@@ -9,7 +9,7 @@ export FINETUNE_HOME        ?= $(CURDIR)/.finetune
 export DAGSTER_HOME         ?= $(CURDIR)
 export FINETUNE_DAGSTER_DIR ?= $(FINETUNE_HOME)/dagster
 
-.PHONY: setup demo test dev mlflow-ui validate bench clean-state
+.PHONY: setup demo test dev mlflow-ui validate bench-data clean-state
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ dev: setup  ## Dagster UI on http://127.0.0.1:3000 (daemon included: sensor and 
 
 mlflow-ui: setup  ## MLflow UI on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(FINETUNE_HOME)/mlflow/mlflow.db -h 127.0.0.1 -p 5000
+
+bench-data: setup  ## data layer on 1M generated rows vs the per-row loop and datasketch (writes .finetune/bench/data_bench.json)
+	$(BIN)/python bench/data_bench.py --rows $(or $(ROWS),1000000)
 
 clean-state:  ## forget everything the pipelines produced (keeps data/ and the venv)
 	rm -rf $(FINETUNE_HOME)

@@ -41,18 +41,50 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+RECORD_FORMATS = ("chat", "sharegpt", "alpaca", "prompt_completion", "text")
+FILE_FORMATS = ("jsonl", "json", "csv", "parquet")
+
+
+class ColumnMap(_Strict):
+    """Names of the fields in the dropped files, per record format (defaults follow the common conventions)."""
+
+    messages: str = Field("messages", description="chat: list of {role, content} messages.")
+    role: str = Field("role", description="chat: key of a message's role (system, user, assistant).")
+    content: str = Field("content", description="chat: key of a message's text.")
+    conversations: str = Field("conversations", description="sharegpt: list of {from, value} turns.")
+    sharegpt_role: str = Field("from", description="sharegpt: key of a turn's speaker (human, gpt, system, ...).")
+    sharegpt_content: str = Field("value", description="sharegpt: key of a turn's text.")
+    instruction: str = Field("instruction", description="alpaca: the instruction.")
+    input: str = Field("input", description="alpaca: optional input appended to the instruction.")
+    output: str = Field("output", description="alpaca: the answer to learn.")
+    system: str = Field("system", description="alpaca / prompt_completion: optional system prompt.")
+    prompt: str = Field("prompt", description="prompt_completion: the prompt.")
+    completion: str = Field("completion", description="prompt_completion: the answer to learn.")
+    text: str = Field("text", description="text: plain text (continued pre-training style, no prompt).")
+    id: str | None = Field("id", description="Stable row id; rows without one get a hash of their content as id.")
+    label: str | None = Field(None, description="Label column (for stratified splits and the label-mix drift).")
+    timestamp: str | None = Field(None, description="Timestamp column (ISO 8601 or epoch seconds; temporal splits).")
+
+
 class SourceSpec(_Strict):
     incoming_dir: str = Field(
         description="Folder watched for new data files; each file becomes one partition of raw_dataset. "
         "Relative paths are resolved against the spec file's folder."
     )
-    file_format: Literal["jsonl"] = Field("jsonl", description="File format of the dropped files (JSON Lines).")
-    record_format: Literal["chat"] = Field(
-        "chat", description="Record format: 'chat' = a list of {role, content} messages ending with an assistant turn."
+    file_format: Literal["auto", "jsonl", "json", "csv", "parquet"] = Field(
+        "auto",
+        description="File format: jsonl, json (an array, or an object holding one), csv, parquet; "
+        "auto = by extension (.jsonl/.ndjson, .json, .csv, .parquet/.pq).",
     )
-    messages_field: str = Field("messages", description="Column holding the chat messages.")
-    id_field: str | None = Field(
-        "id", description="Column holding a stable row id; rows without one get a content hash as id."
+    record_format: Literal["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
+        "auto",
+        description="Record format: chat (role/content messages), sharegpt (from/value conversations), alpaca "
+        "(instruction/input/output), prompt_completion, text; auto = detected from the fields of the first records "
+        "(the run log says what it found; when unsure it asks for this field).",
+    )
+    columns: ColumnMap = Field(default_factory=ColumnMap, description="Field names in the files (column mapping).")
+    json_records_key: str | None = Field(
+        None, description="json files holding an object: the key of the list of records (auto when only one list)."
     )
     file_glob: str = Field("*.jsonl", description="Glob selecting data files inside incoming_dir.")
     settle_seconds: float = Field(
@@ -60,16 +92,52 @@ class SourceSpec(_Strict):
     )
 
 
+class QualitySpec(_Strict):
+    enabled: bool = Field(True, description="Score every row and quarantine those below min_score.")
+    min_score: float = Field(
+        0.5, ge=0, le=1, description="Rows scoring below this are quarantined (reason low_quality)."
+    )
+    markers: list[str] = Field(
+        default_factory=lambda: ["I cannot", "I can't", "As an AI", "TODO", "FIXME", "lorem ipsum"],
+        description="Refusal / placeholder markers searched (case-insensitive) in the assistant answers.",
+    )
+
+
 class CleaningSpec(_Strict):
-    normalize_whitespace: bool = Field(True, description="Strip and collapse runs of spaces/tabs in every message.")
+    normalize_whitespace: bool = Field(
+        True, description="CRLF to LF, collapse runs of spaces/tabs, trim spaces around line breaks and the ends."
+    )
     min_assistant_chars: int = Field(1, ge=0, description="Reject rows whose final assistant answer is shorter.")
+    min_total_chars: int = Field(0, ge=0, description="Reject rows whose messages together are shorter.")
     max_total_chars: int = Field(20_000, gt=0, description="Reject rows whose messages together are longer.")
+    min_tokens: int | None = Field(
+        None, ge=0, description="Reject rows with fewer tokens (base model's tokenizer, chat template applied)."
+    )
+    max_tokens: int | None = Field(
+        None, gt=0, description="Reject rows with more tokens (base model's tokenizer, chat template applied)."
+    )
+    quality: QualitySpec = Field(default_factory=QualitySpec, description="Quality score and its threshold.")
     max_rejection_rate: float = Field(
         0.05, ge=0, le=1, description="Blocking check: fraction of a drop's rows that may be quarantined."
     )
 
 
+class DedupSpec(_Strict):
+    near: bool = Field(True, description="Remove near-duplicates (MinHash LSH) within and across drops.")
+    near_threshold: float = Field(
+        0.8, gt=0, le=1, description="Word n-gram Jaccard similarity at or above which two rows are near-duplicates."
+    )
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
+    ngram: int = Field(3, ge=1, le=10, description="Word n-gram (shingle) size.")
+
+
 class SplitSpec(_Strict):
+    method: Literal["random", "stratified", "temporal"] = Field(
+        "random",
+        description="random: by a hash of (salt, row id); stratified: each label keeps the fractions "
+        "(source.columns.label); temporal: the newest rows of each drop go to test, then validation "
+        "(source.columns.timestamp). In every method a row's split never changes once assigned.",
+    )
     validation_fraction: float = Field(0.1, ge=0, lt=1, description="Share of rows assigned to validation.")
     test_fraction: float = Field(0.1, gt=0, lt=1, description="Share of rows assigned to test.")
     salt: str = Field(
@@ -81,6 +149,20 @@ class SplitSpec(_Strict):
         if self.validation_fraction + self.test_fraction >= 1:
             raise ValueError("validation_fraction + test_fraction must be < 1 so that rows remain for training")
         return self
+
+
+class DriftSpec(_Strict):
+    enabled: bool = Field(True, description="Compare each new drop with the current training split.")
+    warn_threshold: float = Field(
+        0.25, ge=0, le=1, description="The drift check warns when the drop's drift score reaches this."
+    )
+    retrain_threshold: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="When set, the retraining schedule retrains only when a new drop's drift score reaches this "
+        "(instead of on any new data).",
+    )
 
 
 class LoraSpec(_Strict):
@@ -224,7 +306,9 @@ class PipelineSpec(_Strict):
     description: str = Field("", description="What this pipeline fine-tunes for.")
     source: SourceSpec = Field(description="Where data comes from and how it is shaped.")
     cleaning: CleaningSpec = Field(default_factory=CleaningSpec, description="Row validation and cleaning rules.")
+    dedup: DedupSpec = Field(default_factory=DedupSpec, description="Exact and near-duplicate removal.")
     split: SplitSpec = Field(default_factory=SplitSpec, description="Train/validation/test split.")
+    drift: DriftSpec = Field(default_factory=DriftSpec, description="Drift of new drops against the training split.")
     model: ModelSpec = Field(default_factory=ModelSpec, description="Base model and fine-tuning method.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Trainer settings (trl SFTConfig).")
     sweep: SweepSpec = Field(default_factory=SweepSpec, description="Optuna hyperparameter search.")
@@ -236,6 +320,13 @@ class PipelineSpec(_Strict):
     def _sweep_needs_validation(self) -> PipelineSpec:
         if self.sweep.enabled and self.split.validation_fraction == 0:
             raise ValueError("sweep.enabled scores trials on the validation split: set split.validation_fraction > 0")
+        if self.split.method == "stratified" and not self.source.columns.label:
+            raise ValueError("split.method stratified needs source.columns.label (the label column)")
+        if self.split.method == "temporal" and not self.source.columns.timestamp:
+            raise ValueError("split.method temporal needs source.columns.timestamp (the timestamp column)")
+        c = self.cleaning
+        if c.min_tokens is not None and c.max_tokens is not None and c.min_tokens > c.max_tokens:
+            raise ValueError("cleaning.min_tokens must be <= cleaning.max_tokens")
         return self
 
     @field_validator("name")

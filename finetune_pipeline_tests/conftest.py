@@ -40,3 +40,13 @@ def write_jsonl(path: Path, rows: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
+
+
+def make_spec(**sections: dict):  # type: ignore[no-untyped-def]
+    """A PipelineSpec with test defaults; ``sections`` override whole spec sections (source, cleaning, ...)."""
+    from finetune_pipeline.spec import PipelineSpec
+
+    raw = {"name": "t", "source": {"incoming_dir": "in"}, "registry": {"model_name": "m"}}
+    for k, v in sections.items():
+        raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
+    return PipelineSpec.model_validate(raw)

@@ -126,7 +126,7 @@ def test_ingest_job_and_schedule_skip_until_data_changes(tmp_path: Path) -> None
         assert (md["rows_in"].value, md["kept"].value, md["quarantined"].value) == (21, 20, 1)
         assert md["rejection_reasons"].value == {"invalid_json": 1}
         checks = {c.check_name: c.passed for c in res.get_asset_check_evaluations()}
-        assert checks == {"rows_accounted": True, "rejection_rate": True, "chat_schema": True}  # 1/21 < 5%
+        assert checks == {"rows_accounted": True, "rejection_rate": True, "chat_schema": True, "drift": True}
         tick = schedule.evaluate_tick(
             dg.build_schedule_context(instance=instance, resources={"state": StateStore(root=str(tmp_path / "state"))})
         )
@@ -170,3 +170,67 @@ def test_rejection_gate_blocks_a_bad_drop(tmp_path: Path) -> None:
         assert not raw_paths(state, spec, drop_key(f))["kept"].exists()
         assert usable_drops(state, spec, [drop_key(f)]) == []
         assert raw_paths(state, spec, drop_key(f))["quarantine"].exists()
+
+
+def _words_row(i: int, vocab: list[str], n: int) -> dict:
+    import random
+
+    r = random.Random(i)
+    q = " ".join(r.choice(vocab) for _ in range(n))
+    return {
+        "id": f"w{i}",
+        "messages": [{"role": "user", "content": q + "?"}, {"role": "assistant", "content": "Noted."}],
+    }
+
+
+def test_drift_check_warns_and_the_schedule_retrains_only_on_drift(tmp_path: Path) -> None:
+    """A drop like the training data passes the drift check and (with drift.retrain_threshold) does not trigger
+    retraining; a drop of other words and lengths warns (without failing the run) and does."""
+    from finetune_pipeline.defs.automation import current_fingerprint
+    from finetune_pipeline.defs.resources import StateStore
+
+    text = f"""
+name: watch
+source: {{incoming_dir: {tmp_path / "incoming"}, settle_seconds: 0}}
+registry: {{model_name: watch-model}}
+drift: {{warn_threshold: 0.3, retrain_threshold: 0.5}}
+"""
+    spec = parse_spec(text, path=tmp_path / "watch.yaml")
+    defs = _defs(spec, tmp_path)
+    state = StateStore(root=str(tmp_path / "state"))
+    common = [f"alpha{i}" for i in range(300)]
+    other = [f"omega{i}" for i in range(300)]
+    a = write_jsonl(tmp_path / "incoming" / "a.jsonl", [_words_row(i, common, 12) for i in range(200)])
+    b = write_jsonl(tmp_path / "incoming" / "b.jsonl", [_words_row(i, common, 12) for i in range(200, 300)])
+    c = write_jsonl(tmp_path / "incoming" / "c.jsonl", [_words_row(i, other, 40) for i in range(300, 400)])
+    ingest = [x for x in defs.assets if x.key.path[-1] in ("raw_dataset", "cleaned_dataset")]
+    splits = [x for x in defs.assets if x.key.path[-1] == "dataset_splits"]
+    schedule = defs.resolve_schedule_def("watch_retrain_schedule")
+
+    def tick(instance):  # type: ignore[no-untyped-def]
+        return schedule.evaluate_tick(dg.build_schedule_context(instance=instance, resources={"state": state}))
+
+    with _instance(tmp_path) as instance:
+        for f in (a, b, c):
+            instance.add_dynamic_partitions("watch_drops", [drop_key(f)])
+        assert dg.materialize(ingest, partition_key=drop_key(a), instance=instance, resources={"state": state}).success
+        res = dg.materialize(splits, instance=instance, resources={"state": state}, selection=splits)
+        assert res.success
+        checks = {x.check_name: x.passed for x in res.get_asset_check_evaluations()}
+        assert checks == {"no_split_overlap": True, "no_test_leak": True}
+        fp, _ = current_fingerprint(instance, state, spec)
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(asset_key=dg.AssetKey(["watch", "adapter"]), metadata={"training_fingerprint": fp})
+        )
+        res_b = dg.materialize(ingest, partition_key=drop_key(b), instance=instance, resources={"state": state})
+        drift_b = next(x for x in res_b.get_asset_check_evaluations() if x.check_name == "drift")
+        assert drift_b.passed and drift_b.metadata["score"].value < 0.3
+        assert "does not drift enough" in tick(instance).skip_message
+        res_c = dg.materialize(ingest, partition_key=drop_key(c), instance=instance, resources={"state": state})
+        assert res_c.success  # a warning, not a blocking failure
+        drift_c = next(x for x in res_c.get_asset_check_evaluations() if x.check_name == "drift")
+        assert not drift_c.passed and drift_c.severity == dg.AssetCheckSeverity.WARN
+        assert drift_c.metadata["vocabulary"].value > 0.8
+        mat = next(m for m in res_c.get_asset_materialization_events() if m.asset_key.path[-1] == "cleaned_dataset")
+        assert mat.materialization.metadata["drift"].value["score"] >= 0.5
+        assert len(tick(instance).run_requests) == 1

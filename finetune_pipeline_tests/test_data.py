@@ -10,11 +10,10 @@ from hypothesis import strategies as st
 from finetune_pipeline.data.clean import clean_file, frame_digest
 from finetune_pipeline.data.demo_tickets import write_demo_drops
 from finetune_pipeline.data.split import build_splits, overlap_report, split_of, training_fingerprint
-from finetune_pipeline.spec import CleaningSpec, SourceSpec, SplitSpec
-from finetune_pipeline_tests.conftest import chat_row, write_jsonl
+from finetune_pipeline.spec import SplitSpec
+from finetune_pipeline_tests.conftest import chat_row, make_spec, write_jsonl
 
-SRC = SourceSpec(incoming_dir="in")
-CLEAN = CleaningSpec()
+SPEC = make_spec()
 
 
 def test_every_fault_is_quarantined_with_reason_and_line(tmp_path: Path) -> None:
@@ -22,7 +21,7 @@ def test_every_fault_is_quarantined_with_reason_and_line(tmp_path: Path) -> None
     rows = [
         good,
         '{"id": "cut", "messages": [{"role": "user"',  # line 2: truncated JSON
-        {"id": "x", "prompt": "p", "completion": "c"},  # 3: no messages
+        {"id": "x", "prompt": "p", "completion": "c"},  # 3: another record format
         {"id": "e", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]},  # 4
         {"id": "n", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]},  # 5
         {"id": "u", "messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]},  # 6
@@ -35,11 +34,11 @@ def test_every_fault_is_quarantined_with_reason_and_line(tmp_path: Path) -> None
     f = write_jsonl(tmp_path / "d.jsonl", rows)
     with f.open("ab") as fh:
         fh.write(b'{"id": "bin", "messages": "\xff\xfe"}\n')  # 12: not UTF-8
-    res = clean_file(f, "drop1", SRC, CLEAN)
+    res = clean_file(f, "drop1", SPEC)
     by_line = dict(zip(res.quarantine["source_line"], res.quarantine["reason"], strict=True))
     assert by_line == {
         2: "invalid_json",
-        3: "missing_field",
+        3: "mixed_format",
         4: "empty_assistant",
         5: "null_content",
         6: "no_final_assistant",
@@ -55,6 +54,8 @@ def test_every_fault_is_quarantined_with_reason_and_line(tmp_path: Path) -> None
         "row_id": "r1",
         "duplicate_of": "r1",
         "content_hash": res.kept["content_hash"][0],
+        "kind": "exact",
+        "similarity": 1.0,
     }
     assert res.blank_lines == 1 and res.rows_in == 11 and res.accounted()
     assert "robot" in res.quarantine.set_index("source_line").loc[7, "detail"]
@@ -64,7 +65,7 @@ def test_bom_whitespace_and_missing_id(tmp_path: Path) -> None:
     row = {"messages": [{"role": "user", "content": "  hello \t  world  "}, {"role": "assistant", "content": "ok  "}]}
     f = tmp_path / "b.jsonl"
     f.write_bytes(b"\xef\xbb\xbf" + json.dumps(row).encode() + b"\n")
-    res = clean_file(f, "d", SRC, CLEAN)
+    res = clean_file(f, "d", SPEC)
     msgs = json.loads(res.kept["messages"][0])
     assert msgs[0]["content"] == "hello world" and msgs[1]["content"] == "ok"
     assert res.kept["row_id"][0] == res.kept["content_hash"][0][:16]
@@ -72,7 +73,7 @@ def test_bom_whitespace_and_missing_id(tmp_path: Path) -> None:
 
 def test_length_rule(tmp_path: Path) -> None:
     f = write_jsonl(tmp_path / "l.jsonl", [chat_row(1, answer="x" * 500)])
-    res = clean_file(f, "d", SRC, CleaningSpec(max_total_chars=100))
+    res = clean_file(f, "d", make_spec(cleaning={"max_total_chars": 100}))
     assert list(res.quarantine["reason"]) == ["too_long"]
 
 
@@ -80,7 +81,7 @@ def test_demo_drops_clean_within_limits(tmp_path: Path) -> None:
     paths = write_demo_drops(tmp_path)
     total_kept = 0
     for p in paths:
-        res = clean_file(p, p.stem, SRC, CleaningSpec(max_rejection_rate=0.02))
+        res = clean_file(p, p.stem, make_spec(cleaning={"max_rejection_rate": 0.02}))
         assert res.accounted()
         assert 0 < res.rejection_rate <= 0.02
         assert len(res.duplicates) > 0

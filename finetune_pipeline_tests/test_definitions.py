@@ -36,6 +36,7 @@ def test_two_specs_two_independent_groups(tmp_path: Path) -> None:
         "raw_dataset",
         "cleaned_dataset",
         "dataset_splits",
+        "token_stats",
         "base_model",
         "adapter",
         "eval_report",
@@ -57,6 +58,9 @@ def test_two_specs_two_independent_groups(tmp_path: Path) -> None:
         "rejection_rate",
         "chat_schema",
         "no_split_overlap",
+        "no_test_leak",
+        "drift",
+        "few_truncated",
         "tuned_beats_base",
         "reload_same_logits",
     } == checks

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import dagster as dg
@@ -218,7 +219,9 @@ def test_unchanged_data_does_not_retrain_and_new_drop_triggers_schedule(trained:
     assert len(client.search_model_versions("name = 'mini-model'")) == 1
 
     defs = build_definitions(Path(env["env"]["FINETUNE_SPECS"]))
-    schedule = defs.resolve_schedule_def("mini_retrain_schedule")
+    # resolve with a live instance in Dagster's context variable (one left by an earlier test may be collected)
+    with tempfile.TemporaryDirectory() as tmp, dg.instance_for_test(temp_dir=tmp):
+        schedule = defs.resolve_schedule_def("mini_retrain_schedule")
     tick = schedule.evaluate_tick(dg.build_schedule_context(instance=instance, resources={"state": StateStore()}))
     assert not tick.run_requests and "unchanged" in tick.skip_message
 

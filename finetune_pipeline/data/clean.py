@@ -1,36 +1,43 @@
-"""Parse a dropped file, normalise every row to one chat schema, validate, dedup exactly, quarantine the rest.
+"""Clean one dropped file: read any format, normalise to one chat schema, validate, score, dedup, quarantine the rest.
 
-Nothing is lost: every non-blank line ends up kept, quarantined (with a machine-readable reason and its
-source line) or deduplicated (with the row it duplicated), so ``rows_in = kept + quarantined + deduplicated``.
+Nothing is lost: every record ends up kept, quarantined (with a machine-readable reason, a detail and its
+source line) or deduplicated (with the row it matched, exactly or as a near-duplicate), so
+``rows_in = kept + quarantined + deduplicated``. A file that cannot be read at all becomes one quarantine
+entry whose detail names the file and the fix.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 
-from finetune_pipeline.spec import CleaningSpec, SourceSpec
+from finetune_pipeline.data import dedup, normalize, quality
+from finetune_pipeline.data.formats import RAW_PREVIEW_CHARS, FileProblem, Reject, read_file
+from finetune_pipeline.spec import PipelineSpec
 
-ROLES = ("system", "user", "assistant")
-RAW_PREVIEW_CHARS = 2000
-_SPACES = re.compile(r"[ \t]+")
-
-KEPT_COLUMNS = ["row_id", "messages", "content_hash", "prompt_hash", "drop", "source_line"]
+KEPT_COLUMNS = [
+    "row_id",
+    "messages",
+    "content_hash",
+    "prompt_hash",
+    "drop",
+    "source_line",
+    "label",
+    "timestamp",
+    "n_messages",
+    "chars",
+    "quality",
+    "tokens",
+]
 QUARANTINE_COLUMNS = ["drop", "source_line", "reason", "detail", "raw"]
-DUPLICATE_COLUMNS = ["drop", "source_line", "row_id", "duplicate_of", "content_hash"]
-
-
-class RowRejected(ValueError):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
+DUPLICATE_COLUMNS = ["drop", "source_line", "row_id", "duplicate_of", "content_hash", "kind", "similarity"]
 
 
 @dataclass
@@ -41,6 +48,10 @@ class CleanResult:
     rows_in: int
     blank_lines: int
     reasons: dict[str, int] = field(default_factory=dict)
+    file_format: str = ""
+    record_format: str = ""
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def rejection_rate(self) -> float:
@@ -49,137 +60,242 @@ class CleanResult:
     def accounted(self) -> bool:
         return self.rows_in == len(self.kept) + len(self.quarantine) + len(self.duplicates)
 
-
-def _normalise_text(text: str, collapse: bool) -> str:
-    if not collapse:
-        return text
-    lines = [_SPACES.sub(" ", ln).strip() for ln in text.replace("\r\n", "\n").split("\n")]
-    return "\n".join(lines).strip()
-
-
-def normalise_messages(record: Any, source: SourceSpec, cleaning: CleaningSpec) -> list[dict[str, str]]:
-    """Return the record's messages as [{role, content}], or raise RowRejected with the reason."""
-    if not isinstance(record, dict):
-        raise RowRejected("not_an_object", f"expected a JSON object, got {type(record).__name__}")
-    if source.messages_field not in record:
-        raise RowRejected(
-            "missing_field", f"field '{source.messages_field}' is missing (set source.messages_field in the spec)"
-        )
-    raw_msgs = record[source.messages_field]
-    if not isinstance(raw_msgs, list) or not raw_msgs:
-        raise RowRejected("messages_not_list", f"'{source.messages_field}' must be a non-empty list of messages")
-    msgs: list[dict[str, str]] = []
-    for i, m in enumerate(raw_msgs):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise RowRejected("bad_message", f"message {i} must be an object with 'role' and 'content'")
-        role, content = m["role"], m["content"]
-        if role not in ROLES:
-            raise RowRejected("unknown_role", f"message {i} has role {role!r}; allowed: {', '.join(ROLES)}")
-        if content is None:
-            raise RowRejected("null_content", f"message {i} ({role}) has null content")
-        if not isinstance(content, str):
-            raise RowRejected("bad_message", f"message {i} ({role}) content must be a string")
-        msgs.append({"role": role, "content": _normalise_text(content, cleaning.normalize_whitespace)})
-    if msgs[-1]["role"] != "assistant":
-        raise RowRejected("no_final_assistant", "the last message must be the assistant's answer to learn from")
-    if not any(m["role"] == "user" for m in msgs):
-        raise RowRejected("no_user_turn", "the conversation has no user message")
-    if len(msgs[-1]["content"]) < max(cleaning.min_assistant_chars, 1):
-        reason = "empty_assistant" if not msgs[-1]["content"] else "assistant_too_short"
-        raise RowRejected(reason, f"the final assistant answer has {len(msgs[-1]['content'])} characters")
-    total = sum(len(m["content"]) for m in msgs)
-    if total > cleaning.max_total_chars:
-        raise RowRejected("too_long", f"{total} characters > cleaning.max_total_chars={cleaning.max_total_chars}")
-    return msgs
+    @property
+    def near_duplicates(self) -> int:
+        return int((self.duplicates["kind"] == "near").sum()) if len(self.duplicates) else 0
 
 
 def content_hash(messages: list[dict[str, str]]) -> str:
-    return hashlib.sha256(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+    """The hash clean_file gives a row's canonical messages (used by tests and tools that build rows by hand)."""
+    return str(normalize.hash_strings(pa.array([json.dumps(messages, ensure_ascii=False)]))[0])
 
 
-def clean_file(path: Path, drop: str, source: SourceSpec, cleaning: CleaningSpec) -> CleanResult:
-    """Parse and clean one JSONL drop file. Never raises for bad rows; each goes to the quarantine."""
-    kept: list[dict[str, Any]] = []
-    quarantine: list[dict[str, Any]] = []
-    duplicates: list[dict[str, Any]] = []
-    seen: dict[str, str] = {}
-    rows_in = blank = 0
-    data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    lines = data.split(b"\n")
-    if lines and not lines[-1]:
-        lines.pop()  # the newline that ends the last line does not start another one
-    for lineno, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            blank += 1
+def _row_preview(table: pa.Table, positions: np.ndarray) -> list[str]:
+    rows = table.take(pa.array(positions)).drop_columns(["_line"]).to_pylist()
+    return [
+        json.dumps({k: v for k, v in r.items() if v is not None}, ensure_ascii=False)[:RAW_PREVIEW_CHARS] for r in rows
+    ]
+
+
+def parse_timestamps(values: pd.Series) -> pd.Series:
+    """ISO 8601 strings or epoch seconds to UTC timestamps; NaT where neither parses."""
+    s = values.astype("string")
+    num = pd.to_numeric(s, errors="coerce")
+    out = pd.to_datetime(s.where(num.isna()), utc=True, errors="coerce", format="ISO8601")
+    epoch = pd.to_datetime(num, unit="s", utc=True, errors="coerce")
+    return out.where(num.isna(), epoch)
+
+
+def clean_file(
+    path: Path,
+    drop: str,
+    spec: PipelineSpec,
+    count_tokens: Any = None,
+    stored_name: str | None = None,
+) -> CleanResult:
+    """Parse and clean one drop file. Never raises for bad rows; each goes to the quarantine.
+
+    ``count_tokens(list[str] messages JSON) -> np.ndarray`` enables cleaning.min_tokens / max_tokens."""
+    import time
+
+    src, cleaning, cols = spec.source, spec.cleaning, spec.source.columns
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    try:
+        read = read_file(path, src, stored_name)
+    except FileProblem as exc:
+        q = pd.DataFrame([{"drop": drop, "source_line": 0, "reason": exc.reason, "detail": str(exc), "raw": ""}])
+        return CleanResult(_empty(KEPT_COLUMNS), q, _empty(DUPLICATE_COLUMNS), 1, 0, {exc.reason: 1}, notes=[str(exc)])
+    timings["parse"] = time.perf_counter() - t0
+    rejects: list[Reject] = list(read.rejects)
+    frames: list[pd.DataFrame] = []
+    texts: list[pa.Array] = []
+    answers: list[pa.Array] = []
+    t0 = time.perf_counter()
+    for table in read.tables:
+        if table.num_rows == 0:
             continue
-        rows_in += 1
-        preview = raw[:RAW_PREVIEW_CHARS].decode("utf-8", errors="replace")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            quarantine.append(_q(drop, lineno, "invalid_utf8", f"byte {exc.start} is not UTF-8", preview))
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as exc:
-            quarantine.append(_q(drop, lineno, "invalid_json", f"{exc.msg} at column {exc.colno}", preview))
-            continue
-        try:
-            msgs = normalise_messages(record, source, cleaning)
-        except RowRejected as rej:
-            quarantine.append(_q(drop, lineno, rej.reason, rej.detail, preview))
-            continue
-        chash = content_hash(msgs)
-        given_id = record.get(source.id_field) if source.id_field else None
-        row_id = str(given_id) if given_id not in (None, "") else chash[:16]
-        if chash in seen:
-            duplicates.append(
-                {
-                    "drop": drop,
-                    "source_line": lineno,
-                    "row_id": row_id,
-                    "duplicate_of": seen[chash],
-                    "content_hash": chash,
-                }
+        res = normalize.normalise(table, read.record_format, cols, cleaning)
+        lines = table.column("_line").to_numpy()
+        if len(res.reject_rows):
+            previews = _row_preview(table, res.reject_rows)
+            for pos, why, det, raw in zip(
+                res.reject_rows, res.reject_reasons, res.reject_details, previews, strict=True
+            ):
+                rejects.append(Reject(int(lines[pos]), str(why), det, raw))
+        f = res.frame
+        ok = f.pop("_pos").to_numpy()
+        f["source_line"] = lines[ok]
+        for name, col in (("id", cols.id), ("label", cols.label), ("timestamp", cols.timestamp)):
+            f[name] = table.column(col).take(pa.array(ok)).to_numpy(zero_copy_only=False) if col else None
+        frames.append(f)
+        texts.append(res.frame_text)
+        answers.append(res.assistant_text)
+    kept = (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else _empty(
+            [
+                "messages",
+                "content_hash",
+                "prompt_hash",
+                "n_messages",
+                "chars",
+                "source_line",
+                "id",
+                "label",
+                "timestamp",
+            ]
+        )
+    )
+    text = pa.concat_arrays(texts) if texts else pa.array([], pa.string())
+    answer = pa.concat_arrays(answers) if answers else pa.array([], pa.string())
+    timings["normalise"] = time.perf_counter() - t0
+
+    drop_mask = np.zeros(len(kept), bool)
+
+    def reject_rows(mask: np.ndarray, why: str, detail_of: Any) -> None:
+        new = mask & ~drop_mask
+        for i in np.flatnonzero(new):
+            rejects.append(
+                Reject(int(kept["source_line"].iat[i]), why, detail_of(i), kept["messages"].iat[i][:RAW_PREVIEW_CHARS])
             )
-            continue
-        seen[chash] = row_id
-        kept.append(
+        drop_mask[new] = True
+
+    if cols.timestamp:
+        ts = parse_timestamps(kept["timestamp"])
+        if spec.split.method == "temporal":
+            reject_rows(
+                ts.isna().to_numpy(),
+                "bad_timestamp",
+                lambda i: (
+                    f"timestamp {kept['timestamp'].iat[i]!r} in '{cols.timestamp}' is not ISO 8601 or epoch seconds"
+                ),
+            )
+        kept["timestamp"] = ts.dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ").where(ts.notna(), None)
+    if spec.split.method == "stratified":
+        lab = kept["label"]
+        reject_rows(
+            (lab.isna() | (lab.astype("string").str.strip() == "")).to_numpy(),
+            "missing_label",
+            lambda i: f"the label field '{cols.label}' is missing or empty (split.method is stratified)",
+        )
+    t0 = time.perf_counter()
+    kept["quality"] = 1.0
+    if cleaning.quality.enabled and len(kept):
+        q = quality.score(answer, cleaning.quality)
+        kept["quality"] = np.round(q.score, 3)
+        reject_rows(
+            q.score < cleaning.quality.min_score,
+            "low_quality",
+            lambda i: q.explain(int(i)) + f" < cleaning.quality.min_score={cleaning.quality.min_score}",
+        )
+    timings["quality"] = time.perf_counter() - t0
+    kept["tokens"] = None
+    if count_tokens is not None and (cleaning.min_tokens is not None or cleaning.max_tokens is not None) and len(kept):
+        t0 = time.perf_counter()
+        toks = np.asarray(count_tokens(kept["messages"].tolist()))
+        kept["tokens"] = toks
+        if cleaning.max_tokens is not None:
+            reject_rows(
+                toks > cleaning.max_tokens,
+                "too_many_tokens",
+                lambda i: f"{toks[i]} tokens > cleaning.max_tokens={cleaning.max_tokens}",
+            )
+        if cleaning.min_tokens is not None:
+            reject_rows(
+                toks < cleaning.min_tokens,
+                "too_few_tokens",
+                lambda i: f"{toks[i]} tokens < cleaning.min_tokens={cleaning.min_tokens}",
+            )
+        timings["tokens"] = time.perf_counter() - t0
+    keep_mask = ~drop_mask
+    kept, text = kept[keep_mask].reset_index(drop=True), text.filter(pa.array(keep_mask))
+    ids = kept.pop("id")
+    given = ids.notna() & (ids.astype("string").str.len() > 0)
+    kept["row_id"] = np.where(given, ids.astype("string"), kept["content_hash"].str[:16]).astype(object)
+    kept["drop"] = drop
+
+    t0 = time.perf_counter()
+    exact = kept["content_hash"].duplicated(keep="first").to_numpy()
+    owner = kept[~exact].set_index("content_hash")["row_id"]
+    dups = [
+        pd.DataFrame(
             {
-                "row_id": row_id,
-                "messages": json.dumps(msgs, ensure_ascii=False),
-                "content_hash": chash,
-                "prompt_hash": content_hash(msgs[:-1]),
                 "drop": drop,
-                "source_line": lineno,
+                "source_line": kept["source_line"][exact],
+                "row_id": kept["row_id"][exact],
+                "duplicate_of": kept["content_hash"][exact].map(owner),
+                "content_hash": kept["content_hash"][exact],
+                "kind": "exact",
+                "similarity": 1.0,
             }
         )
-    reasons: dict[str, int] = {}
-    for q in quarantine:
-        reasons[q["reason"]] = reasons.get(q["reason"], 0) + 1
+    ]
+    kept, text = kept[~exact].reset_index(drop=True), text.filter(pa.array(~exact))
+    timings["exact_dedup"] = time.perf_counter() - t0
+    if spec.dedup.near and len(kept) > 1:
+        t0 = time.perf_counter()
+        nd = dedup.near_duplicates(
+            dedup.shingle(text, spec.dedup.ngram), spec.dedup.near_threshold, spec.dedup.num_perm
+        )
+        if len(nd.row):
+            dups.append(
+                pd.DataFrame(
+                    {
+                        "drop": drop,
+                        "source_line": kept["source_line"].to_numpy()[nd.row],
+                        "row_id": kept["row_id"].to_numpy()[nd.row],
+                        "duplicate_of": kept["row_id"].to_numpy()[nd.matched],
+                        "content_hash": kept["content_hash"].to_numpy()[nd.row],
+                        "kind": "near",
+                        "similarity": np.round(nd.similarity, 4),
+                    }
+                )
+            )
+            mask = np.ones(len(kept), bool)
+            mask[nd.row] = False
+            kept = kept[mask].reset_index(drop=True)
+        timings["near_dedup"] = time.perf_counter() - t0
+    duplicates = pd.concat(dups, ignore_index=True)[DUPLICATE_COLUMNS]
+    quarantine = (
+        pd.DataFrame(
+            [
+                {"drop": drop, "source_line": r.line, "reason": r.reason, "detail": r.detail, "raw": r.raw}
+                for r in rejects
+            ],
+            columns=QUARANTINE_COLUMNS,
+        )
+        .sort_values("source_line", kind="stable")
+        .reset_index(drop=True)
+    )
+    reasons = quarantine["reason"].value_counts().sort_index().to_dict()
     return CleanResult(
-        kept=pd.DataFrame(kept, columns=KEPT_COLUMNS),
-        quarantine=pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS),
-        duplicates=pd.DataFrame(duplicates, columns=DUPLICATE_COLUMNS),
-        rows_in=rows_in,
-        blank_lines=blank,
-        reasons=dict(sorted(reasons.items())),
+        kept=kept[KEPT_COLUMNS].sort_values("source_line", kind="stable").reset_index(drop=True),
+        quarantine=quarantine,
+        duplicates=duplicates.sort_values("source_line", kind="stable").reset_index(drop=True),
+        rows_in=read.rows_in,
+        blank_lines=read.blank_lines,
+        reasons={str(k): int(v) for k, v in reasons.items()},
+        file_format=read.file_format,
+        record_format=read.record_format,
+        notes=read.notes,
+        timings=timings,
     )
 
 
-def _q(drop: str, line: int, reason: str, detail: str, raw: str) -> dict[str, Any]:
-    return {"drop": drop, "source_line": line, "reason": reason, "detail": detail, "raw": raw}
+def _empty(columns: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series([], dtype=object) for c in columns})
 
 
-def schema_problems(kept: pd.DataFrame) -> list[str]:
-    """Invariants of a cleaned drop: each row parses, has a user turn, ends with a non-empty assistant
-    answer, and row ids are unique. Empty list = fine."""
+def schema_problems(kept: pd.DataFrame, text_only: bool = False) -> list[str]:
+    """Invariants of a cleaned drop: each row parses, has a user turn (except plain text), ends with a non-empty
+    assistant answer, and row ids are unique. Empty list = fine."""
     problems = []
     for row_id, m in zip(kept["row_id"], kept["messages"], strict=True):
         msgs = json.loads(m)
-        if not any(x["role"] == "user" for x in msgs) or msgs[-1]["role"] != "assistant" or not msgs[-1]["content"]:
+        has_user = text_only or any(x["role"] == "user" for x in msgs)
+        if not has_user or msgs[-1]["role"] != "assistant" or not msgs[-1]["content"]:
             problems.append(f"row {row_id}: not a chat ending with a non-empty assistant answer")
     dup_ids = kept["row_id"][kept["row_id"].duplicated()].tolist()
     if dup_ids:

@@ -1,24 +1,39 @@
-"""Combine all cleaned drops, dedup across drops, and assign each row a split fixed by its id."""
+"""Combine all cleaned drops, dedup across drops (exact and near), and assign each row a split that never changes.
+
+- random: a pure function of (salt, row id);
+- stratified: each label keeps the split fractions; rows are assigned drop by drop in arrival order, the new
+  rows of a label filling whichever split is below its share (ties by the row's hash), so earlier drops'
+  assignments never depend on later drops;
+- temporal: the same, but within a drop the newest rows fill test first, then validation.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from finetune_pipeline.data.clean import frame_digest
-from finetune_pipeline.spec import SplitSpec
+from finetune_pipeline.data import dedup
+from finetune_pipeline.data.clean import DUPLICATE_COLUMNS, frame_digest
+from finetune_pipeline.spec import DedupSpec, SplitSpec
 
 SPLITS = ("train", "validation", "test")
 DIGEST_COLUMNS = ["row_id", "content_hash"]
 
 
+def _unit(row_id: str, salt: str) -> float:
+    return int.from_bytes(hashlib.sha256(f"{salt}:{row_id}".encode()).digest()[:8], "big") / 2**64
+
+
 def split_of(row_id: str, spec: SplitSpec) -> str:
-    """The split a row belongs to: a pure function of (salt, row id), so a later drop never moves a row."""
-    u = int.from_bytes(hashlib.sha256(f"{spec.salt}:{row_id}".encode()).digest()[:8], "big") / 2**64
+    """The random-method split of a row: a pure function of (salt, row id), so a later drop never moves a row."""
+    u = _unit(row_id, spec.salt)
     if u < spec.test_fraction:
         return "test"
     if u < spec.test_fraction + spec.validation_fraction:
@@ -26,11 +41,19 @@ def split_of(row_id: str, spec: SplitSpec) -> str:
     return "train"
 
 
+def messages_text(messages_json: pa.Array | list[str]) -> pa.Array:
+    """Plain-ish text of canonical messages JSON (contents only) for shingling, without parsing each row."""
+    arr = pa.array(messages_json, pa.string()) if isinstance(messages_json, list) else messages_json
+    x = pc.replace_substring_regex(arr, r'\{"role": "[a-z]+", "content": "|"\}(, )?|\\[nrt]', " ")
+    return x
+
+
 @dataclass
 class SplitResult:
     frames: dict[str, pd.DataFrame]
     cross_drop_duplicates: pd.DataFrame
     drops: list[str]
+    leaks: pd.DataFrame = field(default_factory=pd.DataFrame)  # test rows near-duplicating a train row
 
     def digest(self, split: str) -> str:
         return frame_digest(self.frames[split], DIGEST_COLUMNS)
@@ -44,31 +67,105 @@ class SplitResult:
         return hashlib.sha256(json.dumps(self.digests, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_splits(cleaned: list[pd.DataFrame], spec: SplitSpec, drops: list[str] | None = None) -> SplitResult:
-    """``cleaned`` in drop-registration order (``drops`` names them); the first occurrence of a content hash
-    wins across drops."""
+def _fill(n: int, have: dict[str, int], spec: SplitSpec) -> list[str]:
+    """Splits for n new rows (in priority order) so that the group's counts approach the fractions."""
+    total = sum(have.values()) + n
+    out: list[str] = []
+    for s, f in (("test", spec.test_fraction), ("validation", spec.validation_fraction)):
+        need = int(np.floor(f * total + 0.5)) - have[s]
+        take = max(0, min(need, n - len(out)))
+        out += [s] * take
+    out += ["train"] * (n - len(out))
+    return out
+
+
+def assign_splits(rows: pd.DataFrame, spec: SplitSpec, drops: list[str]) -> np.ndarray:
+    """Split per row (rows in drop order; columns row_id, drop, label, timestamp)."""
+    if spec.method == "random":
+        return np.array([split_of(r, spec) for r in rows["row_id"]], dtype=object)
+    out = np.empty(len(rows), dtype=object)
+    u = np.array([_unit(r, spec.salt) for r in rows["row_id"]])
+    key = rows["label"].astype("string").fillna("") if spec.method == "stratified" else pd.Series("", index=rows.index)
+    counts: dict[str, dict[str, int]] = {}
+    for d in drops:
+        idx = np.flatnonzero((rows["drop"] == d).to_numpy())
+        for label in pd.unique(key.to_numpy()[idx]):
+            g = idx[key.to_numpy()[idx] == label]
+            if spec.method == "temporal":
+                ts = pd.to_datetime(rows["timestamp"].to_numpy()[g], utc=True)
+                order = g[np.lexsort((u[g], -ts.astype("int64")))]  # newest first, ties by hash
+            else:
+                order = g[np.argsort(u[g], kind="stable")]
+            have = counts.setdefault(str(label), dict.fromkeys(SPLITS, 0))
+            for i, s in zip(order, _fill(len(order), have, spec), strict=True):
+                out[i] = s
+                have[s] += 1
+    return out
+
+
+def build_splits(
+    cleaned: list[pd.DataFrame],
+    spec: SplitSpec,
+    drops: list[str] | None = None,
+    dedup_spec: DedupSpec | None = None,
+) -> SplitResult:
+    """``cleaned`` in drop-registration order (``drops`` names them); the first occurrence of a row wins across
+    drops, exact or near (when ``dedup_spec.near``)."""
     frames = [f for f in cleaned if not f.empty]
     if not frames:
         raise ValueError("no cleaned rows: materialize cleaned_dataset for at least one drop that passes its gates")
     allrows = pd.concat(frames, ignore_index=True)
+    for c in ("label", "timestamp"):
+        if c not in allrows:
+            allrows[c] = None
     first = ~allrows.duplicated("content_hash", keep="first")
-    kept = allrows[first].copy()
+    kept = allrows[first].reset_index(drop=True)
     dup = allrows[~first].copy()
     owner = kept.set_index("content_hash")["row_id"]
     dup["duplicate_of"] = dup["content_hash"].map(owner)
+    dup["kind"], dup["similarity"] = "exact", 1.0
     # The same row id used for different content in two drops would make ids ambiguous: suffix later ones.
     clash = kept.duplicated("row_id", keep="first")
     kept.loc[clash, "row_id"] = kept.loc[clash, "row_id"] + "@" + kept.loc[clash, "drop"]
-    kept["split"] = [split_of(r, spec) for r in kept["row_id"]]
-    out = {s: kept[kept["split"] == s].drop(columns="split").reset_index(drop=True) for s in SPLITS}
+    dups = [dup]
+    shingles = None
+    if dedup_spec is not None:
+        shingles = dedup.shingle(messages_text(pa.array(kept["messages"], pa.string())), dedup_spec.ngram)
+    if dedup_spec is not None and dedup_spec.near and shingles is not None and len(kept) > 1:
+        nd = dedup.near_duplicates(shingles, dedup_spec.near_threshold, dedup_spec.num_perm)
+        if len(nd.row):
+            near = kept.iloc[nd.row].copy()
+            near["duplicate_of"] = kept["row_id"].to_numpy()[nd.matched]
+            near["kind"], near["similarity"] = "near", np.round(nd.similarity, 4)
+            dups.append(near)
+            mask = np.ones(len(kept), bool)
+            mask[nd.row] = False
+            kept = kept[mask].reset_index(drop=True)
+            shingles = dedup._subset(shingles, np.flatnonzero(mask))
     drops = list(drops) if drops is not None else list(dict.fromkeys(allrows["drop"]))
+    split = assign_splits(kept, spec, drops)
+    out = {s: kept[split == s].reset_index(drop=True) for s in SPLITS}
+    leaks = pd.DataFrame(columns=["test_row_id", "train_row_id", "similarity"])
+    if dedup_spec is not None and shingles is not None:
+        leaks = test_train_leaks(kept, split, shingles, dedup_spec)
     return SplitResult(
         frames=out,
-        cross_drop_duplicates=dup[["drop", "source_line", "row_id", "duplicate_of", "content_hash"]].reset_index(
-            drop=True
-        ),
+        cross_drop_duplicates=pd.concat(dups, ignore_index=True)[DUPLICATE_COLUMNS].reset_index(drop=True),
         drops=drops,
+        leaks=leaks,
     )
+
+
+def test_train_leaks(rows: pd.DataFrame, split: np.ndarray, shingles: dedup.Shingles, spec: DedupSpec) -> pd.DataFrame:
+    """Test rows that are near-duplicates (Jaccard >= near_threshold) of a train row."""
+    train, test = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
+    order = np.concatenate([train, test])  # train first: every test row is compared with all train rows
+    sub = dedup._subset(shingles, order)
+    is_test = np.zeros(len(order), bool)
+    is_test[len(train) :] = True
+    nd = dedup.near_duplicates(sub, spec.near_threshold, spec.num_perm, eligible_query=is_test, eligible_match=~is_test)
+    ids = rows["row_id"].to_numpy()[order]
+    return pd.DataFrame({"test_row_id": ids[nd.row], "train_row_id": ids[nd.matched], "similarity": nd.similarity})
 
 
 def overlap_report(frames: dict[str, pd.DataFrame]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import dagster as dg
 from finetune_pipeline.data.drops import scan_incoming
 from finetune_pipeline.data.split import training_fingerprint
 from finetune_pipeline.defs.common import drops_partitions, key
-from finetune_pipeline.defs.data_assets import usable_drops
+from finetune_pipeline.defs.data_assets import raw_paths, usable_drops
 from finetune_pipeline.defs.resources import StateStore
 from finetune_pipeline.spec import LoadedSpec
 
@@ -67,6 +67,27 @@ def last_trained_fingerprint(instance: dg.DagsterInstance, spec: LoadedSpec) -> 
     return str(v.value) if v is not None else None
 
 
+def last_split_drops(instance: dg.DagsterInstance, spec: LoadedSpec) -> list[str]:
+    ev = instance.get_latest_materialization_event(key(spec, "dataset_splits"))
+    mat = ev.asset_materialization if ev is not None else None
+    v = mat.metadata.get("drops") if mat is not None else None
+    return list(v.value) if v is not None else []  # type: ignore[arg-type]
+
+
+def drift_of_new_drops(
+    instance: dg.DagsterInstance, state: StateStore, spec: LoadedSpec, drops: list[str]
+) -> dict[str, float]:
+    """Drift score of each usable drop not yet in the splits (1.0 when it arrived before any training split)."""
+    seen = set(last_split_drops(instance, spec))
+    out = {}
+    for d in drops:
+        if d in seen:
+            continue
+        f = raw_paths(state, spec, d)["drift"]
+        out[d] = float(json.loads(f.read_text())["score"]) if f.exists() else 1.0
+    return out
+
+
 def build_schedule(spec: LoadedSpec, train_job: Any) -> dg.ScheduleDefinition | None:
     auto = spec.spec.automation
     if not auto.retrain_cron:
@@ -77,7 +98,8 @@ def build_schedule(spec: LoadedSpec, train_job: Any) -> dg.ScheduleDefinition | 
         cron_schedule=auto.retrain_cron,
         job=train_job,
         default_status=dg.DefaultScheduleStatus.RUNNING if auto.schedule_enabled else dg.DefaultScheduleStatus.STOPPED,
-        description="Retrains when the cleaned drops or the spec changed since the last adapter; skips otherwise.",
+        description="Retrains when the cleaned drops or the spec changed since the last adapter (and, with "
+        "drift.retrain_threshold, only when a new drop drifts that far); skips otherwise.",
     )
     def retrain_schedule(context: dg.ScheduleEvaluationContext, state: StateStore) -> dg.RunRequest | dg.SkipReason:
         fp, drops = current_fingerprint(context.instance, state, spec)
@@ -90,6 +112,15 @@ def build_schedule(spec: LoadedSpec, train_job: Any) -> dg.ScheduleDefinition | 
             return dg.SkipReason(
                 f"training data unchanged since the last adapter (fingerprint {fp}, {len(drops)} drops)"
             )
+        threshold = spec.spec.drift.retrain_threshold
+        if threshold is not None and last is not None:
+            scores = drift_of_new_drops(context.instance, state, spec, drops)
+            top = max(scores.values(), default=0.0)
+            if top < threshold:
+                return dg.SkipReason(
+                    f"new data does not drift enough to retrain: highest drift score {top:.3f} < "
+                    f"drift.retrain_threshold {threshold} ({len(scores)} new drop(s))"
+                )
         return dg.RunRequest(run_key=f"{spec.name}:retrain:{fp}", tags={"finetune/training_fingerprint": fp})
 
     return retrain_schedule

@@ -1,0 +1,354 @@
+"""Turn records of any format into one chat schema and validate them column-wise (Arrow + NumPy, no loop per row).
+
+Every record format becomes a flat list of messages (row, role, content). Whitespace is normalised, the
+conversation structure is checked (known roles in order, a user turn, a final non-empty assistant answer),
+lengths are bounded, and each valid row gets its canonical ``messages`` JSON text (exactly what
+``json.dumps(messages, ensure_ascii=False)`` gives) and content hashes. Each invalid row gets the first
+reason that applies, with the message it concerns.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from finetune_pipeline.spec import CleaningSpec, ColumnMap
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
+}
+_SYS, _USER, _ASSIST = 0, 1, 2
+_CTRL = "[\\x00-\\x07\\x0b\\x0e-\\x1f]"
+_HASH_KEYS = ("finetune-hash-a1", "finetune-hash-b2")
+
+
+@dataclass
+class Flat:
+    """n rows as a flat message list: message j belongs to row ``parent[j]``; rows' messages are contiguous."""
+
+    n: int
+    parent: np.ndarray  # int64
+    role: np.ndarray  # int8 code: 0 system, 1 user, 2 assistant, -1 unknown
+    role_text: pa.Array  # original role strings (for messages)
+    content: pa.Array  # string, may hold nulls
+
+
+def _combine(a: pa.ChunkedArray | pa.Array) -> pa.Array:
+    return a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a
+
+
+def _role_codes(roles: pa.Array, mapping: dict[str, str]) -> np.ndarray:
+    enc = pc.dictionary_encode(roles)
+    names = enc.dictionary.to_pylist()
+    code_of = {"system": _SYS, "user": _USER, "assistant": _ASSIST}
+    lut = np.array(
+        [code_of.get(mapping.get(str(x).lower() if mapping is SHAREGPT_ROLES else x, ""), -1) for x in names] + [-1],
+        np.int8,
+    )
+    idx = enc.indices.fill_null(len(names)).to_numpy(zero_copy_only=False)
+    return lut[idx]
+
+
+def flatten(table: pa.Table, fmt: str, cols: ColumnMap) -> Flat:
+    n = table.num_rows
+    if fmt in ("chat", "sharegpt"):
+        name = cols.messages if fmt == "chat" else cols.conversations
+        role_k, content_k = (cols.role, cols.content) if fmt == "chat" else (cols.sharegpt_role, cols.sharegpt_content)
+        lst = _combine(table.column(name))
+        parent = pc.list_parent_indices(lst).to_numpy().astype(np.int64)
+        items = pc.list_flatten(lst)
+        roles = pc.struct_field(items, role_k)
+        content = pc.struct_field(items, content_k)
+        mapping = {r: r for r in ROLES} if fmt == "chat" else SHAREGPT_ROLES
+        codes = _role_codes(roles, mapping)
+        if fmt == "sharegpt":
+            roles = pa.array(np.array(["system", "user", "assistant", "unknown"])[codes], pa.string())
+            roles = pc.if_else(pc.equal(roles, "unknown"), pc.struct_field(items, role_k), roles)
+            if cols.system in table.column_names:  # a top-level system prompt becomes the first message
+                parent, codes, roles, content = _prepend_system(table, cols.system, parent, codes, roles, content)
+        return Flat(n, parent, codes, roles, content)
+    slots: list[tuple[int, pa.Array]] = []
+    if fmt == "alpaca":
+        instr, inp = _combine(table.column(cols.instruction)), _combine(table.column(cols.input))
+        has_inp = pc.and_(pc.is_valid(inp), pc.not_equal(pc.utf8_trim_whitespace(inp.fill_null("")), ""))
+        user = pc.if_else(has_inp, pc.binary_join_element_wise(instr, inp, "\n\n"), instr)
+        slots = [(_USER, user), (_ASSIST, _combine(table.column(cols.output)))]
+    elif fmt == "prompt_completion":
+        slots = [(_USER, _combine(table.column(cols.prompt))), (_ASSIST, _combine(table.column(cols.completion)))]
+    elif fmt == "text":
+        slots = [(_ASSIST, _combine(table.column(cols.text)))]
+    else:
+        raise ValueError(f"unknown record format {fmt!r}")
+    if fmt != "text" and cols.system in table.column_names:
+        sysv = _combine(table.column(cols.system))
+        slots.insert(0, (_SYS, sysv))
+    parents, codes, contents = [], [], []
+    for code, arr in slots:
+        present = np.ones(n, bool)
+        if code == _SYS:  # optional: only where given and non-empty
+            present = pc.and_(pc.is_valid(arr), pc.not_equal(arr.fill_null(""), "")).to_numpy(zero_copy_only=False)
+        idx = np.flatnonzero(present)
+        parents.append(idx)
+        codes.append(np.full(len(idx), code, np.int8))
+        contents.append(arr.filter(pa.array(present)) if not present.all() else arr)
+    parent = np.concatenate(parents)
+    order = np.argsort(parent, kind="stable")
+    code = np.concatenate(codes)[order]
+    content = pa.concat_arrays([c.cast(pa.string()) for c in contents]).take(pa.array(order))
+    role_text = pa.array(np.array(ROLES)[code], pa.string())
+    return Flat(n, parent[order], code, role_text, content)
+
+
+def _prepend_system(table, field, parent, codes, roles, content):  # type: ignore[no-untyped-def]
+    sysv = _combine(table.column(field))
+    present = pc.and_(pc.is_valid(sysv), pc.not_equal(sysv.fill_null(""), "")).to_numpy(zero_copy_only=False)
+    idx = np.flatnonzero(present)
+    if not len(idx):
+        return parent, codes, roles, content
+    all_parent = np.concatenate([idx, parent])
+    order = np.argsort(all_parent, kind="stable")
+    codes = np.concatenate([np.full(len(idx), _SYS, np.int8), codes])[order]
+    roles = pa.concat_arrays([pa.array(["system"] * len(idx), pa.string()), roles.cast(pa.string())]).take(order)
+    content = pa.concat_arrays([sysv.filter(pa.array(present)).cast(pa.string()), content.cast(pa.string())]).take(
+        order
+    )
+    return all_parent[order], codes, roles, content
+
+
+def _bytes_present(arr: pa.Array) -> np.ndarray:
+    """Which bytes among control characters, '"' and '\\' occur anywhere in a string array's data (one
+    vectorised pass each): lets the rare fixes skip whole passes over the column."""
+    out = np.zeros(256, bool)
+    bufs = arr.buffers()
+    if len(arr) == 0 or bufs[2] is None:
+        return out
+    wide = pa.types.is_large_string(arr.type)
+    off = np.frombuffer(bufs[1], np.int64 if wide else np.int32)[arr.offset : arr.offset + len(arr) + 1]
+    data = np.frombuffer(bufs[2], np.uint8)[off[0] : off[-1]]
+    ctrl = data < 32
+    if ctrl.any():
+        out[np.unique(data[ctrl])] = True
+    out[ord('"')] = bool((data == ord('"')).any())
+    out[ord("\\")] = bool((data == ord("\\")).any())
+    return out
+
+
+def normalise_whitespace(content: pa.Array) -> pa.Array:
+    """CRLF to LF, runs of spaces/tabs to one space, no spaces around line breaks, trimmed ends.
+
+    The regular expressions run only on the strings that need them (most text has nothing to fix)."""
+    present = _bytes_present(content)
+    needles = ["  "] + ([" \n", "\n "] if present[ord("\n")] else []) + [c for c in "\t\r" if present[ord(c)]]
+    if len(needles) == 1:
+        need = pc.match_substring(content, needles[0])
+    else:
+        need = pc.match_substring_regex(
+            content, "|".join(n.replace("\t", "\\t").replace("\r", "\\r").replace("\n", "\\n") for n in needles)
+        )
+    need = need.fill_null(False)
+    if pc.any(need).as_py():
+        x = content.filter(need)
+        x = pc.replace_substring(x, "\r\n", "\n")
+        x = pc.replace_substring_regex(x, "[ \t]+", " ")
+        x = pc.replace_substring_regex(x, " ?\n ?", "\n")
+        content = pc.replace_with_mask(content, need, x)
+    return pc.utf8_trim_whitespace(content)
+
+
+def json_string(content: pa.Array) -> pa.Array:
+    """Each string as a JSON string literal, exactly as json.dumps(s, ensure_ascii=False)."""
+    present = _bytes_present(content)
+    x = pc.replace_substring(content, "\\", "\\\\") if present[ord("\\")] else content
+    for a, b in (('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t"), ("\b", "\\b"), ("\f", "\\f")):
+        if present[ord(a)]:
+            x = pc.replace_substring(x, a, b)
+    x = pc.binary_join_element_wise('"', x, '"', "")
+    other_ctrl = [i for i in range(32) if present[i] and chr(i) not in "\n\r\t\b\f"]
+    if other_ctrl:  # other control characters: rare, let json.dumps escape them
+        ctrl = pc.match_substring_regex(content, _CTRL)
+        idx = np.flatnonzero(ctrl.to_numpy(zero_copy_only=False))
+        vals = x.to_pylist()
+        src = content.to_pylist()
+        for i in idx:
+            vals[i] = json.dumps(src[i], ensure_ascii=False)
+        x = pa.array(vals, pa.string())
+    return x
+
+
+def hash_strings(values: pa.Array) -> np.ndarray:
+    """128-bit hex digests of strings (two keyed SipHash-2-4 passes, pandas' C implementation)."""
+    obj = values.to_numpy(zero_copy_only=False).astype(object)
+    a = pd.util.hash_array(obj, hash_key=_HASH_KEYS[0], categorize=False)
+    b = pd.util.hash_array(obj, hash_key=_HASH_KEYS[1], categorize=False)
+    raw = np.stack([a, b], axis=1).astype(">u8").tobytes().hex()
+    return np.array([raw[i : i + 32] for i in range(0, len(raw), 32)], dtype=object)
+
+
+@dataclass
+class Normalised:
+    frame: pd.DataFrame  # one row per valid record: messages, hashes, n_messages, chars, _pos (input position)
+    frame_text: pa.Array  # per valid row: all message contents joined (for near-duplicate shingles)
+    assistant_text: pa.Array  # per valid row: the assistant turns joined (for the quality score)
+    reject_rows: np.ndarray  # positions in the input table
+    reject_reasons: np.ndarray
+    reject_details: list[str]
+
+
+def _first_per_row(n: int, parent: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """For each row: the position (within the row) of its first message where mask holds; -1 if none."""
+    out = np.full(n, np.iinfo(np.int64).max, np.int64)
+    np.minimum.at(out, parent[mask], pos[mask])
+    out[out == np.iinfo(np.int64).max] = -1
+    return out
+
+
+def normalise(table: pa.Table, fmt: str, cols: ColumnMap, cleaning: CleaningSpec) -> Normalised:
+    flat = flatten(table, fmt, cols)
+    n, parent, code = flat.n, flat.parent, flat.role
+    content = flat.content.cast(pa.string())
+    counts = np.bincount(parent, minlength=n)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    pos = np.arange(len(parent)) - starts[parent] if len(parent) else np.zeros(0, np.int64)
+    null = content.is_null().to_numpy(zero_copy_only=False)
+    if cleaning.normalize_whitespace:
+        content = normalise_whitespace(content)
+    content = content.fill_null("")
+    lengths = pc.utf8_length(content).to_numpy().astype(np.int64)
+    reason = np.full(n, "", dtype=object)
+    detail: dict[int, str] = {}
+
+    def flag(rows_mask: np.ndarray, why: str, text) -> None:  # type: ignore[no-untyped-def]
+        new = rows_mask & (reason == "")
+        for r in np.flatnonzero(new):
+            detail[int(r)] = text(int(r))
+        reason[new] = why
+
+    role_list = flat.role_text.to_pylist() if (code < 0).any() else None
+    first_null = _first_per_row(n, parent, null, pos)
+    flag(first_null >= 0, "null_content", lambda r: f"message {first_null[r]} has null content")
+    first_unknown = _first_per_row(n, parent, code < 0, pos)
+    allowed = "system, user, assistant" if fmt == "chat" else ", ".join(SHAREGPT_ROLES)
+    flag(
+        first_unknown >= 0,
+        "unknown_role",
+        lambda r: (
+            f"message {first_unknown[r]} has role {role_list[starts[r] + first_unknown[r]]!r}; allowed: {allowed}"
+        ),  # type: ignore[index]
+    )
+    flag(counts == 0, "empty_conversation", lambda r: "the record has no messages")
+    last_code = np.full(n, -9, np.int8)
+    has = counts > 0
+    last_code[has] = code[starts[has] + counts[has] - 1]
+    if fmt != "text":
+        flag(
+            has & (last_code != _ASSIST),
+            "no_final_assistant",
+            lambda r: "the last message must be the assistant's answer to learn from",
+        )
+        users = np.bincount(parent[code == _USER], minlength=n)
+        flag(users == 0, "no_user_turn", lambda r: "the conversation has no user message")
+        # order: an optional system message first, then user and assistant alternating, starting with user
+        is_sys = code == _SYS
+        sys_first = np.zeros(n, np.int64)
+        first_is_sys = has & (code[np.minimum(starts, max(len(code) - 1, 0))] == _SYS) if len(code) else has
+        sys_first[first_is_sys] = 1
+        k = pos - sys_first[parent]
+        expected = np.where(k % 2 == 0, _USER, _ASSIST)
+        wrong = (is_sys & (pos > 0)) | (~is_sys & (code >= 0) & (code != expected))
+        first_wrong = _first_per_row(n, parent, wrong, pos)
+        names = np.array(ROLES)
+        flag(
+            first_wrong >= 0,
+            "misordered_roles",
+            lambda r: (
+                f"message {first_wrong[r]} is '{names[code[starts[r] + first_wrong[r]]]}' out of order: expected "
+                "an optional system message, then user and assistant turns alternating"
+            ),
+        )
+    empty_assist = (code == _ASSIST) & (lengths == 0)
+    first_empty = _first_per_row(n, parent, empty_assist, pos)
+    flag(first_empty >= 0, "empty_assistant", lambda r: f"assistant message {first_empty[r]} is empty")
+    last_len = np.zeros(n, np.int64)
+    last_len[has] = lengths[starts[has] + counts[has] - 1]
+    flag(
+        has & (last_len < cleaning.min_assistant_chars),
+        "assistant_too_short",
+        lambda r: (
+            f"the final answer has {last_len[r]} characters < cleaning.min_assistant_chars={cleaning.min_assistant_chars}"
+        ),
+    )
+    total = np.bincount(parent, weights=lengths, minlength=n).astype(np.int64)
+    flag(
+        total > cleaning.max_total_chars,
+        "too_long",
+        lambda r: f"{total[r]} characters > cleaning.max_total_chars={cleaning.max_total_chars}",
+    )
+    flag(
+        total < cleaning.min_total_chars,
+        "too_short",
+        lambda r: f"{total[r]} characters < cleaning.min_total_chars={cleaning.min_total_chars}",
+    )
+
+    ok = reason == ""
+    ok_msgs = ok[parent] if len(parent) else np.zeros(0, bool)
+    keep = pa.array(ok_msgs)
+    c_ok = content.filter(keep)
+    r_ok = flat.role_text.cast(pa.string()).filter(keep)
+    elems = pc.binary_join_element_wise('{"role": ', json_string(r_ok), ', "content": ', json_string(c_ok), "}", "")
+    ok_counts = counts[ok]
+    offsets = np.zeros(len(ok_counts) + 1, np.int32)
+    np.cumsum(ok_counts, out=offsets[1:])
+    lists = pa.ListArray.from_arrays(pa.array(offsets), elems)
+    messages = pc.binary_join_element_wise("[", pc.binary_join(lists, ", "), "]", "")
+    # the prompt: every message but the last
+    last_mask = np.zeros(len(elems), bool)
+    if len(elems):
+        last_mask[offsets[1:] - 1] = True
+    p_offsets = offsets - np.arange(len(offsets), dtype=np.int32)
+    prompts = pc.binary_join_element_wise(
+        "[",
+        pc.binary_join(pa.ListArray.from_arrays(pa.array(p_offsets), elems.filter(pa.array(~last_mask))), ", "),
+        "]",
+        "",
+    )
+    chash = hash_strings(messages) if len(messages) else np.zeros(0, object)
+    phash = hash_strings(prompts) if len(prompts) else np.zeros(0, object)
+    frame = pd.DataFrame(
+        {
+            "messages": messages.to_numpy(zero_copy_only=False),
+            "content_hash": chash,
+            "prompt_hash": phash,
+            "n_messages": ok_counts.astype(np.int32),
+            "chars": total[ok],
+            "_pos": np.flatnonzero(ok),
+        }
+    )
+    is_assist = code[ok_msgs] == _ASSIST
+    assistant_text = pc.binary_join(
+        pa.ListArray.from_arrays(pa.array(_sub_offsets(ok_counts, is_assist)), c_ok.filter(pa.array(is_assist))), "\n"
+    )
+    text = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), c_ok), "\n")
+    bad = np.flatnonzero(~ok)
+    return Normalised(frame, text, assistant_text, bad, reason[bad].astype(str), [detail[int(r)] for r in bad])
+
+
+def _sub_offsets(counts: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """List offsets after keeping only the masked elements of each row."""
+    row = np.repeat(np.arange(len(counts)), counts)
+    kept = np.bincount(row[mask], minlength=len(counts))
+    out = np.zeros(len(counts) + 1, np.int32)
+    np.cumsum(kept, out=out[1:])
+    return out

@@ -1,0 +1,303 @@
+"""Tier 1: every record and file format in, every kind of bad input quarantined with its reason and line."""
+
+import csv
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from finetune_pipeline.data import formats
+from finetune_pipeline.data.clean import clean_file
+from finetune_pipeline.data.normalize import json_string, normalise_whitespace
+from finetune_pipeline_tests.conftest import make_spec, write_jsonl
+
+CHAT = {
+    "id": "c1",
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4."},
+        {"role": "user", "content": "And 3+3?"},
+        {"role": "assistant", "content": "6."},
+    ],
+}
+SHAREGPT = {
+    "id": "s1",
+    "conversations": [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Blue."}],
+}
+ALPACA = {"id": "a1", "instruction": "Translate to French.", "input": "cat", "output": "chat."}
+PROMPT_COMPLETION = {"id": "p1", "prompt": "Capital of Peru?", "completion": "Lima."}
+TEXT = {"id": "t1", "text": "A plain paragraph of text to continue pre-training on."}
+
+
+def _msgs(res) -> list:  # type: ignore[no-untyped-def]
+    return [json.loads(m) for m in res.kept["messages"]]
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        (CHAT, CHAT["messages"]),
+        (
+            SHAREGPT,
+            [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
+        ),
+        (
+            ALPACA,
+            [{"role": "user", "content": "Translate to French.\n\ncat"}, {"role": "assistant", "content": "chat."}],
+        ),
+        (
+            PROMPT_COMPLETION,
+            [{"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima."}],
+        ),
+        (TEXT, [{"role": "assistant", "content": TEXT["text"]}]),
+    ],
+    ids=["chat", "sharegpt", "alpaca", "prompt_completion", "text"],
+)
+@pytest.mark.parametrize("file_format", ["jsonl", "json", "csv", "parquet"])
+def test_every_record_format_in_every_file_format(
+    tmp_path: Path, record: dict, expected: list, file_format: str
+) -> None:
+    rows = [record, {**record, "id": record["id"] + "b"}]
+    path = tmp_path / f"drop.{file_format}"
+    if file_format == "jsonl":
+        write_jsonl(path, rows)
+    elif file_format == "json":
+        path.write_text(json.dumps(rows, indent=2))
+    elif file_format == "csv":
+        with path.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(record))
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()})
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    res = clean_file(path, "d", make_spec())  # record_format auto: detected
+    assert res.file_format == file_format
+    assert res.quarantine.empty, res.quarantine.to_dict("records")
+    assert len(res.duplicates) == 1  # same content under another id is an exact duplicate
+    assert _msgs(res) == [expected]
+    assert res.accounted()
+    assert any("detected record format" in n for n in res.notes)
+
+
+def test_column_mapping(tmp_path: Path) -> None:
+    rec = {
+        "uid": 7,
+        "dialog": [{"speaker": "user", "text": "hi"}, {"speaker": "assistant", "text": "hello."}],
+        "cat": "x",
+    }
+    f = write_jsonl(tmp_path / "m.jsonl", [rec])
+    spec = make_spec(
+        source={
+            "record_format": "chat",
+            "columns": {"messages": "dialog", "role": "speaker", "content": "text", "id": "uid", "label": "cat"},
+        }
+    )
+    res = clean_file(f, "d", spec)
+    assert res.quarantine.empty
+    assert res.kept["row_id"].tolist() == ["7"] and res.kept["label"].tolist() == ["x"]
+    assert _msgs(res)[0][1] == {"role": "assistant", "content": "hello."}
+
+
+def test_undetectable_format_names_the_file_and_the_fix(tmp_path: Path) -> None:
+    f = write_jsonl(tmp_path / "odd.jsonl", [{"q": "a", "a": "b"}] * 3)
+    res = clean_file(f, "d", make_spec())
+    assert res.rows_in == 1 and res.accounted() is not False
+    [row] = res.quarantine.to_dict("records")
+    assert row["reason"] == "unknown_format"
+    assert "odd.jsonl" in row["detail"] and "source.record_format" in row["detail"] and "q (3)" in row["detail"]
+    assert res.rejection_rate == 1.0  # the blocking gate stops this drop
+
+
+def test_bad_input_corpus_jsonl(tmp_path: Path) -> None:
+    good = {
+        "id": "g",
+        "messages": [{"role": "user", "content": "Question one?"}, {"role": "assistant", "content": "Yes."}],
+    }
+    big = "word " * 300_000  # a 1.5 MB row
+    rows = [
+        good,  # 1
+        '{"id": "cut", "messages": [{"role": "user"',  # 2 malformed
+        {"id": "mix", "instruction": "Do it.", "output": "Done."},  # 3 another format in the file
+        {"id": "miss", "msgs": []},  # 4 missing field
+        {"id": "role", "messages": [{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a."}]},  # 5
+        {
+            "id": "order",
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "system", "content": "s"},
+                {"role": "assistant", "content": "a."},
+            ],
+        },  # 6 misordered
+        {
+            "id": "two",
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "user", "content": "q2"},
+                {"role": "assistant", "content": "a."},
+            ],
+        },  # 7 misordered (no alternation)
+        {
+            "id": "empty",
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "  "},
+                {"role": "user", "content": "q2"},
+                {"role": "assistant", "content": "a."},
+            ],
+        },  # 8
+        {"id": "nul", "messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "a."}]},  # 9
+        {"id": "nullmsgs", "messages": None},  # 10
+        {"id": "big", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": big}]},  # 11
+        {"id": "num", "messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a."}]},  # 12
+        "",  # 13 blank
+        {
+            "id": "nouser",
+            "messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a."}],
+        },  # 14
+        {
+            "id": "parts",
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "multi"}, {"type": "text", "text": "part"}]},
+                {"role": "assistant", "content": "ok."},
+            ],
+        },  # 15 content parts: accepted
+        "[1]",  # 16 not an object
+    ]
+    f = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with f.open("ab") as fh:
+        fh.write(b'{"id": "bin", "messages": [{"role": "user", "content": "caf\xe9"}]}\n')  # 17 Latin-1 byte
+    res = clean_file(f, "d", make_spec(cleaning={"max_total_chars": 1_000_000}))
+    by_line = dict(zip(res.quarantine["source_line"], res.quarantine["reason"], strict=True))
+    assert by_line == {
+        2: "invalid_json",
+        3: "mixed_format",
+        4: "missing_field",
+        5: "unknown_role",
+        6: "misordered_roles",
+        7: "misordered_roles",
+        8: "empty_assistant",
+        9: "null_content",
+        10: "null_field",
+        11: "too_long",
+        12: "bad_message",
+        14: "no_user_turn",
+        16: "not_an_object",
+        17: "invalid_utf8",
+    }
+    assert sorted(res.kept["row_id"]) == ["g", "parts"]
+    assert res.blank_lines == 1 and res.rows_in == 16 and res.accounted()
+    detail = res.quarantine.set_index("source_line")["detail"]
+    assert "robot" in detail[5] and "instruction" not in detail[4]
+    assert "looks like 'alpaca'" in detail[3]
+    assert len(res.quarantine.set_index("source_line").loc[11, "raw"]) <= formats.RAW_PREVIEW_CHARS
+    assert json.loads(res.kept.set_index("row_id").loc["parts", "messages"])[0]["content"] == "multipart"
+
+
+def test_json_array_cut_off_keeps_complete_records(tmp_path: Path) -> None:
+    recs = [{"id": f"r{i}", "prompt": f"question number {i}?", "completion": f"answer {i}."} for i in range(5)]
+    text = json.dumps(recs, indent=2)
+    cut = text[: text.index('"r3"') + 10]  # cut inside the 4th record
+    f = tmp_path / "cut.json"
+    f.write_text(cut)
+    res = clean_file(f, "d", make_spec())
+    assert res.kept["row_id"].tolist() == ["r0", "r1", "r2"]
+    [q] = res.quarantine.to_dict("records")
+    line = cut[: cut.rindex("{")].count("\n") + 1
+    assert q["reason"] == "truncated_json" and q["source_line"] == line
+    assert f"line {line}" in q["detail"] and "3 complete records" in q["detail"]
+    assert res.accounted() and res.rows_in == 4
+
+
+def test_json_object_holding_the_records_and_bom(tmp_path: Path) -> None:
+    f = tmp_path / "o.json"
+    f.write_bytes(b"\xef\xbb\xbf" + json.dumps({"version": 2, "data": [ALPACA]}).encode())
+    res = clean_file(f, "d", make_spec())
+    assert res.quarantine.empty and res.kept["row_id"].tolist() == ["a1"]
+    assert any("data" in n for n in res.notes)
+
+
+def test_csv_with_a_broken_row_and_multiline_fields(tmp_path: Path) -> None:
+    f = tmp_path / "c.csv"
+    f.write_text('id,prompt,completion\n1,"two\nlines",ok.\n2,only two fields\n3,p,c.\n')
+    res = clean_file(f, "d", make_spec())
+    assert res.kept["row_id"].tolist() == ["1", "3"]
+    assert res.kept["source_line"].tolist() == [2, 5]
+    assert res.quarantine[["source_line", "reason"]].values.tolist() == [[4, "bad_csv_row"]]
+    assert res.accounted()
+
+
+def test_unreadable_parquet_is_a_file_level_quarantine(tmp_path: Path) -> None:
+    f = tmp_path / "x.parquet"
+    f.write_bytes(b"not parquet")
+    res = clean_file(f, "d", make_spec())
+    assert res.quarantine["reason"].tolist() == ["unreadable_file"] and "x.parquet" in res.quarantine["detail"][0]
+
+
+def test_whitespace_and_json_escaping_match_python() -> None:
+    vals = ['a"b\\c\nd\te', "ctl\x01x\x1f", "ünï “q”", "", "  many   spaces \r\n next\t\tline  "]
+    assert json_string(pa.array(vals)).to_pylist() == [json.dumps(v, ensure_ascii=False) for v in vals]
+    out = normalise_whitespace(pa.array(vals)).to_pylist()
+    assert out[-1] == "many spaces\nnext line"
+
+
+row_st = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "id": st.text(min_size=0, max_size=5),
+            "messages": st.lists(
+                st.fixed_dictionaries(
+                    {
+                        "role": st.sampled_from(["system", "user", "assistant", "bot", "User"]),
+                        "content": st.one_of(st.none(), st.text(max_size=20), st.integers()),
+                    }
+                ),
+                max_size=4,
+            ),
+        }
+    ),
+    st.dictionaries(st.sampled_from(["id", "prompt", "completion", "x"]), st.text(max_size=10), max_size=3),
+    st.text(max_size=30).map(lambda s: "RAW" + s),
+    st.binary(max_size=20).map(lambda b: b"\xff" + b),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(row_st, min_size=1, max_size=40))
+def test_nothing_is_lost_and_the_fast_path_agrees_with_the_line_by_line_path(tmp_path_factory, rows) -> None:  # type: ignore[no-untyped-def]
+    d = tmp_path_factory.mktemp("h")
+    lines = []
+    for r in rows:
+        if isinstance(r, bytes):
+            lines.append(r.replace(b"\n", b" "))
+        elif isinstance(r, str):
+            lines.append(r.replace("\n", " ").encode())
+        else:
+            lines.append(json.dumps(r).encode())
+    f = d / "h.jsonl"
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    spec = make_spec(source={"record_format": "chat"}, dedup={"near": False}, cleaning={"quality": {"enabled": False}})
+    res = clean_file(f, "d", spec)
+    assert res.accounted()
+    assert res.rows_in + res.blank_lines == len(lines)
+    # the same rows through the per-line path only
+    old = formats.CHUNK_LINES
+    try:
+        formats.CHUNK_LINES = 1 << 30
+        orig = formats.pajson.read_json
+        formats.pajson.read_json = lambda *a, **k: (_ for _ in ()).throw(pa.ArrowInvalid("forced"))
+        slow = clean_file(f, "d", spec)
+    finally:
+        formats.CHUNK_LINES = old
+        formats.pajson.read_json = orig
+    pd.testing.assert_frame_equal(res.kept, slow.kept)
+    assert (
+        res.quarantine[["source_line", "reason"]].values.tolist()
+        == slow.quarantine[["source_line", "reason"]].values.tolist()
+    )
