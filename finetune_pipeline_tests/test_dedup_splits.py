@@ -95,7 +95,9 @@ def _frames(n: int, drop: str, start: int = 0, labels: list[str] | None = None, 
     return pd.DataFrame(
         {
             "row_id": ids,
-            "messages": ["[]"] * n,
+            "messages": [
+                json.dumps([{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": "a"}]) for i in ids
+            ],
             "content_hash": [f"h{i}" for i in ids],
             "prompt_hash": [f"p{i}" for i in ids],
             "drop": drop,

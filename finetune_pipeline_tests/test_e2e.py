@@ -149,6 +149,11 @@ def test_pipeline_trains_evaluates_and_registers(trained: dict, env: dict) -> No
     for k, w in weights.items():
         assert not torch.equal(w, init[k]), f"{k} did not change"
 
+    # token statistics of the splits against training.max_length
+    tokens = latest(instance, "token_stats")
+    assert tokens["train_tokens"]["rows"] == splits["train_rows"] and tokens["train_tokens"]["p50"] > 10
+    assert tokens["max_length"] == spec.training.max_length and "data:image/png;base64" in tokens["histogram"]
+
     # eval report and the blocking gate
     report = latest(instance, "eval_report")
     assert report["tuned"]["perplexity"] < report["base"]["perplexity"]

@@ -301,3 +301,31 @@ def test_nothing_is_lost_and_the_fast_path_agrees_with_the_line_by_line_path(tmp
         res.quarantine[["source_line", "reason"]].values.tolist()
         == slow.quarantine[["source_line", "reason"]].values.tolist()
     )
+
+
+def test_crlf_lines_and_an_empty_file(tmp_path: Path) -> None:
+    f = tmp_path / "w.jsonl"
+    f.write_bytes(json.dumps(CHAT).encode() + b"\r\n" + json.dumps(PROMPT_COMPLETION | {"x": 1}).encode() + b"\r\n")
+    res = clean_file(f, "d", make_spec(source={"record_format": "chat"}))
+    assert res.kept["row_id"].tolist() == ["c1"] and res.quarantine["reason"].tolist() == ["mixed_format"]
+    empty = tmp_path / "e.jsonl"
+    empty.write_bytes(b"")
+    res = clean_file(empty, "d", make_spec())
+    assert res.rows_in == 0 and res.kept.empty and res.accounted()
+    assert any("no records" in n for n in res.notes)
+
+
+def test_token_bounds_use_the_base_tokenizer(tmp_path: Path, tiny_model: Path) -> None:
+    from finetune_pipeline.data.tokens import TokenCounter
+
+    rows = [
+        {"id": "short", "prompt": "Hi?", "completion": "Hello."},
+        {"id": "long", "prompt": "Tell me a story.", "completion": "Once upon a time " * 40},
+    ]
+    f = write_jsonl(tmp_path / "t.jsonl", rows)
+    counter = TokenCounter(tiny_model)
+    spec = make_spec(cleaning={"max_tokens": 60, "max_rejection_rate": 1.0, "quality": {"enabled": False}})
+    res = clean_file(f, "d", spec, count_tokens=counter)
+    assert res.kept["row_id"].tolist() == ["short"] and res.kept["tokens"].iloc[0] < 60
+    [q] = res.quarantine.to_dict("records")
+    assert q["reason"] == "too_many_tokens" and "> cleaning.max_tokens=60" in q["detail"]

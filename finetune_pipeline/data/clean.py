@@ -26,7 +26,6 @@ KEPT_COLUMNS = [
     "row_id",
     "messages",
     "content_hash",
-    "prompt_hash",
     "drop",
     "source_line",
     "label",
@@ -112,10 +111,9 @@ def clean_file(
     texts: list[pa.Array] = []
     answers: list[pa.Array] = []
     t0 = time.perf_counter()
-    for table in read.tables:
-        if table.num_rows == 0:
-            continue
-        res = normalize.normalise(table, read.record_format, cols, cleaning)
+    tables = [t for t in read.tables if t.num_rows]
+    results = [normalize.normalise(t, read.record_format, cols, cleaning) for t in tables]
+    for table, res in zip(tables, results, strict=True):
         lines = table.column("_line").to_numpy()
         if len(res.reject_rows):
             previews = _row_preview(table, res.reject_rows)
@@ -127,27 +125,16 @@ def clean_file(
         ok = f.pop("_pos").to_numpy()
         f["source_line"] = lines[ok]
         for name, col in (("id", cols.id), ("label", cols.label), ("timestamp", cols.timestamp)):
-            f[name] = table.column(col).take(pa.array(ok)).to_numpy(zero_copy_only=False) if col else None
+            if col:  # absent columns are added once, after the concat (object columns of None concat slowly)
+                f[name] = table.column(col).take(pa.array(ok)).to_numpy(zero_copy_only=False)
         frames.append(f)
         texts.append(res.frame_text)
         answers.append(res.assistant_text)
-    kept = (
-        pd.concat(frames, ignore_index=True)
-        if frames
-        else _empty(
-            [
-                "messages",
-                "content_hash",
-                "prompt_hash",
-                "n_messages",
-                "chars",
-                "source_line",
-                "id",
-                "label",
-                "timestamp",
-            ]
-        )
-    )
+    base_cols = ["messages", "content_hash", "n_messages", "chars", "source_line"]
+    kept = pd.concat(frames, ignore_index=True) if frames else _empty(base_cols)
+    for name in ("id", "label", "timestamp"):
+        if name not in kept:
+            kept[name] = None
     text = pa.concat_arrays(texts) if texts else pa.array([], pa.string())
     answer = pa.concat_arrays(answers) if answers else pa.array([], pa.string())
     timings["normalise"] = time.perf_counter() - t0
@@ -209,54 +196,57 @@ def clean_file(
                 lambda i: f"{toks[i]} tokens < cleaning.min_tokens={cleaning.min_tokens}",
             )
         timings["tokens"] = time.perf_counter() - t0
-    keep_mask = ~drop_mask
-    kept, text = kept[keep_mask].reset_index(drop=True), text.filter(pa.array(keep_mask))
+    # From here on rows are only marked (one filter at the end: filtering object columns is the slow part).
+    alive = ~drop_mask
     ids = kept.pop("id")
-    given = ids.notna() & (ids.astype("string").str.len() > 0)
-    kept["row_id"] = np.where(given, ids.astype("string"), kept["content_hash"].str[:16]).astype(object)
+    given = ids.notna().to_numpy()
+    if given.any():
+        given &= ids.astype("string").str.len().fillna(0).to_numpy() > 0
+    row_id = kept["content_hash"].to_numpy(dtype=object)
+    row_id[given] = ids.to_numpy()[given]
+    kept["row_id"] = row_id
     kept["drop"] = drop
 
     t0 = time.perf_counter()
-    exact = kept["content_hash"].duplicated(keep="first").to_numpy()
-    owner = kept[~exact].set_index("content_hash")["row_id"]
-    dups = [
-        pd.DataFrame(
-            {
-                "drop": drop,
-                "source_line": kept["source_line"][exact],
-                "row_id": kept["row_id"][exact],
-                "duplicate_of": kept["content_hash"][exact].map(owner),
-                "content_hash": kept["content_hash"][exact],
-                "kind": "exact",
-                "similarity": 1.0,
-            }
-        )
-    ]
-    kept, text = kept[~exact].reset_index(drop=True), text.filter(pa.array(~exact))
+    key = (kept.pop("_key") if "_key" in kept else kept["content_hash"]).to_numpy()
+    live = np.flatnonzero(alive)
+    live_keys = pd.Series(key[live])
+    repeat = live_keys.duplicated(keep="first").to_numpy()
+    exact = np.zeros(len(kept), bool)
+    exact[live[repeat]] = True
+    dups = [_duplicates_frame(kept, live, live_keys, repeat, drop)]
+    alive &= ~exact
     timings["exact_dedup"] = time.perf_counter() - t0
-    if spec.dedup.near and len(kept) > 1:
+    if spec.dedup.near and alive.sum() > 1:
         t0 = time.perf_counter()
-        nd = dedup.near_duplicates(
-            dedup.shingle(text, spec.dedup.ngram), spec.dedup.near_threshold, spec.dedup.num_perm
-        )
+        live = np.flatnonzero(alive)
+        sub = text.take(pa.array(live)) if len(live) < len(kept) else text
+        nd = dedup.near_duplicates(dedup.shingle(sub, spec.dedup.ngram), spec.dedup.near_threshold, spec.dedup.num_perm)
         if len(nd.row):
+            rows, matched = live[nd.row], live[nd.matched]
             dups.append(
                 pd.DataFrame(
                     {
                         "drop": drop,
-                        "source_line": kept["source_line"].to_numpy()[nd.row],
-                        "row_id": kept["row_id"].to_numpy()[nd.row],
-                        "duplicate_of": kept["row_id"].to_numpy()[nd.matched],
-                        "content_hash": kept["content_hash"].to_numpy()[nd.row],
+                        "source_line": kept["source_line"].to_numpy()[rows],
+                        "row_id": kept["row_id"].to_numpy()[rows],
+                        "duplicate_of": kept["row_id"].to_numpy()[matched],
+                        "content_hash": kept["content_hash"].to_numpy()[rows],
                         "kind": "near",
                         "similarity": np.round(nd.similarity, 4),
                     }
                 )
             )
-            mask = np.ones(len(kept), bool)
-            mask[nd.row] = False
-            kept = kept[mask].reset_index(drop=True)
+            alive[rows] = False
         timings["near_dedup"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    kept = kept[KEPT_COLUMNS]
+    if not alive.all():
+        kept = kept[alive]
+    kept = kept.reset_index(drop=True)
+    for c in ("messages", "content_hash"):  # plain Python strings for the code downstream
+        kept[c] = kept[c].to_numpy(dtype=object)
+    timings["select"] = time.perf_counter() - t0
     duplicates = pd.concat(dups, ignore_index=True)[DUPLICATE_COLUMNS]
     quarantine = (
         pd.DataFrame(
@@ -271,7 +261,7 @@ def clean_file(
     )
     reasons = quarantine["reason"].value_counts().sort_index().to_dict()
     return CleanResult(
-        kept=kept[KEPT_COLUMNS].sort_values("source_line", kind="stable").reset_index(drop=True),
+        kept=kept,
         quarantine=quarantine,
         duplicates=duplicates.sort_values("source_line", kind="stable").reset_index(drop=True),
         rows_in=read.rows_in,
@@ -281,6 +271,27 @@ def clean_file(
         record_format=read.record_format,
         notes=read.notes,
         timings=timings,
+    )
+
+
+def _duplicates_frame(
+    kept: pd.DataFrame, live: np.ndarray, live_keys: pd.Series, repeat: np.ndarray, drop: str
+) -> pd.DataFrame:
+    """Exact duplicates (``live[repeat]``) with the id of the first live row that had the same content."""
+    first_pos = pd.Series(live[~repeat], index=live_keys[~repeat].to_numpy())
+    rows = live[repeat]
+    owner = first_pos.reindex(live_keys[repeat].to_numpy()).to_numpy()
+    row_ids = kept["row_id"].to_numpy()
+    return pd.DataFrame(
+        {
+            "drop": drop,
+            "source_line": kept["source_line"].to_numpy()[rows],
+            "row_id": row_ids[rows],
+            "duplicate_of": row_ids[owner],
+            "content_hash": kept["content_hash"].to_numpy()[rows],
+            "kind": "exact",
+            "similarity": 1.0,
+        }
     )
 
 

@@ -25,7 +25,7 @@ import pyarrow.json as pajson
 from finetune_pipeline.spec import ColumnMap, SourceSpec
 
 RAW_PREVIEW_CHARS = 2000
-CHUNK_LINES = 65_536
+CHUNK_LINES = 131_072
 DETECT_SAMPLE = 200
 EXTENSIONS = {
     ".jsonl": "jsonl",
@@ -279,6 +279,9 @@ def read_jsonl(path: Path, data: bytes, source: SourceSpec) -> ReadResult:
     for i in ws_start:
         blank[i] = not line_bytes(int(i)).strip()
     content_lines = np.flatnonzero(~blank)
+    if len(content_lines) == 0:
+        fmt = source.record_format if source.record_format != "auto" else "chat"
+        return ReadResult("jsonl", fmt, [], [], 0, int(blank.sum()), [f"{path.name}: no records in the file"])
     sample = []
     for i in content_lines[:DETECT_SAMPLE]:
         try:
@@ -319,7 +322,7 @@ def read_jsonl(path: Path, data: bytes, source: SourceSpec) -> ReadResult:
         try:
             t = pajson.read_json(
                 io.BytesIO(chunk),
-                read_options=pajson.ReadOptions(block_size=max(1 << 20, max_line + 2)),
+                read_options=pajson.ReadOptions(block_size=max(8 << 20, max_line + 2)),
                 parse_options=pajson.ParseOptions(explicit_schema=read_schema, unexpected_field_behavior="ignore"),
             )
         except (pa.ArrowInvalid, UnicodeDecodeError):

@@ -32,7 +32,7 @@ SHAREGPT_ROLES = {
 }
 _SYS, _USER, _ASSIST = 0, 1, 2
 _CTRL = "[\\x00-\\x07\\x0b\\x0e-\\x1f]"
-_HASH_KEYS = ("finetune-hash-a1", "finetune-hash-b2")
+_HASH_KEY = "finetune-rows-v2"  # 16 bytes: the SipHash key
 
 
 @dataclass
@@ -146,26 +146,63 @@ def _bytes_present(arr: pa.Array) -> np.ndarray:
     return out
 
 
+def _string_offsets(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    bufs = arr.buffers()
+    wide = pa.types.is_large_string(arr.type)
+    off = np.frombuffer(bufs[1], np.int64 if wide else np.int32)[arr.offset : arr.offset + len(arr) + 1]
+    data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    return off.astype(np.int64), data
+
+
+_WS_NEEDLES = ("\t", "\r", "  ", " \n", "\n ")
+
+
+def _needs_whitespace_fix(arr: pa.Array) -> np.ndarray:
+    """Strings that hold "  ", a tab, a CR, a space next to a line break, or whitespace (or a non-ASCII byte,
+    which may be Unicode whitespace) at either end. Each pattern is first looked for in the whole byte buffer at
+    once (bytes.find); only a pattern that occurs is then matched string by string."""
+    off, data = _string_offsets(arr)
+    n = len(arr)
+    if n == 0:
+        return np.zeros(0, bool)
+    raw = data[off[0] : off[-1]].tobytes()
+    need = np.zeros(n, bool)
+    has_newline = raw.find(b"\n") >= 0
+    for needle in _WS_NEEDLES:
+        if "\n" in needle and not has_newline:
+            continue
+        if raw.find(needle.encode()) >= 0:
+            need |= pc.match_substring(arr, needle).fill_null(False).to_numpy(zero_copy_only=False)
+    nonempty = off[1:] > off[:-1]
+    if len(data):
+        first = data[np.minimum(off[:-1], len(data) - 1)]
+        last = data[np.maximum(off[1:] - 1, 0)]
+        edge = lambda b: (b <= 32) | (b >= 0x80)  # noqa: E731  (control/space or a possible Unicode space)
+        need |= nonempty & (edge(first) | edge(last))
+    return need
+
+
 def normalise_whitespace(content: pa.Array) -> pa.Array:
     """CRLF to LF, runs of spaces/tabs to one space, no spaces around line breaks, trimmed ends.
 
-    The regular expressions run only on the strings that need them (most text has nothing to fix)."""
-    present = _bytes_present(content)
-    needles = ["  "] + ([" \n", "\n "] if present[ord("\n")] else []) + [c for c in "\t\r" if present[ord(c)]]
-    if len(needles) == 1:
-        need = pc.match_substring(content, needles[0])
+    The regular expressions and the trim run only on the strings that need them (most text has nothing to fix)."""
+    content = content.cast(pa.string())
+    if content.null_count:
+        valid = content.is_valid().to_numpy(zero_copy_only=False)
+        need = np.zeros(len(content), bool)
+        filled = content.fill_null("")
+        need = _needs_whitespace_fix(filled) & valid
     else:
-        need = pc.match_substring_regex(
-            content, "|".join(n.replace("\t", "\\t").replace("\r", "\\r").replace("\n", "\\n") for n in needles)
-        )
-    need = need.fill_null(False)
-    if pc.any(need).as_py():
-        x = content.filter(need)
-        x = pc.replace_substring(x, "\r\n", "\n")
-        x = pc.replace_substring_regex(x, "[ \t]+", " ")
-        x = pc.replace_substring_regex(x, " ?\n ?", "\n")
-        content = pc.replace_with_mask(content, need, x)
-    return pc.utf8_trim_whitespace(content)
+        need = _needs_whitespace_fix(content)
+    if not need.any():
+        return content
+    mask = pa.array(need)
+    x = content.filter(mask)
+    x = pc.replace_substring(x, "\r\n", "\n")
+    x = pc.replace_substring_regex(x, "[ \t]+", " ")
+    x = pc.replace_substring_regex(x, " ?\n ?", "\n")
+    x = pc.utf8_trim_whitespace(x)
+    return pc.replace_with_mask(content, mask, x)
 
 
 def json_string(content: pa.Array) -> pa.Array:
@@ -188,18 +225,30 @@ def json_string(content: pa.Array) -> pa.Array:
     return x
 
 
+_HEX = np.array([f"{i:02x}" for i in range(256)], dtype="S2")
+
+
+def hash_values(values: pa.Array) -> np.ndarray:
+    """64-bit keyed SipHash-2-4 of each string (pandas' C implementation), as uint64."""
+    obj = values.to_numpy(zero_copy_only=False)
+    return pd.util.hash_array(obj.astype(object, copy=False), hash_key=_HASH_KEY, categorize=False)
+
+
+def to_hex(h: np.ndarray) -> pd.api.extensions.ExtensionArray:
+    """uint64 -> 16-character lower-case hex strings (vectorised; an Arrow-backed pandas array)."""
+    raw = _HEX[h.astype(">u8").view(np.uint8).reshape(-1, 8)].view("S16").ravel()
+    return pd.arrays.ArrowExtensionArray(pa.array(raw, pa.binary()).cast(pa.large_string()))
+
+
 def hash_strings(values: pa.Array) -> np.ndarray:
-    """128-bit hex digests of strings (two keyed SipHash-2-4 passes, pandas' C implementation)."""
-    obj = values.to_numpy(zero_copy_only=False).astype(object)
-    a = pd.util.hash_array(obj, hash_key=_HASH_KEYS[0], categorize=False)
-    b = pd.util.hash_array(obj, hash_key=_HASH_KEYS[1], categorize=False)
-    raw = np.stack([a, b], axis=1).astype(">u8").tobytes().hex()
-    return np.array([raw[i : i + 32] for i in range(0, len(raw), 32)], dtype=object)
+    return to_hex(hash_values(values))
 
 
 @dataclass
 class Normalised:
-    frame: pd.DataFrame  # one row per valid record: messages, hashes, n_messages, chars, _pos (input position)
+    frame: (
+        pd.DataFrame
+    )  # one row per valid record: messages, content_hash, n_messages, chars, _key, _pos (input position)
     frame_text: pa.Array  # per valid row: all message contents joined (for near-duplicate shingles)
     assistant_text: pa.Array  # per valid row: the assistant turns joined (for the quality score)
     reject_rows: np.ndarray  # positions in the input table
@@ -313,26 +362,15 @@ def normalise(table: pa.Table, fmt: str, cols: ColumnMap, cleaning: CleaningSpec
     np.cumsum(ok_counts, out=offsets[1:])
     lists = pa.ListArray.from_arrays(pa.array(offsets), elems)
     messages = pc.binary_join_element_wise("[", pc.binary_join(lists, ", "), "]", "")
-    # the prompt: every message but the last
-    last_mask = np.zeros(len(elems), bool)
-    if len(elems):
-        last_mask[offsets[1:] - 1] = True
-    p_offsets = offsets - np.arange(len(offsets), dtype=np.int32)
-    prompts = pc.binary_join_element_wise(
-        "[",
-        pc.binary_join(pa.ListArray.from_arrays(pa.array(p_offsets), elems.filter(pa.array(~last_mask))), ", "),
-        "]",
-        "",
-    )
-    chash = hash_strings(messages) if len(messages) else np.zeros(0, object)
-    phash = hash_strings(prompts) if len(prompts) else np.zeros(0, object)
+    ckey = hash_values(messages) if len(messages) else np.zeros(0, np.uint64)
+    chash = to_hex(ckey) if len(messages) else np.zeros(0, object)
     frame = pd.DataFrame(
         {
-            "messages": messages.to_numpy(zero_copy_only=False),
+            "messages": pd.arrays.ArrowExtensionArray(messages.cast(pa.large_string())),
             "content_hash": chash,
-            "prompt_hash": phash,
             "n_messages": ok_counts.astype(np.int32),
             "chars": total[ok],
+            "_key": ckey,
             "_pos": np.flatnonzero(ok),
         }
     )

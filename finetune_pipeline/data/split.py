@@ -48,6 +48,14 @@ def messages_text(messages_json: pa.Array | list[str]) -> pa.Array:
     return x
 
 
+_LAST_MESSAGE = r'(, )?\{"role": "[a-z]+", "content": "(?:[^"\\]|\\.)*"\}\]$'
+
+
+def prompt_texts(messages_json: pd.Series | list[str]) -> pa.Array:
+    """Canonical messages JSON without the last message: what a row asks, for prompt-overlap counts."""
+    return pc.replace_substring_regex(pa.array(list(messages_json), pa.string()), _LAST_MESSAGE, "]")
+
+
 @dataclass
 class SplitResult:
     frames: dict[str, pd.DataFrame]
@@ -171,9 +179,10 @@ def test_train_leaks(rows: pd.DataFrame, split: np.ndarray, shingles: dedup.Shin
 def overlap_report(frames: dict[str, pd.DataFrame]) -> dict[str, Any]:
     """Rows shared between splits: exact content (must be 0) and same prompt with another answer (leak risk)."""
     report: dict[str, Any] = {}
+    prompts = {s: set(prompt_texts(f["messages"]).to_pylist()) if len(f) else set() for s, f in frames.items()}
     for a, b in (("train", "validation"), ("train", "test"), ("validation", "test")):
         ca, cb = set(frames[a]["content_hash"]), set(frames[b]["content_hash"])
-        pa, pb = set(frames[a]["prompt_hash"]), set(frames[b]["prompt_hash"])
+        pa, pb = prompts[a], prompts[b]
         ia, ib = set(frames[a]["row_id"]), set(frames[b]["row_id"])
         report[f"{a}_{b}_content_overlap"] = len(ca & cb)
         report[f"{a}_{b}_prompt_overlap"] = len(pa & pb)
