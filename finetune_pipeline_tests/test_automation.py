@@ -234,3 +234,32 @@ drift: {{warn_threshold: 0.3, retrain_threshold: 0.5}}
         mat = next(m for m in res_c.get_asset_materialization_events() if m.asset_key.path[-1] == "cleaned_dataset")
         assert mat.materialization.metadata["drift"].value["score"] >= 0.5
         assert len(tick(instance).run_requests) == 1
+
+
+def test_a_csv_drop_keeps_its_format_through_the_assets(tmp_path: Path) -> None:
+    from finetune_pipeline.defs.data_assets import raw_paths
+    from finetune_pipeline.defs.resources import StateStore
+
+    text = f"""
+name: watch
+source: {{incoming_dir: {tmp_path / "incoming"}, settle_seconds: 0, file_glob: "*.csv"}}
+registry: {{model_name: watch-model}}
+"""
+    spec = parse_spec(text, path=tmp_path / "watch.yaml")
+    defs = _defs(spec, tmp_path)
+    state = StateStore(root=str(tmp_path / "state"))
+    f = tmp_path / "incoming" / "tickets.csv"
+    f.parent.mkdir(parents=True)
+    f.write_text("instruction,output\n" + "".join(f"Summarise item {i}.,Item {i} is fine.\n" for i in range(30)))
+    ingest = [x for x in defs.assets if x.key.path[-1] in ("raw_dataset", "cleaned_dataset")]
+    with _instance(tmp_path) as instance:
+        instance.add_dynamic_partitions("watch_drops", [drop_key(f)])
+        res = dg.materialize(ingest, partition_key=drop_key(f), instance=instance, resources={"state": state})
+        assert res.success
+        md = next(
+            m.materialization.metadata
+            for m in res.get_asset_materialization_events()
+            if m.asset_key.path[-1] == "cleaned_dataset"
+        )
+        assert (md["file_format"].value, md["record_format"].value, md["kept"].value) == ("csv", "alpaca", 30)
+        assert raw_paths(state, spec, drop_key(f))["raw"].suffix == ".csv"
