@@ -329,3 +329,12 @@ def test_token_bounds_use_the_base_tokenizer(tmp_path: Path, tiny_model: Path) -
     assert res.kept["row_id"].tolist() == ["short"] and res.kept["tokens"].iloc[0] < 60
     [q] = res.quarantine.to_dict("records")
     assert q["reason"] == "too_many_tokens" and "> cleaning.max_tokens=60" in q["detail"]
+
+
+def test_numeric_ids_stay_on_the_fast_path_and_match_the_slow_one(tmp_path: Path) -> None:
+    rows = [PROMPT_COMPLETION | {"id": i, "prompt": f"question {i}?"} for i in range(50)]
+    f = write_jsonl(tmp_path / "n.jsonl", rows)
+    res = formats.read_file(f, make_spec().source)
+    assert len(res.tables) == 1 and res.tables[0].num_rows == 50 and not res.rejects
+    assert res.tables[0].column("id").to_pylist()[:3] == ["0", "1", "2"]
+    assert clean_file(f, "d", make_spec()).kept["row_id"].tolist() == [str(i) for i in range(50)]

@@ -319,13 +319,8 @@ def read_jsonl(path: Path, data: bytes, source: SourceSpec) -> ReadResult:
     for c0 in range(0, len(content_lines), CHUNK_LINES):
         idx = content_lines[c0 : c0 + CHUNK_LINES]
         chunk = _join_lines(data, starts, ends, idx)
-        try:
-            t = pajson.read_json(
-                io.BytesIO(chunk),
-                read_options=pajson.ReadOptions(block_size=max(8 << 20, max_line + 2)),
-                parse_options=pajson.ParseOptions(explicit_schema=read_schema, unexpected_field_behavior="ignore"),
-            )
-        except (pa.ArrowInvalid, UnicodeDecodeError):
+        t = _read_chunk(chunk, read_schema, extra_fields(cols), max_line)
+        if t is None:
             coll.flush()
             per_line(idx)
             continue
@@ -346,6 +341,35 @@ def read_jsonl(path: Path, data: bytes, source: SourceSpec) -> ReadResult:
         coll.tables.append(t)
     coll.flush()
     return ReadResult("jsonl", fmt, coll.tables, rejects, len(content_lines), int(blank.sum()), notes)
+
+
+_NUMERIC_COLUMN = re.compile(r"Column\(/([^)/]+)\) changed from string to number")
+
+
+def _read_chunk(chunk: bytes, schema: pa.Schema, extras: list[str], max_line: int) -> pa.Table | None:
+    """Arrow's JSON reader on a chunk of lines; None when it rejects the chunk (then it is read line by line).
+    Numeric ids, labels or timestamps are read as numbers and turned into strings, as the line-by-line path does."""
+    for _ in range(len(extras) + 1):
+        try:
+            t = pajson.read_json(
+                io.BytesIO(chunk),
+                read_options=pajson.ReadOptions(block_size=max(8 << 20, max_line + 2)),
+                parse_options=pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
+            )
+        except UnicodeDecodeError:
+            return None
+        except pa.ArrowInvalid as exc:
+            m = _NUMERIC_COLUMN.search(str(exc))
+            if not m or m.group(1) not in extras or not pa.types.is_string(schema.field(m.group(1)).type):
+                return None
+            i = schema.get_field_index(m.group(1))
+            schema = schema.set(i, pa.field(m.group(1), pa.int64()))
+            continue
+        for f in schema:
+            if pa.types.is_integer(f.type):
+                t = t.set_column(t.schema.get_field_index(f.name), f.name, t.column(f.name).cast(pa.string()))
+        return t
+    return None
 
 
 def _join_lines(data: bytes, starts: np.ndarray, ends: np.ndarray, idx: np.ndarray) -> bytes:
