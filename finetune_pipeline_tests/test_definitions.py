@@ -58,6 +58,7 @@ def test_two_specs_two_independent_groups(tmp_path: Path) -> None:
         "chat_schema",
         "no_split_overlap",
         "tuned_beats_base",
+        "generations_end",
         "reload_same_logits",
     } == checks
 
