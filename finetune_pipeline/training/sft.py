@@ -77,6 +77,7 @@ class TrainResult:
     train_tokens: int  # non-padding tokens seen in this session
     wall_seconds: float
     tokens_per_second: float
+    cpu_seconds: float  # CPU time of this process while training (all threads): robust to other load
     trainable_params: int
     total_params: int
     lora_tensors_changed: int
@@ -153,7 +154,57 @@ def _trainer_class() -> Any:
                     fh.write(json.dumps(line) + "\n")
             return super().training_step(model, inputs, num_items_in_batch)
 
+        def compute_loss(
+            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            if return_outputs or not self.model.training or not _lean_ok(self):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return _lean_loss(self, model, inputs, num_items_in_batch)
+
     return RecordingSFTTrainer
+
+
+def _lean_ok(trainer: Any) -> bool:
+    """The lean loss applies to one process, plain NLL, and models without logit scaling or soft-capping."""
+    cfg = trainer.model.config.get_text_config()
+    return (
+        trainer.accelerator.num_processes == 1
+        and trainer.compute_loss_func is None
+        and trainer.label_smoother is None
+        and not trainer.aux_loss_enabled
+        and trainer.args.loss_type == "nll"
+        and getattr(cfg, "final_logit_softcapping", None) is None
+        and getattr(cfg, "logit_scale", None) is None
+        and getattr(cfg, "logits_scaling", None) is None
+    )
+
+
+def _lean_loss(trainer: Any, model: Any, inputs: dict[str, Any], num_items_in_batch: Any) -> Any:
+    """Training loss without trl's per-step extras: the LM head projects only the positions that carry a label
+    (on CPU trl's fused head scores every position, prompt and padding included) and no full-vocabulary entropy is
+    computed for the logs. Same value as trl's loss: summed answer-token NLL over ``num_items_in_batch``."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(base, base.base_model_prefix)
+    fwd = {k: v for k, v in inputs.items() if k != "labels"}
+    fwd["use_cache"] = False
+    hidden = backbone(**fwd).last_hidden_state[:, :-1]
+    target = inputs["labels"][:, 1:]
+    mask = target != -100
+    head = base.get_output_embeddings()
+    logits = head(hidden[mask].to(head.weight.device)).float()
+    picked = target[mask].to(logits.device)
+    nll = torch.nn.functional.cross_entropy(logits, picked, reduction="sum")
+    denom = mask.sum() if num_items_in_batch is None else num_items_in_batch
+    loss = nll / torch.as_tensor(denom, device=nll.device).clamp(min=1)
+    with torch.no_grad():
+        acc = (logits.argmax(-1) == picked).float().mean().item() if picked.numel() else 0.0
+    n_tok = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else int(inputs["input_ids"].numel())
+    trainer._total_train_tokens += n_tok
+    trainer._metrics["train"]["num_tokens"] = [trainer._total_train_tokens]
+    trainer._metrics["train"]["mean_token_accuracy"].append(acc)
+    return loss
 
 
 def eos_check(model: Any, tok: Any, messages: list[str], max_new_tokens: int) -> tuple[float, list[dict[str, Any]]]:
@@ -329,13 +380,13 @@ def train(
     trainer.remove_callback(PrinterCallback)  # progress goes through `log` (the Dagster run log) instead
     if resume is not None:
         log(f"resuming from {resume.name}: global step, optimizer, scheduler, RNG and data position restored")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if resume is not None and resumed_from >= max_steps:
         _load_final_checkpoint(trainer, resume, req.model.method)  # killed after its last step: nothing to train
         log(f"{resume.name} is the last step: loaded its weights, nothing left to train")
     else:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    wall = time.perf_counter() - t0
+    wall, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     steps = int(trainer.state.global_step)
     tokens_total = int(trainer.state.num_input_tokens_seen)
     # tokens of this session: the state restored from a checkpoint already counts the steps before it
@@ -380,6 +431,7 @@ def train(
         train_tokens=tokens,
         wall_seconds=wall,
         tokens_per_second=tokens / wall if wall > 0 else 0.0,
+        cpu_seconds=cpu_s,
         trainable_params=int(trainable),
         total_params=int(total),
         lora_tensors_changed=changed,
