@@ -9,7 +9,7 @@ export FINETUNE_HOME        ?= $(CURDIR)/.finetune
 export DAGSTER_HOME         ?= $(CURDIR)
 export FINETUNE_DAGSTER_DIR ?= $(FINETUNE_HOME)/dagster
 
-.PHONY: setup demo test dev mlflow-ui validate bench clean-state
+.PHONY: setup demo test dev mlflow-ui validate bench bench-train clean-state
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ dev: setup  ## Dagster UI on http://127.0.0.1:3000 (daemon included: sensor and 
 
 mlflow-ui: setup  ## MLflow UI on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(FINETUNE_HOME)/mlflow/mlflow.db -h 127.0.0.1 -p 5000
+
+bench-train: setup  ## training benchmarks (asset vs bare trl script, defaults, padding-free, FLOP utilisation): a few minutes each
+	$(BIN)/python bench/train_bench.py --out bench/results/train_bench.json
 
 clean-state:  ## forget everything the pipelines produced (keeps data/ and the venv)
 	rm -rf $(FINETUNE_HOME)
