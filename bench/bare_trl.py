@@ -44,15 +44,16 @@ def main() -> None:
     peft = LoraConfig(r=req["lora_r"], lora_alpha=req["lora_alpha"], lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     tokens = int(trainer.state.num_input_tokens_seen)
     trainer.model.save_pretrained(req["out"] + "/adapter", safe_serialization=True)
     print(json.dumps({
         "tokens_per_second": tokens / wall,
         "train_tokens": tokens,
         "wall_seconds": wall,
+        "cpu_seconds": cpu,
         "loss_history": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h],
         "adapter": req["out"] + "/adapter",
     }))

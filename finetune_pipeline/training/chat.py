@@ -75,14 +75,21 @@ def _same_text(tok: Any, a: str, b: str) -> bool:
     return True
 
 
-def resolve_chat_template(tok: Any, setting: str, base_dir: Path | None = None) -> ChatTemplate:
+def resolve_chat_template(
+    tok: Any, setting: str, base_dir: Path | None = None, need_markers: bool = True
+) -> ChatTemplate:
     """The template to train with, given ``training.chat_template`` ('auto' or a .jinja path).
 
     'auto': the model's own template when it already has generation markers; otherwise a known marked template
     that renders exactly the same text as the model's own (so nothing changes for serving); otherwise a clear error.
     Either way the assistant turn must end with the tokenizer's EOS token, or generations would never stop.
+    ``need_markers=False`` (no assistant-only loss): 'auto' keeps the model's own template as it is.
     """
     field = "training.chat_template"
+    if setting == "auto" and not need_markers:
+        if not getattr(tok, "chat_template", None):
+            raise ValueError(f"{field}: the model has no chat template; give a .jinja file")
+        return ChatTemplate("model", tok.chat_template, tok.eos_token)
     if setting != "auto":
         p = Path(setting).expanduser()
         if not p.is_absolute() and base_dir is not None:
@@ -104,7 +111,7 @@ def resolve_chat_template(tok: Any, setting: str, base_dir: Path | None = None) 
                 )
             chosen = ChatTemplate(match, KNOWN_MARKED[match], tok.eos_token)
     text = _render(tok, chosen.template, _PROBES[0], False)
-    if "{% generation %}" not in chosen.template.replace("{%- generation %}", "{% generation %}"):
+    if need_markers and "{% generation %}" not in chosen.template.replace("{%- generation %}", "{% generation %}"):
         raise ValueError(f"{field}: {chosen.source} has no {{% generation %}} markers around the assistant answer")
     if f"Hello!{tok.eos_token}" not in text:
         raise ValueError(

@@ -248,7 +248,7 @@ def train(
 
     from finetune_pipeline.models.base import load_model, load_tokenizer, lora_config, resolve_dtype
     from finetune_pipeline.training import cost, repro
-    from finetune_pipeline.training.chat import ChatTemplate, resolve_chat_template
+    from finetune_pipeline.training.chat import resolve_chat_template
 
     t = req.training
     params = effective_params(t, req.model, req.overrides)
@@ -259,14 +259,7 @@ def train(
     set_seed(t.seed)
     tok = load_tokenizer(req.base_path, req.model.trust_remote_code)
     spec_dir = Path(req.spec_dir) if req.spec_dir else None
-    if t.assistant_only_loss:
-        chat = resolve_chat_template(tok, t.chat_template, spec_dir)
-    elif t.chat_template != "auto":
-        p = Path(t.chat_template)
-        p = p if p.is_absolute() or spec_dir is None else spec_dir / p
-        chat = ChatTemplate(str(p), p.read_text(encoding="utf-8"), tok.eos_token)
-    else:
-        chat = ChatTemplate("model", tok.chat_template, tok.eos_token)
+    chat = resolve_chat_template(tok, t.chat_template, spec_dir, need_markers=t.assistant_only_loss)
     tok.chat_template = chat.template
 
     model = load_model(req.base_path, req.model, for_training=True)
@@ -353,7 +346,7 @@ def train(
         seed=t.seed,
         data_seed=t.seed,
         use_cpu=not use_cuda,
-        bf16=dtype == "bfloat16" and req.model.method != "full" and use_cuda,
+        bf16=dtype == "bfloat16" and use_cuda,  # CPU: weights already bf16, autocast would only add casts
         fp16=dtype == "float16" and use_cuda,
         gradient_checkpointing=False,
         include_num_input_tokens_seen="non_padding",
