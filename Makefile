@@ -9,7 +9,7 @@ export FINETUNE_HOME        ?= $(CURDIR)/.finetune
 export DAGSTER_HOME         ?= $(CURDIR)
 export FINETUNE_DAGSTER_DIR ?= $(FINETUNE_HOME)/dagster
 
-.PHONY: setup demo test dev mlflow-ui validate bench-data clean-state
+.PHONY: setup demo test dev mlflow-ui validate bench-data bench-train clean-state
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ mlflow-ui: setup  ## MLflow UI on http://127.0.0.1:5000
 
 bench-data: setup  ## data layer on 1M generated rows vs the per-row loop and datasketch (writes .finetune/bench/data_bench.json)
 	$(BIN)/python bench/data_bench.py --rows $(or $(ROWS),1000000)
+
+bench-train: setup  ## training benchmarks (asset vs bare trl script, defaults, padding-free, FLOP utilisation): a few minutes each
+	$(BIN)/python bench/train_bench.py --out bench/results/train_bench.json
 
 clean-state:  ## forget everything the pipelines produced (keeps data/ and the venv)
 	rm -rf $(FINETUNE_HOME)

@@ -170,8 +170,19 @@ class LoraSpec(_Strict):
     alpha: int = Field(32, gt=0, description="LoRA scaling numerator (peft lora_alpha).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path (peft lora_dropout).")
     target_modules: str | list[str] = Field(
-        "all-linear", description="Modules to adapt: 'all-linear' or a list of module names (peft target_modules)."
+        "all-linear",
+        description="Modules to adapt: 'all-linear' (every linear layer but the output head, found per architecture "
+        "by peft) or a list of module names such as [q_proj, v_proj] (peft target_modules).",
     )
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA, peft use_dora): slower per step.")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha/sqrt(r) (peft use_rslora).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and (not v or any(not m.strip() for m in v)):
+            raise ValueError("needs at least one module name, e.g. [q_proj, v_proj], or 'all-linear'")
+        return v
 
 
 class ModelSpec(_Strict):
@@ -180,11 +191,18 @@ class ModelSpec(_Strict):
         description="Base model: a packaged name (smollm2-135m-instruct, offline), a local folder, or a hub id.",
     )
     method: Literal["lora", "qlora", "full"] = Field(
-        "lora", description="lora, qlora (4-bit nf4 base via bitsandbytes) or full fine-tuning."
+        "lora", description="lora, qlora (quantised base via bitsandbytes, see quantization) or full fine-tuning."
+    )
+    quantization: Literal["nf4", "int8"] = Field(
+        "nf4",
+        description="QLoRA base quantisation: nf4 (4-bit NormalFloat with double quantisation) or int8 "
+        "(bitsandbytes 8-bit). Used only with method: qlora.",
     )
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter settings for lora / qlora.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Dtype the base weights are loaded in for training and evaluation."
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Dtype the base weights are loaded in for training and evaluation. 'auto' = bfloat16 where the "
+        "hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else float32.",
     )
     trust_remote_code: bool = Field(
         False, description="Allow model code from the hub. Off by default: only enable for repositories you trust."
@@ -202,14 +220,73 @@ class TrainingSpec(_Strict):
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps used for warm-up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_length: int = Field(512, gt=0, description="Longest tokenised example; longer ones are truncated.")
-    packing: bool = Field(False, description="Pack several examples into one sequence (trl packing).")
-    completion_only_loss: bool = Field(True, description="Compute the loss on the assistant answer only.")
+    packing: bool = Field(False, description="Pack several examples into one sequence (trl packing, bfd strategy).")
+    padding_free: bool = Field(
+        False,
+        description="Concatenate the batch into one row without padding (trl padding_free); attention stays per "
+        "example. Implied by packing.",
+    )
+    assistant_only_loss: bool = Field(
+        True,
+        description="Loss on every assistant turn only (trl assistant_only_loss), using a chat template with "
+        "{% generation %} markers (see chat_template). Off: completion_only_loss decides.",
+    )
+    completion_only_loss: bool = Field(
+        True, description="With assistant_only_loss off: loss on the final assistant answer only (prompt/completion)."
+    )
+    chat_template: str = Field(
+        "auto",
+        description="Chat template used for training, saved with the adapter and used by eval and the registry: "
+        "'auto' = the model's own if it has {% generation %} markers, else ChatML with markers when the tokenizer "
+        "has <|im_start|>/<|im_end|>; or a path to a .jinja file (relative to the spec file).",
+    )
     logging_steps: int = Field(5, gt=0, description="Log loss every N steps (into the Dagster run and MLflow).")
     eval_steps: int = Field(
         0, ge=0, description="Evaluate on the validation split every N steps (0 = only at the end)."
     )
     max_eval_samples: int = Field(128, gt=0, description="Validation rows used for the validation loss.")
     seed: int = Field(42, description="Seed for data order and adapter initialisation.")
+    save_steps: int = Field(
+        50,
+        ge=0,
+        description="Checkpoint every N steps under the state root; a killed run resumes from the last one "
+        "(0 = no checkpoints).",
+    )
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on disk (older ones are deleted).")
+    early_stopping_patience: int = Field(
+        0,
+        ge=0,
+        description="Stop after this many evaluations without a validation-loss improvement (0 = off; needs eval_steps).",
+    )
+    early_stopping_threshold: float = Field(
+        0.0, ge=0, description="Smallest drop in validation loss that counts as an improvement."
+    )
+    calibration_steps: int = Field(
+        3,
+        ge=0,
+        description="Steps timed at the start of the run to estimate its total time (logged before the long part; 0 = off).",
+    )
+    min_eos_rate: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="Check on the adapter: share of sampled validation prompts whose tuned generation reaches EOS.",
+    )
+    eos_check_samples: int = Field(8, ge=0, description="Validation prompts generated for the EOS check (0 = off).")
+    launcher: Literal["python", "accelerate"] = Field(
+        "python",
+        description="How the training child process starts: 'python' (one process) or 'accelerate' "
+        "(accelerate launch with num_processes, e.g. one per GPU).",
+    )
+    num_processes: int = Field(1, gt=0, description="Processes for launcher: accelerate (data parallel).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingSpec:
+        if self.early_stopping_patience and not self.eval_steps:
+            raise ValueError("early_stopping_patience needs eval_steps > 0 (validation loss is what it watches)")
+        if self.num_processes > 1 and self.launcher != "accelerate":
+            raise ValueError("num_processes > 1 needs launcher: accelerate")
+        return self
 
 
 class SearchParam(_Strict):

@@ -154,3 +154,80 @@ def test_qlora_trains_and_merges_on_cpu(tiny_model: Path, tmp_path: Path) -> Non
     assert res.method == "qlora" and res.lora_tensors_changed == res.lora_tensors_total > 0
     merged, tok = standalone_model(str(tiny_model), q, str(tmp_path / "q"))
     assert max_logit_diff(merged, tuned_model(str(tiny_model), q, str(tmp_path / "q")), tok) < 1e-4
+
+
+def test_lean_loss_equals_trl_loss(tiny_model: Path) -> None:
+    """The asset's training loss (LM head on labelled positions only, no per-step entropy) is trl's loss."""
+    import torch
+    from datasets import Dataset
+    from peft import get_peft_model
+    from trl import SFTConfig
+
+    from finetune_pipeline.models.base import load_model, load_tokenizer, lora_config
+    from finetune_pipeline.training.chat import resolve_chat_template
+    from finetune_pipeline.training.sft import _lean_loss, _lean_ok, _trainer_class
+
+    tok = load_tokenizer(str(tiny_model))
+    tok.chat_template = resolve_chat_template(tok, "auto").template
+    model = get_peft_model(load_model(str(tiny_model), LORA, for_training=True), lora_config(LORA))
+    ds = Dataset.from_list([{"messages": json.loads(r)} for r in ROWS[:4]])
+    cfg = SFTConfig(
+        output_dir="/tmp/unused",
+        per_device_train_batch_size=4,
+        assistant_only_loss=True,
+        use_cpu=True,
+        report_to=[],
+        max_length=128,
+        gradient_checkpointing=False,
+    )
+    trainer = _trainer_class()(model=model, args=cfg, train_dataset=ds, processing_class=tok)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert _lean_ok(trainer)
+    trainer.model.train()
+    with torch.no_grad():
+        lean = _lean_loss(trainer, trainer.model, dict(batch), None)
+        ref = super(type(trainer), trainer).compute_loss(trainer.model, dict(batch))
+    assert torch.allclose(lean, ref, rtol=1e-5, atol=1e-5), (lean, ref)
+    # only assistant tokens (answer + the <|im_end|> that ends it) carry a label
+    labels = batch["labels"][0]
+    kept = tok.decode(batch["input_ids"][0][labels != -100])
+    assert kept.endswith("<|im_end|>") and "Ticket" not in kept and kept.startswith("{")
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        ModelSpec(method="qlora", quantization="int8", lora={"r": 4, "alpha": 8, "dropout": 0.0}),
+        ModelSpec(lora={"r": 4, "alpha": 8, "dropout": 0.0, "use_dora": True, "target_modules": ["q_proj", "v_proj"]}),
+        ModelSpec(lora={"r": 4, "alpha": 8, "dropout": 0.0, "use_rslora": True}),
+    ],
+    ids=["qlora-int8", "dora-q-v", "rslora"],
+)
+def test_adapter_variants_train(model: ModelSpec, tiny_model: Path, tmp_path: Path) -> None:
+    from peft import PeftConfig
+
+    from finetune_pipeline.training.sft import TrainRequest, train
+
+    res = train(
+        TrainRequest(str(tiny_model), model, TRAIN.model_copy(update={"max_steps": 2}), ROWS[:8], [], tmp_path / "v"),
+        log=lambda m: None,
+    )
+    assert res.lora_tensors_changed == res.lora_tensors_total > 0
+    cfg = PeftConfig.from_pretrained(str(tmp_path / "v"))
+    assert cfg.use_dora is model.lora.use_dora and cfg.use_rslora is model.lora.use_rslora
+    targets = {m.split(".")[-1] for m in cfg.target_modules}
+    if isinstance(model.lora.target_modules, list):
+        assert targets == {"q_proj", "v_proj"}
+    else:  # all-linear: every projection of the llama block, never the output head
+        assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_early_stopping_on_validation_loss(tiny_model: Path, tmp_path: Path) -> None:
+    from finetune_pipeline.training.sft import TrainRequest, train
+
+    # an improvement must exceed 100 nats: none does, so training stops after `patience` evaluations
+    t = TRAIN.model_copy(
+        update={"max_steps": 20, "eval_steps": 2, "early_stopping_patience": 2, "early_stopping_threshold": 100.0}
+    )
+    res = train(TrainRequest(str(tiny_model), LORA, t, ROWS[:40], ROWS[40:44], tmp_path / "e"), log=lambda m: None)
+    assert res.stopped_early and res.steps == 6 and [s for s, _ in res.eval_history] == [2, 4, 6]

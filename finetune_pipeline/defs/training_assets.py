@@ -15,6 +15,8 @@ from finetune_pipeline.defs.common import CODE_VERSION, key, lineage, logger, ml
 from finetune_pipeline.defs.inputs import content_key, log_splits, read_base, read_splits
 from finetune_pipeline.defs.resources import MlflowTracking, OptunaStorage, StateStore
 from finetune_pipeline.spec import LoadedSpec
+from finetune_pipeline.training.launch import child_command
+from finetune_pipeline.training.repro import flatten as repro_flatten
 
 
 def sweep_inputs_digest(manifest: dict[str, Any], base: dict[str, Any]) -> str:
@@ -28,6 +30,59 @@ def sweep_study(spec: LoadedSpec, manifest: dict[str, Any], base: dict[str, Any]
 
     s = spec.spec
     return study_name(spec.name, sweep_inputs_digest(manifest, base), s.sweep, s.model, s.training)
+
+
+# Settings that change how a run is observed or launched, not what it learns: not part of the adapter's cache key.
+NOT_IN_ADAPTER_KEY = {
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "calibration_steps",
+    "launcher",
+    "min_eos_rate",
+    "eos_check_samples",
+}
+
+
+def result_cost(result: dict[str, Any]) -> dict[str, Any]:
+    """Cost metadata from a stored train_result.json."""
+    keys = (
+        "tokens_per_second",
+        "train_tokens",
+        "wall_seconds",
+        "estimated_seconds",
+        "peak_memory_mb",
+        "trainable_params",
+        "flops_per_token",
+        "achieved_tflops",
+        "matmul_peak_tflops",
+        "flop_utilisation",
+        "dtype",
+        "device",
+        "num_processes",
+    )
+    return {k: (round(result[k], 4) if isinstance(result.get(k), float) else result.get(k)) for k in keys}
+
+
+def loss_figure(result: dict[str, Any], title: str) -> Any:
+    """Train (and validation) loss against step, or None when nothing was logged."""
+    hist, ev = result["loss_history"], result.get("eval_history", [])
+    if not hist:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot([h[0] for h in hist], [h[1] for h in hist], marker="o", label="train")
+    if ev:
+        ax.plot([h[0] for h in ev], [h[1] for h in ev], marker="s", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{title} adapter")
+    ax.legend()
+    return fig
 
 
 def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
@@ -161,13 +216,21 @@ def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
         group_name=spec.name,
         code_version=CODE_VERSION,
         kinds={"pytorch", "peft", "mlflow"},
-        description="Fine-tuned adapter (LoRA/QLoRA) or full model, trained with trl's SFTTrainer on the train split.",
+        check_specs=[
+            dg.AssetCheckSpec(
+                "generations_end",
+                asset=k["adapter"],
+                description=f"At least {s.training.min_eos_rate:.0%} of sampled validation prompts get a tuned "
+                "generation that ends with the EOS token (the trained chat template travels with the adapter).",
+            )
+        ],
+        description="Fine-tuned adapter (LoRA/QLoRA) or full model, trained by trl's SFTTrainer in a child process (Dagster Pipes).",
     )
     def adapter(
         context: dg.AssetExecutionContext, state: StateStore, mlflow_tracking: MlflowTracking
     ) -> dg.MaterializeResult:
         from finetune_pipeline.tracking import mlflow_store
-        from finetune_pipeline.training.sft import TrainRequest, effective_params, train
+        from finetune_pipeline.training.sft import TrainRequest, effective_params
 
         frames, manifest = read_splits(state, spec)
         base = read_base(state, spec)
@@ -188,7 +251,7 @@ def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
             manifest["version"],
             base["digest"],
             s.model.model_dump(mode="json"),
-            s.training.model_dump(mode="json", exclude={"logging_steps"}),
+            s.training.model_dump(mode="json", exclude=NOT_IN_ADAPTER_KEY),
             params,
             CODE_VERSION,
         )
@@ -197,7 +260,6 @@ def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
         _, art = mlflow_tracking.setup_for(state)
         exp = mlflow_store.experiment_id(spec.name, art)
         if (out / "train_result.json").exists() and (out / "lineage.json").exists():
-            result = json.loads((out / "train_result.json").read_text())
             lin_rec = json.loads((out / "lineage.json").read_text())
             context.log.info(
                 f"training data and settings unchanged: reusing adapter {adapter_key} "
@@ -206,6 +268,17 @@ def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
             reused = True
         else:
             reused = False
+            # A killed run leaves its checkpoints here; the next materialization with the same key resumes from them.
+            work = out.with_name(out.name + ".partial")
+            work.mkdir(parents=True, exist_ok=True)
+            record = {
+                "spec_hash": spec.spec_hash,
+                "code_version": CODE_VERSION,
+                "base_weights_digest": base["digest"],
+                "splits_version": manifest["version"],
+                "data_digests": manifest["digests"],
+                "adapter_key": adapter_key,
+            }
             with mlflow_store.run(exp, "train", lineage(context, spec), **{"finetune.sweep_run_id": sweep_run}) as r:
                 log_splits(state, frames, manifest, spec, ["train", "validation"])
                 import mlflow
@@ -217,31 +290,54 @@ def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
                         "max_steps": s.training.max_steps,
                         "base_model": s.model.base,
                         "max_length": s.training.max_length,
+                        "dtype": s.model.dtype,
+                        "packing": s.training.packing,
+                        "padding_free": s.training.padding_free,
+                        "assistant_only_loss": s.training.assistant_only_loss,
                     }
                 )
-                tmp = out.with_name(out.name + ".tmp")
-                shutil.rmtree(tmp, ignore_errors=True)
-                res = train(
-                    TrainRequest(
-                        base_path=base["path"],
-                        model=s.model,
-                        training=s.training,
-                        train_messages=list(frames["train"]["messages"]),
-                        eval_messages=list(frames["validation"]["messages"]),
-                        output_dir=tmp,
-                        overrides=best,
-                    ),
-                    log=logger(context),
+                req = TrainRequest(
+                    base_path=base["path"],
+                    model=s.model,
+                    training=s.training,
+                    train_messages=list(frames["train"]["messages"]),
+                    eval_messages=list(frames["validation"]["messages"]),
+                    output_dir=work,
+                    overrides=best,
+                    checkpoint_dir=work / "checkpoints",
+                    spec_dir=str(spec.base_dir),
+                    measure_cost=True,
+                    eos_max_new_tokens=s.evaluation.max_new_tokens,
                 )
-                for step, loss in res.loss_history:
+                request_file = work / "request.json"
+                request_file.write_text(req.to_json())
+                cmd = child_command(s.training)
+                context.log.info(f"training child: {' '.join(cmd)} (request {request_file})")
+                invocation = dg.PipesSubprocessClient(env={"PYTHONUNBUFFERED": "1"}).run(
+                    command=cmd, context=context, extras={"request": str(request_file)}
+                )
+                invocation.get_materialize_result()  # the child reported its materialization: it finished
+                result = json.loads((work / "train_result.json").read_text())
+                record.update(result["reproducibility"])
+                mlflow.set_tags(repro_flatten(record))
+                for step, loss in result["loss_history"]:
                     mlflow.log_metric("train_loss", loss, step=step)
+                for step, loss in result["eval_history"]:
+                    mlflow.log_metric("eval_loss_curve", loss, step=step)
                 mlflow_store.log_metrics(
                     {
-                        "eval_loss": res.eval_loss,
-                        "tokens_per_second": res.tokens_per_second,
-                        "train_tokens": res.train_tokens,
-                        "wall_seconds": res.wall_seconds,
-                        "trainable_params": res.trainable_params,
+                        "eval_loss": result["eval_loss"],
+                        "tokens_per_second": result["tokens_per_second"],
+                        "train_tokens": result["train_tokens"],
+                        "wall_seconds": result["wall_seconds"],
+                        "trainable_params": result["trainable_params"],
+                        "peak_memory_mb": result["peak_memory_mb"],
+                        "resumed_from_step": result["resumed_from_step"],
+                        **{
+                            m: result[m]
+                            for m in ("estimated_seconds", "flop_utilisation", "achieved_tflops", "eos_rate")
+                            if result.get(m) is not None
+                        },
                     }
                 )
                 lin_rec = {
@@ -253,11 +349,19 @@ def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
                     "fingerprint": fingerprint,
                     "dagster_run_id": context.run_id,
                 }
-                (tmp / "lineage.json").write_text(json.dumps(lin_rec, indent=2))
-                mlflow.log_artifacts(str(tmp), artifact_path="adapter")
+                (work / "lineage.json").write_text(json.dumps(lin_rec, indent=2))
+                (work / "reproducibility.json").write_text(json.dumps(record, indent=2))
+                for f in ("request.json", "child.pid"):
+                    (work / f).unlink(missing_ok=True)
+                shutil.rmtree(work / "checkpoints", ignore_errors=True)
+                fig = loss_figure(result, spec.name)
+                if fig is not None:
+                    mlflow.log_figure(fig, "loss_curve.png")
+                mlflow.log_artifacts(str(work), artifact_path="adapter")
                 shutil.rmtree(out, ignore_errors=True)
-                tmp.rename(out)
-            result = json.loads((out / "train_result.json").read_text())
+                work.rename(out)
+        result = json.loads((out / "train_result.json").read_text())
+        record = json.loads((out / "reproducibility.json").read_text())
         hist = result["loss_history"]
         meta: dict[str, Any] = {
             "path": dg.MetadataValue.path(str(out)),
@@ -265,32 +369,44 @@ def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
             "reused": reused,
             "method": result["method"],
             "steps": result["steps"],
+            "resumed_from_step": result["resumed_from_step"],
+            "stopped_early": result["stopped_early"],
             "eval_loss": result["eval_loss"],
             "first_loss": hist[0][1] if hist else None,
             "final_loss": hist[-1][1] if hist else None,
-            "tokens_per_second": round(result["tokens_per_second"], 1),
-            "train_tokens": result["train_tokens"],
-            "wall_seconds": round(result["wall_seconds"], 1),
-            "trainable_params": result["trainable_params"],
+            **{k: v for k, v in result_cost(result).items() if v is not None},
             "lora_tensors_changed": f"{result['lora_tensors_changed']}/{result['lora_tensors_total']}",
             "params": dg.MetadataValue.json(result["params"]),
+            "chat_template": result["chat_template_source"],
+            "eos_token": result["eos_token"],
+            "reproducibility": dg.MetadataValue.json(record),
             "training_fingerprint": fingerprint,
             **mlflow_link(mlflow_tracking.ui_url, exp, lin_rec["train_run_id"]),
         }
-        if hist:
-            import matplotlib
-
-            matplotlib.use("Agg")
+        fig = loss_figure(result, spec.name)
+        if fig is not None:
             import matplotlib.pyplot as plt
 
-            fig, ax = plt.subplots(figsize=(5, 3))
-            ax.plot([h[0] for h in hist], [h[1] for h in hist], marker="o")
-            ax.set_xlabel("step")
-            ax.set_ylabel("train loss")
-            ax.set_title(f"{spec.name} adapter")
             meta["loss_curve"] = png_markdown(fig, "loss curve")
             plt.close(fig)
-        return dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(adapter_key))
+        eos_rate = result.get("eos_rate")
+        eos_ok = eos_rate is None or eos_rate >= s.training.min_eos_rate
+        check = dg.AssetCheckResult(
+            check_name="generations_end",
+            passed=bool(eos_ok),
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={
+                "eos_rate": eos_rate if eos_rate is not None else "not checked (no validation rows or 0 samples)",
+                "required": s.training.min_eos_rate,
+                "eos_token": result["eos_token"],
+                "samples": dg.MetadataValue.json(result.get("eos_samples", [])[:4]),
+            },
+            description=None
+            if eos_ok
+            else f"only {eos_rate:.0%} of sampled generations reach {result['eos_token']!r}: the model may not stop. "
+            "Train longer, check training.chat_template, or lower training.min_eos_rate.",
+        )
+        return dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(adapter_key), check_results=[check])
 
     assets.append(adapter)
 

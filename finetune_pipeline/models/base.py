@@ -105,10 +105,30 @@ def quiet_progress_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def fast_bf16() -> bool:
+    """True where bfloat16 matmuls run natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX."""
+    import torch
+
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_dtype(name: str) -> str:
+    """The spec's ``model.dtype`` with 'auto' resolved for this machine."""
+    if name == "auto":
+        return "bfloat16" if fast_bf16() else "float32"
+    return name
+
+
 def torch_dtype(name: str) -> Any:
     import torch
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[resolve_dtype(name)]
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
@@ -121,7 +141,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
 
 
 def load_model(path: str, spec: ModelSpec, for_training: bool) -> Any:
-    """Load the base model in the spec's dtype; QLoRA loads it 4-bit nf4 (bitsandbytes) and prepares it for k-bit training."""
+    """Load the base model in the spec's dtype; QLoRA loads it 4-bit nf4 with double quantisation or 8-bit
+    (bitsandbytes) and prepares it for k-bit training."""
     from transformers import AutoModelForCausalLM
 
     quiet_progress_bars()
@@ -133,12 +154,15 @@ def load_model(path: str, spec: ModelSpec, for_training: bool) -> Any:
     if spec.method == "qlora":
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch_dtype("bfloat16" if spec.dtype == "bfloat16" else "float32"),
-        )
+        if spec.quantization == "int8":
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch_dtype(spec.dtype),
+            )
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if for_training and spec.method == "qlora":
         from peft import prepare_model_for_kbit_training
@@ -158,5 +182,7 @@ def lora_config(spec: ModelSpec, overrides: dict[str, Any] | None = None) -> Any
         lora_alpha=int(o.get("lora.alpha", lo.alpha)),
         lora_dropout=float(o.get("lora.dropout", lo.dropout)),
         target_modules=lo.target_modules,
+        use_dora=lo.use_dora,
+        use_rslora=lo.use_rslora,
         task_type="CAUSAL_LM",
     )

@@ -16,17 +16,21 @@ def standalone_model(base_path: str, model: ModelSpec, tuned_path: str) -> tuple
 
     from finetune_pipeline.models.base import load_tokenizer, torch_dtype
 
-    tok = load_tokenizer(tuned_path, model.trust_remote_code)
+    tok = load_tokenizer(tuned_path, model.trust_remote_code)  # with the chat template the adapter was trained with
     dtype = torch_dtype("float32")
     if model.method == "full":
         m = AutoModelForCausalLM.from_pretrained(tuned_path, dtype=dtype, use_safetensors=True)
-        return m.eval(), tok
-    from peft import PeftModel
+    else:
+        from peft import PeftModel
 
-    base = AutoModelForCausalLM.from_pretrained(
-        base_path, dtype=dtype, use_safetensors=True, trust_remote_code=model.trust_remote_code
-    )
-    return PeftModel.from_pretrained(base, tuned_path).merge_and_unload().eval(), tok
+        base = AutoModelForCausalLM.from_pretrained(
+            base_path, dtype=dtype, use_safetensors=True, trust_remote_code=model.trust_remote_code
+        )
+        m = PeftModel.from_pretrained(base, tuned_path).merge_and_unload()
+    # generation stops at the EOS token the template ends answers with, in the registry as in training
+    m.generation_config.eos_token_id = tok.eos_token_id
+    m.generation_config.pad_token_id = tok.pad_token_id
+    return m.eval(), tok
 
 
 def tuned_model(base_path: str, model: ModelSpec, tuned_path: str) -> Any:
