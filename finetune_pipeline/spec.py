@@ -224,7 +224,8 @@ class TrainingSpec(_Strict):
     padding_free: bool = Field(
         False,
         description="Concatenate the batch into one row without padding (trl padding_free); attention stays per "
-        "example. Implied by packing.",
+        "example. Implied by packing. Without packing, trl does not truncate to max_length: bound rows with "
+        "cleaning.max_tokens.",
     )
     assistant_only_loss: bool = Field(
         True,

@@ -231,3 +231,13 @@ def test_early_stopping_on_validation_loss(tiny_model: Path, tmp_path: Path) -> 
     )
     res = train(TrainRequest(str(tiny_model), LORA, t, ROWS[:40], ROWS[40:44], tmp_path / "e"), log=lambda m: None)
     assert res.stopped_early and res.steps == 6 and [s for s, _ in res.eval_history] == [2, 4, 6]
+
+
+@pytest.mark.parametrize("mode", [{"padding_free": True}, {"packing": True}], ids=["padding-free", "packing"])
+def test_padding_free_and_packing_train(mode: dict, tiny_model: Path, tmp_path: Path) -> None:
+    from finetune_pipeline.training.sft import TrainRequest, train
+
+    t = TRAIN.model_copy(update={"max_steps": 3, **mode})
+    res = train(TrainRequest(str(tiny_model), LORA, t, ROWS[:12], [], tmp_path / "p"), log=lambda m: None)
+    assert res.steps == 3 and res.lora_tensors_changed == res.lora_tensors_total > 0
+    assert all(loss == loss and loss > 0 for _, loss in res.loss_history)  # finite, not NaN

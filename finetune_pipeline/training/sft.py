@@ -333,7 +333,8 @@ def train(
         lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=int(round(float(params["warmup_ratio"]) * max_steps)),
         weight_decay=float(params["weight_decay"]),
-        max_length=t.max_length,
+        # trl does not truncate in padding-free mode without packing: rows are bounded by cleaning.max_tokens instead
+        max_length=None if (t.padding_free and not t.packing) else t.max_length,
         packing=t.packing,
         padding_free=t.padding_free or t.packing,
         assistant_only_loss=t.assistant_only_loss,
