@@ -153,9 +153,6 @@ class NearDuplicates:
     similarity: np.ndarray
     candidates: int  # rows flagged by LSH (before exact verification)
 
-    def as_frame(self) -> pd.DataFrame:
-        return pd.DataFrame({"row": self.row, "matched": self.matched, "similarity": self.similarity})
-
 
 def near_duplicates(
     sh: Shingles,

@@ -15,32 +15,24 @@ _SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging 
 
 # ChatML as SmolLM2 ships it (a default system turn), with the assistant content and its <|im_end|> inside
 # {% generation %} so trl's assistant_only_loss trains on the answer and on the token that ends it.
+# One message of ChatML with generation markers around the assistant's answer (shared by both templates).
+_CHATML_MESSAGE = (
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{{ '\\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endif %}"
+)
+_GENERATION_PROMPT = "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 CHATML_SMOL = (
     "{% for message in messages %}"
     "{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\\n" + _SMOL_SYSTEM + "<|im_end|>\\n' }}"
-    "{% endif %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{{ '\\n' }}"
-    "{% else %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{% endif %}" + _CHATML_MESSAGE + "{% endfor %}" + _GENERATION_PROMPT
 )
 # Plain ChatML (Qwen-style without a default system turn), same markers.
-CHATML = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{{ '\\n' }}"
-    "{% else %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+CHATML = "{% for message in messages %}" + _CHATML_MESSAGE + "{% endfor %}" + _GENERATION_PROMPT
 KNOWN_MARKED = {"chatml-smollm2": CHATML_SMOL, "chatml": CHATML}
 
 _PROBES: list[list[dict[str, str]]] = [
