@@ -64,7 +64,7 @@ def short_varied(rows: list[str], seed: int = 0) -> list[str]:
 
 def run_child(base: str, model: dict, training: dict, rows: list[str], work: Path, measure: bool) -> dict[str, Any]:
     """The adapter asset's training child (python -m finetune_pipeline.training.child), without Dagster."""
-    from finetune_pipeline.spec import ModelSpec, TrainingSpec
+    from finetune_pipeline.spec import ModelSpec, RuntimeSpec, TrainingSpec
     from finetune_pipeline.training.sft import TrainRequest
 
     work.mkdir(parents=True, exist_ok=True)
@@ -72,6 +72,7 @@ def run_child(base: str, model: dict, training: dict, rows: list[str], work: Pat
         base_path=base,
         model=ModelSpec(**model),
         training=TrainingSpec(**training),
+        runtime=RuntimeSpec(logging_steps=1, save_steps=0, calibration_steps=0, eos_check_samples=0),
         train_messages=rows,
         eval_messages=[],
         output_dir=work / "out",
@@ -180,10 +181,6 @@ def main() -> None:
         "max_length": 256,
         "warmup_ratio": 0.0,
         "lr_scheduler_type": "constant",
-        "logging_steps": 1,
-        "save_steps": 0,
-        "calibration_steps": 0,
-        "eos_check_samples": 0,
         "seed": 42,
     }
     bare_kw = {

@@ -8,7 +8,6 @@ No dagster import here: tests and other entry points use the spec directly.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -17,32 +16,40 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PACKAGED_MODELS = {"smollm2-135m-instruct"}
-HIGHER_IS_BETTER = {
-    "exact_match": True,
-    "json_valid": True,
-    "rouge_l": True,
-    "field_accuracy": True,
-    "perplexity": False,
+from finetune_pipeline.hashing import short_hash
+
+MetricName = Literal["exact_match", "json_valid", "rouge_l", "perplexity", "field_accuracy"]
+# Searchable (sweep) parameters: the name a search space uses -> where the value lives in the spec.
+SEARCHABLE_PARAMS: dict[str, tuple[str, ...]] = {
+    "learning_rate": ("training", "learning_rate"),
+    "per_device_train_batch_size": ("training", "per_device_train_batch_size"),
+    "gradient_accumulation_steps": ("training", "gradient_accumulation_steps"),
+    "warmup_ratio": ("training", "warmup_ratio"),
+    "weight_decay": ("training", "weight_decay"),
+    "lora.r": ("model", "lora", "r"),
+    "lora.alpha": ("model", "lora", "alpha"),
+    "lora.dropout": ("model", "lora", "dropout"),
 }
-SEARCHABLE_PARAMS = {
-    "learning_rate",
-    "lora.r",
-    "lora.alpha",
-    "lora.dropout",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "warmup_ratio",
-    "weight_decay",
+# Fields that moved to another section: an old spec gets told where they went.
+MOVED_FIELDS: dict[tuple[str, str], str] = {
+    **{
+        ("training", f): f"runtime.{f}"
+        for f in (
+            "logging_steps",
+            "save_steps",
+            "save_total_limit",
+            "calibration_steps",
+            "min_eos_rate",
+            "eos_check_samples",
+            "launcher",
+        )
+    },
+    ("evaluation", "min_improvement_over_base"): "registry.min_improvement_over_base",
 }
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-RECORD_FORMATS = ("chat", "sharegpt", "alpaca", "prompt_completion", "text")
-FILE_FORMATS = ("jsonl", "json", "csv", "parquet")
 
 
 class ColumnMap(_Strict):
@@ -241,19 +248,11 @@ class TrainingSpec(_Strict):
         "'auto' = the model's own if it has {% generation %} markers, else ChatML with markers when the tokenizer "
         "has <|im_start|>/<|im_end|>; or a path to a .jinja file (relative to the spec file).",
     )
-    logging_steps: int = Field(5, gt=0, description="Log loss every N steps (into the Dagster run and MLflow).")
     eval_steps: int = Field(
         0, ge=0, description="Evaluate on the validation split every N steps (0 = only at the end)."
     )
     max_eval_samples: int = Field(128, gt=0, description="Validation rows used for the validation loss.")
     seed: int = Field(42, description="Seed for data order and adapter initialisation.")
-    save_steps: int = Field(
-        50,
-        ge=0,
-        description="Checkpoint every N steps under the state root; a killed run resumes from the last one "
-        "(0 = no checkpoints).",
-    )
-    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on disk (older ones are deleted).")
     early_stopping_patience: int = Field(
         0,
         ge=0,
@@ -262,6 +261,32 @@ class TrainingSpec(_Strict):
     early_stopping_threshold: float = Field(
         0.0, ge=0, description="Smallest drop in validation loss that counts as an improvement."
     )
+    num_processes: int = Field(
+        1,
+        gt=0,
+        description="Data-parallel processes (needs runtime.launcher: accelerate). A learning setting: the effective "
+        "batch is per_device_train_batch_size x gradient_accumulation_steps x num_processes.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingSpec:
+        if self.early_stopping_patience and not self.eval_steps:
+            raise ValueError("early_stopping_patience needs eval_steps > 0 (validation loss is what it watches)")
+        return self
+
+
+class RuntimeSpec(_Strict):
+    """How a training run is launched and observed. None of it changes what is learned, so none of it is part of
+    the adapter's cache key: changing it never retrains."""
+
+    logging_steps: int = Field(5, gt=0, description="Log loss every N steps (into the Dagster run and MLflow).")
+    save_steps: int = Field(
+        50,
+        ge=0,
+        description="Checkpoint every N steps under the state root; a killed run resumes from the last one "
+        "(0 = no checkpoints).",
+    )
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on disk (older ones are deleted).")
     calibration_steps: int = Field(
         3,
         ge=0,
@@ -279,15 +304,6 @@ class TrainingSpec(_Strict):
         description="How the training child process starts: 'python' (one process) or 'accelerate' "
         "(accelerate launch with num_processes, e.g. one per GPU).",
     )
-    num_processes: int = Field(1, gt=0, description="Processes for launcher: accelerate (data parallel).")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> TrainingSpec:
-        if self.early_stopping_patience and not self.eval_steps:
-            raise ValueError("early_stopping_patience needs eval_steps > 0 (validation loss is what it watches)")
-        if self.num_processes > 1 and self.launcher != "accelerate":
-            raise ValueError("num_processes > 1 needs launcher: accelerate")
-        return self
 
 
 class SearchParam(_Strict):
@@ -326,7 +342,7 @@ class SweepSpec(_Strict):
     @field_validator("search_space")
     @classmethod
     def _known_params(cls, v: dict[str, SearchParam]) -> dict[str, SearchParam]:
-        unknown = sorted(set(v) - SEARCHABLE_PARAMS)
+        unknown = sorted(set(v) - set(SEARCHABLE_PARAMS))
         if unknown:
             raise ValueError(f"unknown parameter(s) {unknown}; searchable: {sorted(SEARCHABLE_PARAMS)}")
         return v
@@ -339,18 +355,11 @@ class SweepSpec(_Strict):
 
 
 class EvaluationSpec(_Strict):
-    metrics: list[Literal["exact_match", "json_valid", "rouge_l", "perplexity", "field_accuracy"]] = Field(
+    metrics: list[MetricName] = Field(
         default_factory=lambda: ["exact_match", "json_valid", "rouge_l", "perplexity", "field_accuracy"],
         description="Metrics computed for base and tuned model on the test split.",
     )
-    primary_metric: Literal["exact_match", "json_valid", "rouge_l", "perplexity", "field_accuracy"] = Field(
-        "exact_match", description="Metric that decides the gate and promotion."
-    )
-    min_improvement_over_base: float = Field(
-        0.0,
-        description="Blocking gate: tuned must beat base on the primary metric by at least this much "
-        "(in the metric's better direction).",
-    )
+    primary_metric: MetricName = Field("exact_match", description="Metric that decides the gate and promotion.")
     max_samples: int = Field(64, gt=0, description="Test rows generated for (perplexity uses the same rows).")
     max_new_tokens: int = Field(64, gt=0, description="Generation length limit.")
     batch_size: int = Field(16, gt=0, description="Generation batch size.")
@@ -364,7 +373,14 @@ class EvaluationSpec(_Strict):
 
 
 class RegistrySpec(_Strict):
+    """Which results may be registered, and when the champion alias moves (decisions, not part of any cache key)."""
+
     model_name: str = Field(description="MLflow registered-model name.")
+    min_improvement_over_base: float = Field(
+        0.0,
+        description="Blocking gate: tuned must beat base on evaluation.primary_metric by at least this much "
+        "(in the metric's better direction); otherwise the model is not registered.",
+    )
     promotion_min_delta: float = Field(
         0.0, description="'champion' moves only if the new version beats it on the primary metric by more than this."
     )
@@ -388,7 +404,13 @@ class PipelineSpec(_Strict):
     split: SplitSpec = Field(default_factory=SplitSpec, description="Train/validation/test split.")
     drift: DriftSpec = Field(default_factory=DriftSpec, description="Drift of new drops against the training split.")
     model: ModelSpec = Field(default_factory=ModelSpec, description="Base model and fine-tuning method.")
-    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Trainer settings (trl SFTConfig).")
+    training: TrainingSpec = Field(
+        default_factory=TrainingSpec, description="What is learned: trainer settings (trl SFTConfig)."
+    )
+    runtime: RuntimeSpec = Field(
+        default_factory=RuntimeSpec,
+        description="How training runs are launched and observed (logging, checkpoints, calibration, EOS check).",
+    )
     sweep: SweepSpec = Field(default_factory=SweepSpec, description="Optuna hyperparameter search.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Evaluation on the test split.")
     registry: RegistrySpec = Field(description="MLflow model registry and promotion rule.")
@@ -405,7 +427,34 @@ class PipelineSpec(_Strict):
         c = self.cleaning
         if c.min_tokens is not None and c.max_tokens is not None and c.min_tokens > c.max_tokens:
             raise ValueError("cleaning.min_tokens must be <= cleaning.max_tokens")
+        if self.training.num_processes > 1 and self.runtime.launcher != "accelerate":
+            raise ValueError("training.num_processes > 1 needs runtime.launcher: accelerate")
         return self
+
+    def with_overrides(self, params: dict[str, Any]) -> PipelineSpec:
+        """The spec with sweep parameters applied (``{"learning_rate": 3e-4, "lora.r": 8}``), validated again:
+        every consumer then reads plain ``training`` / ``model.lora`` values, never a side dict."""
+        unknown = sorted(set(params) - set(SEARCHABLE_PARAMS))
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {unknown}; searchable: {sorted(SEARCHABLE_PARAMS)}")
+        data = self.model_dump(mode="json")
+        for name, value in params.items():
+            *parents, leaf = SEARCHABLE_PARAMS[name]
+            node = data
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        return PipelineSpec.model_validate(data)
+
+    def searchable_values(self) -> dict[str, Any]:
+        """Current value of every searchable parameter, by its search-space name (what a run is logged with)."""
+        out = {}
+        for name, path in SEARCHABLE_PARAMS.items():
+            node: Any = self
+            for part in path:
+                node = getattr(node, part)
+            out[name] = node
+        return out
 
     @field_validator("name")
     @classmethod
@@ -455,8 +504,7 @@ class SpecError(ValueError):
 
 def spec_hash(spec: PipelineSpec) -> str:
     """Stable short hash of the spec's content (all fields, defaults included)."""
-    blob = json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return short_hash(spec)
 
 
 def _line_of(node: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
@@ -489,6 +537,9 @@ def _friendly(err: dict[str, Any]) -> str:
     if err["type"] == "less_than_equal":
         return f"must be <= {ctx.get('le')}"
     if err["type"] == "extra_forbidden":
+        loc = tuple(str(p) for p in err["loc"])
+        if loc[-2:] in MOVED_FIELDS:
+            return f"moved: this setting is now {MOVED_FIELDS[loc[-2:]]} (move it there)"
         return "unknown field (check the spelling; see spec.schema.json for the fields)"
     if err["type"] == "missing":
         return "required field is missing"

@@ -22,8 +22,9 @@ source: {{incoming_dir: {incoming}, settle_seconds: 0}}
 cleaning: {{max_rejection_rate: 0.05}}
 split: {{validation_fraction: 0.1, test_fraction: 0.1}}
 model: {{base: {model}, method: lora, lora: {{r: 4, alpha: 8, dropout: 0.0}}}}
-training: {{max_steps: 10, per_device_train_batch_size: 4, learning_rate: 0.005, logging_steps: 2, max_length: 256,
+training: {{max_steps: 10, per_device_train_batch_size: 4, learning_rate: 0.005, max_length: 256,
            max_eval_samples: 16, seed: 7}}
+runtime: {{logging_steps: 2}}
 sweep:
   enabled: true
   n_trials: 2
@@ -247,7 +248,7 @@ def test_failed_gate_never_registers(trained: dict, env: dict) -> None:
     spec_file = Path(env["env"]["FINETUNE_SPECS"]) / "mini.yaml"
     spec_file.write_text(
         spec_file.read_text().replace(
-            "primary_metric: perplexity,", "primary_metric: perplexity, min_improvement_over_base: 1.0e+9,"
+            "registry: {model_name: mini-model}", "registry: {model_name: mini-model, min_improvement_over_base: 1.0e+9}"
         )
     )
     out = subprocess.run(

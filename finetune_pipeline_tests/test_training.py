@@ -6,18 +6,19 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from finetune_pipeline.spec import EvaluationSpec, ModelSpec, SearchParam, SweepSpec, TrainingSpec
+from finetune_pipeline.spec import EvaluationSpec, ModelSpec, SearchParam, SweepSpec, RuntimeSpec, TrainingSpec
 from finetune_pipeline_tests.conftest import chat_row
 
 ROWS = [json.dumps(chat_row(i)["messages"]) for i in range(48)]
-TRAIN = TrainingSpec(max_steps=8, per_device_train_batch_size=4, learning_rate=5e-3, logging_steps=1, max_length=128)
+RT = RuntimeSpec(logging_steps=1)
+TRAIN = TrainingSpec(max_steps=8, per_device_train_batch_size=4, learning_rate=5e-3, max_length=128)
 LORA = ModelSpec(lora={"r": 4, "alpha": 8, "dropout": 0.0})
 
 
 def test_lora_training_changes_every_adapter_weight_and_lowers_loss(tiny_model: Path, tmp_path: Path) -> None:
     from finetune_pipeline.training.sft import TrainRequest, train
 
-    res = train(TrainRequest(str(tiny_model), LORA, TRAIN, ROWS[:40], ROWS[40:], tmp_path / "a"), log=lambda m: None)
+    res = train(TrainRequest(str(tiny_model), LORA, TRAIN, ROWS[:40], ROWS[40:], tmp_path / "a", runtime=RT), log=lambda m: None)
     assert res.steps == 8 and len(res.loss_history) == 8
     assert res.loss_history[-1][1] < res.loss_history[0][1]
     assert res.lora_tensors_total > 0 and res.lora_tensors_changed == res.lora_tensors_total
@@ -36,7 +37,7 @@ def test_lora_same_seed_same_adapter(tiny_model: Path, tmp_path: Path) -> None:
 
     short = TRAIN.model_copy(update={"max_steps": 3})
     for d in ("l1", "l2"):
-        train(TrainRequest(str(tiny_model), LORA, short, ROWS[:16], [], tmp_path / d), log=lambda m: None)
+        train(TrainRequest(str(tiny_model), LORA, short, ROWS[:16], [], tmp_path / d, runtime=RT), log=lambda m: None)
     a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("l1", "l2"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
@@ -46,8 +47,8 @@ def test_full_finetune_and_same_seed_same_weights(tiny_model: Path, tmp_path: Pa
 
     full = ModelSpec(method="full")
     short = TRAIN.model_copy(update={"max_steps": 3})
-    a = train(TrainRequest(str(tiny_model), full, short, ROWS[:16], [], tmp_path / "f1"), log=lambda m: None)
-    train(TrainRequest(str(tiny_model), full, short, ROWS[:16], [], tmp_path / "f2"), log=lambda m: None)
+    a = train(TrainRequest(str(tiny_model), full, short, ROWS[:16], [], tmp_path / "f1", runtime=RT), log=lambda m: None)
+    train(TrainRequest(str(tiny_model), full, short, ROWS[:16], [], tmp_path / "f2", runtime=RT), log=lambda m: None)
     assert a.trainable_params == a.total_params
     wa, wb = load_file(tmp_path / "f1" / "model.safetensors"), load_file(tmp_path / "f2" / "model.safetensors")
     assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
@@ -90,7 +91,7 @@ def test_sweep_uses_persistent_storage_and_resumes(tiny_model: Path, tmp_path: P
     again = run_sweep(**kw)  # same data and settings: the stored trials count, nothing reruns
     assert again.n_run_now == 0 and again.best_params == first.best_params
     # the trials' own step settings are not part of the study's identity; the data is
-    longer = run_sweep(**{**kw, "training": TRAIN.model_copy(update={"max_steps": 99, "logging_steps": 3})})
+    longer = run_sweep(**{**kw, "training": TRAIN.model_copy(update={"max_steps": 99, "eval_steps": 3})})
     assert longer.study_name == first.study_name and longer.n_run_now == 0
     assert run_sweep(**{**kw, "data_digest": "d2"}).n_run_now == 2
 
@@ -104,7 +105,7 @@ def test_eval_and_registry_round_trip_and_promotion(tiny_model: Path, tmp_path: 
     from finetune_pipeline.tracking import mlflow_store
     from finetune_pipeline.training.sft import TrainRequest, train
 
-    train(TrainRequest(str(tiny_model), LORA, TRAIN, ROWS[:40], ROWS[40:], tmp_path / "a"), log=lambda m: None)
+    train(TrainRequest(str(tiny_model), LORA, TRAIN, ROWS[:40], ROWS[40:], tmp_path / "a", runtime=RT), log=lambda m: None)
     spec = EvaluationSpec(primary_metric="perplexity", max_samples=4, max_new_tokens=8, batch_size=4)
     report = evaluate(
         str(tiny_model),
@@ -209,7 +210,7 @@ def test_adapter_variants_train(model: ModelSpec, tiny_model: Path, tmp_path: Pa
     from finetune_pipeline.training.sft import TrainRequest, train
 
     res = train(
-        TrainRequest(str(tiny_model), model, TRAIN.model_copy(update={"max_steps": 2}), ROWS[:8], [], tmp_path / "v"),
+        TrainRequest(str(tiny_model), model, TRAIN.model_copy(update={"max_steps": 2}), ROWS[:8], [], tmp_path / "v", runtime=RT),
         log=lambda m: None,
     )
     assert res.lora_tensors_changed == res.lora_tensors_total > 0
@@ -229,7 +230,7 @@ def test_early_stopping_on_validation_loss(tiny_model: Path, tmp_path: Path) -> 
     t = TRAIN.model_copy(
         update={"max_steps": 20, "eval_steps": 2, "early_stopping_patience": 2, "early_stopping_threshold": 100.0}
     )
-    res = train(TrainRequest(str(tiny_model), LORA, t, ROWS[:40], ROWS[40:44], tmp_path / "e"), log=lambda m: None)
+    res = train(TrainRequest(str(tiny_model), LORA, t, ROWS[:40], ROWS[40:44], tmp_path / "e", runtime=RT), log=lambda m: None)
     assert res.stopped_early and res.steps == 6 and [s for s, _ in res.eval_history] == [2, 4, 6]
 
 
@@ -238,6 +239,6 @@ def test_padding_free_and_packing_train(mode: dict, tiny_model: Path, tmp_path: 
     from finetune_pipeline.training.sft import TrainRequest, train
 
     t = TRAIN.model_copy(update={"max_steps": 3, **mode})
-    res = train(TrainRequest(str(tiny_model), LORA, t, ROWS[:12], [], tmp_path / "p"), log=lambda m: None)
+    res = train(TrainRequest(str(tiny_model), LORA, t, ROWS[:12], [], tmp_path / "p", runtime=RT), log=lambda m: None)
     assert res.steps == 3 and res.lora_tensors_changed == res.lora_tensors_total > 0
     assert all(loss == loss and loss > 0 for _, loss in res.loss_history)  # finite, not NaN

@@ -27,9 +27,10 @@ SPEC = """
 name: kid
 source: {{incoming_dir: in}}
 model: {{base: {model}, method: lora, lora: {{r: 4, alpha: 8, dropout: 0.0}}}}
-training: {{max_steps: {steps}, per_device_train_batch_size: 2, learning_rate: 0.005, logging_steps: 2, max_length: 96,
-           save_steps: 2, save_total_limit: 2, max_eval_samples: 4, eos_check_samples: 2, calibration_steps: 2,
-           launcher: {launcher}, seed: 3}}
+training: {{max_steps: {steps}, per_device_train_batch_size: 2, learning_rate: 0.005, max_length: 96,
+           max_eval_samples: 4, seed: 3}}
+runtime: {{logging_steps: 2, save_steps: 2, save_total_limit: 2, eos_check_samples: 2, calibration_steps: 2,
+          launcher: {launcher}}}
 evaluation: {{max_new_tokens: 4}}
 registry: {{model_name: kid-model}}
 """

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune_pipeline.spec import SpecError, TrainingSpec, parse_spec
+from finetune_pipeline.spec import RuntimeSpec, SpecError, parse_spec
 from finetune_pipeline.training.launch import CHILD_MODULE, child_command
 
 BASE = "name: p\nsource: {incoming_dir: in}\nregistry: {model_name: m}\n"
@@ -13,14 +13,14 @@ BASE = "name: p\nsource: {incoming_dir: in}\nregistry: {model_name: m}\n"
 def test_training_problems_name_the_field_and_the_fix() -> None:
     text = BASE + (
         "model: {method: qlora, quantization: int4, lora: {target_modules: []}}\n"
-        "training: {early_stopping_patience: 2, num_processes: 2, save_total_limit: 0}\n"
+        "training: {early_stopping_patience: 2, num_processes: 2}\nruntime: {save_total_limit: 0}\n"
     )
     with pytest.raises(SpecError) as exc:
         parse_spec(text, source="t.yaml")
     joined = "\n".join(exc.value.problems)
     assert "model.quantization: Input should be 'nf4' or 'int8'" in joined
     assert "model.lora.target_modules: needs at least one module name" in joined
-    assert "t.yaml:5: training.save_total_limit: must be > 0" in joined
+    assert "t.yaml:6: runtime.save_total_limit: must be > 0" in joined
     with pytest.raises(SpecError, match=r"t.yaml:4: training: early_stopping_patience needs eval_steps > 0"):
         parse_spec(BASE + "training: {early_stopping_patience: 2}\n", source="t.yaml")
 
@@ -29,15 +29,23 @@ def test_defaults_are_the_fast_resumable_ones() -> None:
     s = parse_spec(BASE).spec
     assert s.model.dtype == "auto" and s.model.lora.target_modules == "all-linear"
     assert s.model.lora.use_dora is False and s.model.lora.use_rslora is False and s.model.quantization == "nf4"
-    t = s.training
-    assert t.assistant_only_loss and t.chat_template == "auto" and t.save_steps > 0 and t.launcher == "python"
-    with pytest.raises(ValueError, match="num_processes > 1 needs launcher: accelerate"):
-        TrainingSpec(num_processes=2)
+    t, rt = s.training, s.runtime
+    assert t.assistant_only_loss and t.chat_template == "auto" and rt.save_steps > 0 and rt.launcher == "python"
+    with pytest.raises(SpecError, match="training.num_processes > 1 needs runtime.launcher: accelerate"):
+        parse_spec(BASE + "training: {num_processes: 2}\n")
+
+
+def test_moved_fields_say_where_they_went() -> None:
+    with pytest.raises(SpecError) as exc:
+        parse_spec(BASE + "training: {logging_steps: 2}\nevaluation: {min_improvement_over_base: 0.1}\n", source="t.yaml")
+    joined = "\n".join(exc.value.problems)
+    assert "t.yaml:4: training.logging_steps: moved: this setting is now runtime.logging_steps" in joined
+    assert "evaluation.min_improvement_over_base: moved: this setting is now registry.min_improvement_over_base" in joined
 
 
 def test_launcher_commands() -> None:
-    assert child_command(TrainingSpec(), python="py") == ["py", "-m", CHILD_MODULE]
-    cmd = child_command(TrainingSpec(launcher="accelerate", num_processes=4), python="py")
+    assert child_command(RuntimeSpec(), python="py") == ["py", "-m", CHILD_MODULE]
+    cmd = child_command(RuntimeSpec(launcher="accelerate"), num_processes=4, python="py")
     assert cmd[:3] == ["py", "-m", "accelerate.commands.launch"]
     assert cmd[cmd.index("--num_processes") + 1] == "4" and "--multi_gpu" in cmd and cmd[-2:] == ["-m", CHILD_MODULE]
 

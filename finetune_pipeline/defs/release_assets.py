@@ -15,7 +15,7 @@ def build_release_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
     k = {n: key(spec, n) for n in ("dataset_splits", "base_model", "adapter", "eval_report", "registered_model")}
     assets: list[dg.AssetsDefinition] = []
 
-    gate = s.evaluation.min_improvement_over_base
+    gate = s.registry.min_improvement_over_base
 
     @dg.asset(
         key=k["eval_report"],
@@ -47,8 +47,7 @@ def build_release_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
         if not (adir / "lineage.json").exists():
             raise FileNotFoundError(f"adapter {adapter_key} not found at {adir}: materialize {spec.name}/adapter first")
         lin_rec = json.loads((adir / "lineage.json").read_text())
-        # the gate threshold is applied below, on the (possibly reused) report: it is not part of the key
-        eval_settings = s.evaluation.model_dump(mode="json", exclude={"min_improvement_over_base"})
+        eval_settings = s.evaluation.model_dump(mode="json")
         eval_key = content_key(adapter_key, manifest["digests"]["test"], eval_settings)
         edir = state.pipeline_dir(spec.name) / "eval" / eval_key
         _, art = mlflow_tracking.setup_for(state)
@@ -129,7 +128,7 @@ def build_release_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
                     description=None
                     if passed
                     else f"tuned {report.primary_metric} improves on base by {gain:.4f} < {gate}: "
-                    "the model is not registered. Train longer, fix the data, or lower evaluation.min_improvement_over_base.",
+                    "the model is not registered. Train longer, fix the data, or lower registry.min_improvement_over_base.",
                 )
             ],
         )

@@ -32,16 +32,6 @@ def sweep_study(spec: LoadedSpec, manifest: dict[str, Any], base: dict[str, Any]
     return study_name(spec.name, sweep_inputs_digest(manifest, base), s.sweep, s.model, s.training)
 
 
-# Settings that change how a run is observed or launched, not what it learns: not part of the adapter's cache key.
-NOT_IN_ADAPTER_KEY = {
-    "logging_steps",
-    "save_steps",
-    "save_total_limit",
-    "calibration_steps",
-    "launcher",
-    "min_eos_rate",
-    "eos_check_samples",
-}
 
 
 def result_cost(result: dict[str, Any]) -> dict[str, Any]:
@@ -220,7 +210,7 @@ def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
             dg.AssetCheckSpec(
                 "generations_end",
                 asset=k["adapter"],
-                description=f"At least {s.training.min_eos_rate:.0%} of sampled validation prompts get a tuned "
+                description=f"At least {s.runtime.min_eos_rate:.0%} of sampled validation prompts get a tuned "
                 "generation that ends with the EOS token (the trained chat template travels with the adapter).",
             )
         ],
@@ -251,7 +241,7 @@ def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
             manifest["version"],
             base["digest"],
             s.model.model_dump(mode="json"),
-            s.training.model_dump(mode="json", exclude=NOT_IN_ADAPTER_KEY),
+            s.training.model_dump(mode="json"),
             params,
             CODE_VERSION,
         )
@@ -300,6 +290,7 @@ def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
                     base_path=base["path"],
                     model=s.model,
                     training=s.training,
+                    runtime=s.runtime,
                     train_messages=list(frames["train"]["messages"]),
                     eval_messages=list(frames["validation"]["messages"]),
                     output_dir=work,
@@ -311,7 +302,7 @@ def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
                 )
                 request_file = work / "request.json"
                 request_file.write_text(req.to_json())
-                cmd = child_command(s.training)
+                cmd = child_command(s.runtime, s.training.num_processes)
                 context.log.info(f"training child: {' '.join(cmd)} (request {request_file})")
                 invocation = dg.PipesSubprocessClient(env={"PYTHONUNBUFFERED": "1"}).run(
                     command=cmd, context=context, extras={"request": str(request_file)}
@@ -390,21 +381,21 @@ def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
             meta["loss_curve"] = png_markdown(fig, "loss curve")
             plt.close(fig)
         eos_rate = result.get("eos_rate")
-        eos_ok = eos_rate is None or eos_rate >= s.training.min_eos_rate
+        eos_ok = eos_rate is None or eos_rate >= s.runtime.min_eos_rate
         check = dg.AssetCheckResult(
             check_name="generations_end",
             passed=bool(eos_ok),
             severity=dg.AssetCheckSeverity.WARN,
             metadata={
                 "eos_rate": eos_rate if eos_rate is not None else "not checked (no validation rows or 0 samples)",
-                "required": s.training.min_eos_rate,
+                "required": s.runtime.min_eos_rate,
                 "eos_token": result["eos_token"],
                 "samples": dg.MetadataValue.json(result.get("eos_samples", [])[:4]),
             },
             description=None
             if eos_ok
             else f"only {eos_rate:.0%} of sampled generations reach {result['eos_token']!r}: the model may not stop. "
-            "Train longer, check training.chat_template, or lower training.min_eos_rate.",
+            "Train longer, check training.chat_template, or lower runtime.min_eos_rate.",
         )
         return dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(adapter_key), check_results=[check])
 

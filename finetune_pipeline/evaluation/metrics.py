@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, get_args
 
-from finetune_pipeline.spec import HIGHER_IS_BETTER
+from finetune_pipeline.spec import MetricName
 
 
 def parse_json_object(text: str) -> dict[str, Any] | None:
@@ -55,12 +56,26 @@ def rouge_l(pred: str, ref: str) -> float:
     return float(_rouge().score(ref, pred)["rougeL"].fmeasure)
 
 
-PER_ROW = {
-    "exact_match": exact_match,
-    "json_valid": lambda p, r: json_valid(p),
-    "rouge_l": rouge_l,
-    "field_accuracy": field_accuracy,
+@dataclass(frozen=True)
+class Metric:
+    """One row of the metric table: its name in the spec, how a row is scored, and which direction is better."""
+
+    name: str
+    per_row: Callable[[str, str], float] | None  # (prediction, reference) -> score; None: measured from the model
+    higher_is_better: bool
+
+
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("exact_match", exact_match, True),
+        Metric("json_valid", lambda p, r: json_valid(p), True),
+        Metric("rouge_l", rouge_l, True),
+        Metric("field_accuracy", field_accuracy, True),
+        Metric("perplexity", None, False),  # from the logits of the reference answers (evaluation.generate)
+    )
 }
+assert set(METRICS) == set(get_args(MetricName)), "the metric table and the spec's metric names must agree"
 
 
 def score(preds: Sequence[str], refs: Sequence[str], metrics: Sequence[str]) -> dict[str, float]:
@@ -69,8 +84,9 @@ def score(preds: Sequence[str], refs: Sequence[str], metrics: Sequence[str]) -> 
         raise ValueError(f"{len(preds)} predictions for {len(refs)} references")
     out: dict[str, float] = {}
     for m in metrics:
-        if m in PER_ROW:
-            out[m] = sum(PER_ROW[m](p, r) for p, r in zip(preds, refs, strict=True)) / max(len(refs), 1)
+        fn = METRICS[m].per_row if m in METRICS else None
+        if fn is not None:
+            out[m] = sum(fn(p, r) for p, r in zip(preds, refs, strict=True)) / max(len(refs), 1)
     return out
 
 
@@ -78,4 +94,4 @@ def improvement(metric: str, new: float, old: float) -> float:
     """How much better ``new`` is than ``old`` in the metric's direction (positive = better)."""
     if math.isnan(new) or math.isnan(old):
         return math.nan
-    return new - old if HIGHER_IS_BETTER[metric] else old - new
+    return new - old if METRICS[metric].higher_is_better else old - new

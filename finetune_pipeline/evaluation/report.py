@@ -7,8 +7,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from finetune_pipeline.evaluation.metrics import improvement, score
-from finetune_pipeline.spec import HIGHER_IS_BETTER, EvaluationSpec
+from finetune_pipeline.evaluation.metrics import METRICS, improvement, score
+from finetune_pipeline.spec import EvaluationSpec
 
 
 @dataclass
@@ -21,7 +21,7 @@ class EvalReport:
 
     @property
     def delta(self) -> dict[str, float]:
-        return {m: improvement(m, self.tuned[m], self.base[m]) for m in self.tuned if m in HIGHER_IS_BETTER}
+        return {m: improvement(m, self.tuned[m], self.base[m]) for m in self.tuned if m in METRICS}
 
     @property
     def primary_improvement(self) -> float:

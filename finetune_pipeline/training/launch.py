@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from finetune_pipeline.spec import TrainingSpec
+from finetune_pipeline.spec import RuntimeSpec
 
 CHILD_MODULE = "finetune_pipeline.training.child"
 
 
-def child_command(training: TrainingSpec, python: str = sys.executable) -> list[str]:
+def child_command(runtime: RuntimeSpec, num_processes: int = 1, python: str = sys.executable) -> list[str]:
     """The command line of the training child (the request comes through Dagster Pipes' extras).
 
     ``launcher: accelerate`` runs ``accelerate launch --num_processes N -m finetune_pipeline.training.child``:
@@ -17,10 +17,10 @@ def child_command(training: TrainingSpec, python: str = sys.executable) -> list[
     ``ACCELERATE_CONFIG_FILE``) adds mixed precision, FSDP or DeepSpeed. Every process trains; only the first
     talks to Dagster and writes the adapter.
     """
-    if training.launcher == "python":
+    if runtime.launcher == "python":
         return [python, "-m", CHILD_MODULE]
-    cmd = [python, "-m", "accelerate.commands.launch", "--num_processes", str(training.num_processes)]
-    if training.num_processes > 1:
+    cmd = [python, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
+    if num_processes > 1:
         cmd.append("--multi_gpu")
     cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", CHILD_MODULE]
     return cmd

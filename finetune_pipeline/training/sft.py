@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_pipeline.data.split import to_prompt_completion
-from finetune_pipeline.spec import ModelSpec, TrainingSpec
+from finetune_pipeline.spec import ModelSpec, RuntimeSpec, TrainingSpec
 
 LogFn = Callable[[str], None]
 TRAINING_OVERRIDABLE = {
@@ -41,6 +41,7 @@ class TrainRequest:
     train_messages: list[str]  # JSON-encoded message lists
     eval_messages: list[str]
     output_dir: Path
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
     overrides: dict[str, Any] = field(default_factory=dict)  # sweep params: learning_rate, lora.r, ...
     max_steps: int | None = None  # overrides training.max_steps (sweep trials)
     save: bool = True
@@ -53,6 +54,7 @@ class TrainRequest:
         d = asdict(self)
         d["model"] = self.model.model_dump(mode="json")
         d["training"] = self.training.model_dump(mode="json")
+        d["runtime"] = self.runtime.model_dump(mode="json")
         for k in ("output_dir", "checkpoint_dir"):
             d[k] = None if d[k] is None else str(d[k])
         return json.dumps(d)
@@ -62,6 +64,7 @@ class TrainRequest:
         d = json.loads(text)
         d["model"] = ModelSpec.model_validate(d["model"])
         d["training"] = TrainingSpec.model_validate(d["training"])
+        d["runtime"] = RuntimeSpec.model_validate(d["runtime"])
         d["output_dir"] = Path(d["output_dir"])
         d["checkpoint_dir"] = Path(d["checkpoint_dir"]) if d.get("checkpoint_dir") else None
         return cls(**d)
@@ -254,7 +257,7 @@ def train(
     from finetune_pipeline.training import cost, repro
     from finetune_pipeline.training.chat import resolve_chat_template
 
-    t = req.training
+    t, rt = req.training, req.runtime
     params = effective_params(t, req.model, req.overrides)
     max_steps = req.max_steps or t.max_steps
     use_cuda = torch.cuda.is_available()
@@ -319,10 +322,10 @@ def train(
 
     out = Path(req.output_dir)
     ckpt_dir = req.checkpoint_dir or (out / "trainer")
-    resume = last_complete_checkpoint(req.checkpoint_dir) if t.save_steps else None
+    resume = last_complete_checkpoint(req.checkpoint_dir) if rt.save_steps else None
     eval_ds = _dataset(req.eval_messages[: t.max_eval_samples], t.assistant_only_loss) if req.eval_messages else None
     do_eval = eval_ds is not None and t.eval_steps > 0
-    saving = bool(req.checkpoint_dir and t.save_steps)
+    saving = bool(req.checkpoint_dir and rt.save_steps)
     cfg = SFTConfig(
         output_dir=str(ckpt_dir),
         max_steps=max_steps,
@@ -339,14 +342,14 @@ def train(
         padding_free=t.padding_free or t.packing,
         assistant_only_loss=t.assistant_only_loss,
         completion_only_loss=None if t.assistant_only_loss else t.completion_only_loss,
-        logging_steps=t.logging_steps,
+        logging_steps=rt.logging_steps,
         eval_strategy="steps" if do_eval else "no",
         eval_steps=t.eval_steps or None,
         metric_for_best_model="eval_loss" if t.early_stopping_patience else None,
         greater_is_better=False if t.early_stopping_patience else None,
         save_strategy="steps" if saving else "no",
-        save_steps=t.save_steps or 500,
-        save_total_limit=t.save_total_limit,
+        save_steps=rt.save_steps or 500,
+        save_total_limit=rt.save_total_limit,
         report_to=[],
         seed=t.seed,
         data_seed=t.seed,
@@ -359,8 +362,8 @@ def train(
         disable_tqdm=True,
     )
     callbacks: list[Any] = [_Progress(), _MarkComplete()]
-    if t.calibration_steps and max_steps > t.calibration_steps + 1:
-        callbacks.append(cost.make_calibration_callback(t.calibration_steps, max_steps, log, calib))
+    if rt.calibration_steps and max_steps > rt.calibration_steps + 1:
+        callbacks.append(cost.make_calibration_callback(rt.calibration_steps, max_steps, log, calib))
     if t.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold))
     trainer = _trainer_class()(
@@ -406,9 +409,9 @@ def train(
     fpt = cost.train_flops_per_token(trainer.model, avg_len)
     achieved = fpt * tokens / wall / 1e12 if wall > 0 else 0.0
     eos_rate, eos_samples = math.nan, []
-    if req.measure_cost and world_zero and t.eos_check_samples and req.eval_messages:
+    if req.measure_cost and world_zero and rt.eos_check_samples and req.eval_messages:
         eos_rate, eos_samples = eos_check(
-            trainer.model, tok, req.eval_messages[: t.eos_check_samples], req.eos_max_new_tokens
+            trainer.model, tok, req.eval_messages[: rt.eos_check_samples], req.eos_max_new_tokens
         )
         log(f"EOS check: {eos_rate:.0%} of {len(eos_samples)} sampled generations end with {tok.eos_token!r}")
     if not req.checkpoint_dir:

@@ -33,7 +33,7 @@ class SweepResult:
     trials: list[dict[str, Any]]
 
 
-TRIAL_OVERRIDES = {"max_steps", "eval_steps", "logging_steps"}  # set by the sweep itself, not part of its identity
+TRIAL_OVERRIDES = {"max_steps", "eval_steps"}  # set by the sweep itself, not part of its identity
 
 
 def study_name(pipeline: str, data_digest: str, sweep: SweepSpec, model: ModelSpec, training: TrainingSpec) -> str:
