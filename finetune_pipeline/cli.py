@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from finetune_pipeline.layout import StateLayout
 from finetune_pipeline.paths import STATE_ENV, state_root
 
 
@@ -28,7 +29,7 @@ def dagster_env() -> dict[str, str]:
     return {
         STATE_ENV: str(root),
         "DAGSTER_HOME": home,
-        "FINETUNE_DAGSTER_DIR": os.environ.get("FINETUNE_DAGSTER_DIR") or str(root / "dagster"),
+        "FINETUNE_DAGSTER_DIR": os.environ.get("FINETUNE_DAGSTER_DIR") or str(StateLayout(root).dagster),
     }
 
 
@@ -44,7 +45,7 @@ def register_drops(pipeline: str | None = None) -> dict[str, list[str]]:
     import dagster as dg
 
     from finetune_pipeline.data.drops import scan_incoming
-    from finetune_pipeline.definitions import specs_dir
+    from finetune_pipeline.paths import specs_dir
     from finetune_pipeline.spec import load_specs
 
     _apply_env()
@@ -118,11 +119,11 @@ def _summary(pipeline: str) -> None:
 
 
 def lineage(model_uri: str) -> None:
-    from finetune_pipeline.defs.resources import MlflowTracking, StateStore
-    from finetune_pipeline.tracking.mlflow_store import trace
+    from finetune_pipeline.tracking.mlflow_store import configure, trace
 
     _apply_env()
-    MlflowTracking(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", "")).setup_for(StateStore())
+    layout = StateLayout(state_root())
+    configure(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{layout.mlflow_db}", layout.mlflow_artifacts)
     print(json.dumps(trace(model_uri), indent=2))
 
 

@@ -5,18 +5,14 @@ The folder is ``FINETUNE_SPECS`` (default ``./specs``). Importing this module mu
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import dagster as dg
 
 from finetune_pipeline.defs.pipeline import build_pipeline_defs
 from finetune_pipeline.defs.resources import default_resources
+from finetune_pipeline.paths import specs_dir
 from finetune_pipeline.spec import load_specs
-
-
-def specs_dir() -> Path:
-    return Path(os.environ.get("FINETUNE_SPECS") or "specs").expanduser().resolve()
 
 
 def build_definitions(folder: Path | None = None) -> dg.Definitions:

@@ -1,4 +1,5 @@
-"""Where state lives: one root (``FINETUNE_HOME``, default ``./.finetune``) holds everything the pipelines produce."""
+"""Where things are found from the environment: the state root (``FINETUNE_HOME``) and the specs folder
+(``FINETUNE_SPECS``). What lives under the state root is the layout's business (finetune_pipeline.layout)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 from pathlib import Path
 
 STATE_ENV = "FINETUNE_HOME"
+SPECS_ENV = "FINETUNE_SPECS"
 
 
 def state_root() -> Path:
@@ -13,6 +15,6 @@ def state_root() -> Path:
     return Path(os.environ.get(STATE_ENV) or ".finetune").expanduser().resolve()
 
 
-def models_dir() -> Path:
-    """Folder for provisioned base models (safetensors folders)."""
-    return state_root() / "models"
+def specs_dir() -> Path:
+    """The folder of pipeline specs: ``FINETUNE_SPECS``, default ``./specs``."""
+    return Path(os.environ.get(SPECS_ENV) or "specs").expanduser().resolve()

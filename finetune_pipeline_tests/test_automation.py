@@ -164,12 +164,10 @@ def test_rejection_gate_blocks_a_bad_drop(tmp_path: Path) -> None:
         assert checks["rejection_rate"].metadata["rejection_rate"].value == pytest.approx(0.75)
         assert not res.success  # blocking check fails the run
         # and the drop is kept out of training: no published cleaned rows, not among the usable drops
-        from finetune_pipeline.defs.data_assets import raw_paths, usable_drops
-
-        state = StateStore(root=str(tmp_path / "state"))
-        assert not raw_paths(state, spec, drop_key(f))["kept"].exists()
-        assert usable_drops(state, spec, [drop_key(f)]) == []
-        assert raw_paths(state, spec, drop_key(f))["quarantine"].exists()
+        layout = StateStore(root=str(tmp_path / "state")).pipeline(spec.name)
+        assert not layout.kept(drop_key(f)).exists()
+        assert layout.usable_drops([drop_key(f)]) == []
+        assert layout.quarantine(drop_key(f)).exists()
 
 
 def _words_row(i: int, vocab: list[str], n: int) -> dict:
@@ -237,7 +235,6 @@ drift: {{warn_threshold: 0.3, retrain_threshold: 0.5}}
 
 
 def test_a_csv_drop_keeps_its_format_through_the_assets(tmp_path: Path) -> None:
-    from finetune_pipeline.defs.data_assets import raw_paths
     from finetune_pipeline.defs.resources import StateStore
 
     text = f"""
@@ -262,4 +259,6 @@ registry: {{model_name: watch-model}}
             if m.asset_key.path[-1] == "cleaned_dataset"
         )
         assert (md["file_format"].value, md["record_format"].value, md["kept"].value) == ("csv", "alpaca", 30)
-        assert raw_paths(state, spec, drop_key(f))["raw"].suffix == ".csv"
+        layout = state.pipeline(spec.name)
+        assert layout.raw(drop_key(f)).suffix == ".csv"
+        assert layout.raw(drop_key(f)).read_bytes() == f.read_bytes()

@@ -1,11 +1,13 @@
 """Tier 3: the real CLI (`finetune-pipeline`, `dagster asset materialize`, `dagster job execute`) on a small spec,
 with real SQLite-backed Dagster, MLflow and Optuna under a temporary state root. Asserts behaviour, not exit codes."""
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -37,9 +39,8 @@ registry: {{model_name: mini-model}}
 """
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict:
-    root = tmp_path_factory.mktemp("e2e")
+def make_world(root: Path, tiny_model: Path, spec: str = SPEC) -> dict:
+    """Two small drops taken from the demo files (same faults and duplicates, fewer rows) and a spec folder."""
     drops = write_demo_drops(root / "all")
     incoming = root / "incoming"
     incoming.mkdir()
@@ -48,7 +49,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict:
         lines = p.read_text().splitlines(keepends=True)
         (incoming / f"drop{i}.jsonl").write_text("".join(lines[:160]))
     (root / "specs").mkdir()
-    (root / "specs" / "mini.yaml").write_text(SPEC.format(incoming=incoming, model=tiny_model))
+    (root / "specs" / "mini.yaml").write_text(spec.format(incoming=incoming, model=tiny_model))
     env = {
         **os.environ,
         "FINETUNE_HOME": str(root / "state"),
@@ -57,6 +58,11 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict:
         "FINETUNE_DAGSTER_DIR": str(root / "state" / "dagster"),
     }
     return {"root": root, "env": env, "incoming": incoming, "model": tiny_model}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict:
+    return make_world(tmp_path_factory.mktemp("e2e"), tiny_model)
 
 
 def cli(world: dict, *args: str) -> str:
@@ -81,21 +87,55 @@ def ingest_all(world: dict) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(world: dict) -> dict:
+    """Ingest both drops and run the train job once; what it produced is kept as it was right after, so a test
+    that runs the job again does not change what another test reads."""
     keys = ingest_all(world)
     assert len(keys) == 2
     log = dagster_cli(world, "job", "execute", "-j", "mini_train")
-    return {"keys": keys, "log": log}
+    with instance_of(world) as instance:
+        cleaned = instance.get_materialized_partitions(dg.AssetKey(["mini", "cleaned_dataset"]))
+        names = ("dataset_splits", "adapter", "token_stats", "eval_report", "registered_model")
+        return {"keys": keys, "log": log, "cleaned": cleaned, **{n: latest(instance, n) for n in names}}
 
 
 @pytest.fixture()
 def env(world: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
     for k in ("FINETUNE_HOME", "FINETUNE_SPECS", "DAGSTER_HOME", "FINETUNE_DAGSTER_DIR"):
         monkeypatch.setenv(k, world["env"][k])
+    return world
+
+
+@contextlib.contextmanager
+def instance_of(world: dict) -> Iterator[dg.DagsterInstance]:
+    """The world's Dagster instance (dagster.yaml in DAGSTER_HOME, storage under its state root)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("FINETUNE_HOME", "FINETUNE_SPECS", "DAGSTER_HOME", "FINETUNE_DAGSTER_DIR"):
+            mp.setenv(k, world["env"][k])
+        with dg.DagsterInstance.get() as instance:
+            yield instance
+
+
+def mlflow_client(world: dict):  # type: ignore[no-untyped-def]
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{world['root'] / 'state' / 'mlflow' / 'mlflow.db'}")
-    mlflow.set_registry_uri(f"sqlite:///{world['root'] / 'state' / 'mlflow' / 'mlflow.db'}")
-    return world
+    uri = f"sqlite:///{world['root'] / 'state' / 'mlflow' / 'mlflow.db'}"
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextlib.contextmanager
+def mlflow_at(world: dict) -> Iterator[None]:
+    """MLflow's global URIs pointed at the world's store for a block, then put back (for mlflow.* loaders)."""
+    import mlflow
+
+    uri = f"sqlite:///{world['root'] / 'state' / 'mlflow' / 'mlflow.db'}"
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
 
 
 def latest(instance: dg.DagsterInstance, name: str) -> dict:
@@ -110,24 +150,22 @@ def latest(instance: dg.DagsterInstance, name: str) -> dict:
 def test_pipeline_trains_evaluates_and_registers(trained: dict, env: dict) -> None:
     import mlflow
     import torch
+    from finetune_pipeline.training.configs import lora_config
     from peft import get_peft_model
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-    from finetune_pipeline.models.base import lora_config
     from finetune_pipeline.models.merge import max_logit_diff, tuned_model
     from finetune_pipeline.spec import load_spec
 
-    instance = dg.DagsterInstance.get()
-    cleaned = instance.get_materialized_partitions(dg.AssetKey(["mini", "cleaned_dataset"]))
-    assert cleaned == set(trained["keys"])
-    splits = latest(instance, "dataset_splits")
+    assert trained["cleaned"] == set(trained["keys"])
+    splits = trained["dataset_splits"]
     assert splits["train_rows"] > 200 and splits["test_rows"] > 10 and splits["cross_drop_duplicates"] > 0
-    adapter = latest(instance, "adapter")
+    adapter = trained["adapter"]
     assert adapter["reused"] is False and adapter["steps"] == 10
 
     # loss logged to MLflow and falling
-    client = mlflow.MlflowClient()
+    client = mlflow_client(env)
     exp = client.get_experiment_by_name("mini")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
     assert {"sweep", "trial-0", "trial-1", "train", "eval", "register"} <= set(runs)
@@ -143,7 +181,7 @@ def test_pipeline_trains_evaluates_and_registers(trained: dict, env: dict) -> No
     set_seed(spec.training.seed)
     init = {
         k.replace(".default", ""): v
-        for k, v in get_peft_model(base, lora_config(spec.model)).state_dict().items()
+        for k, v in get_peft_model(base, lora_config(spec.model.lora)).state_dict().items()
         if "lora_" in k
     }
     assert weights and set(weights) == set(init)
@@ -151,21 +189,22 @@ def test_pipeline_trains_evaluates_and_registers(trained: dict, env: dict) -> No
         assert not torch.equal(w, init[k]), f"{k} did not change"
 
     # token statistics of the splits against training.max_length
-    tokens = latest(instance, "token_stats")
+    tokens = trained["token_stats"]
     assert tokens["train_tokens"]["rows"] == splits["train_rows"] and tokens["train_tokens"]["p50"] > 10
     assert tokens["max_length"] == spec.training.max_length and "data:image/png;base64" in tokens["histogram"]
 
     # eval report and the blocking gate
-    report = latest(instance, "eval_report")
+    report = trained["eval_report"]
     assert report["tuned"]["perplexity"] < report["base"]["perplexity"]
     assert "| perplexity |" in report["report"]
-    gates = instance.event_log_storage.get_latest_asset_check_execution_by_key(
-        [dg.AssetCheckKey(dg.AssetKey(["mini", "eval_report"]), "tuned_beats_base")]
-    )
-    assert [e.status.value for e in gates.values()] == ["SUCCEEDED"]
+    with instance_of(env) as instance:
+        checks = instance.event_log_storage.get_asset_check_execution_history(
+            dg.AssetCheckKey(dg.AssetKey(["mini", "eval_report"]), "tuned_beats_base"), limit=50
+        )
+    assert [c.status.value for c in checks if c.run_id == report["_run"]] == ["SUCCEEDED"]
 
     # registered version with aliases, lineage tags, dataset digests equal to Dagster's
-    reg = latest(instance, "registered_model")
+    reg = trained["registered_model"]
     mv = client.get_model_version_by_alias("mini-model", "champion")
     assert str(mv.version) == reg["version"] == "1" and reg["promoted"] is True
     assert set(reg["aliases"]) == {"challenger", "champion"}
@@ -190,7 +229,8 @@ def test_pipeline_trains_evaluates_and_registers(trained: dict, env: dict) -> No
     }
 
     # the registered model reloads and gives the trained adapter's logits
-    components = mlflow.transformers.load_model("models:/mini-model@champion", return_type="components")
+    with mlflow_at(env):
+        components = mlflow.transformers.load_model("models:/mini-model@champion", return_type="components")
     tok = AutoTokenizer.from_pretrained(adapter["path"])
     diff = max_logit_diff(tuned_model(str(env["model"]), spec.model, adapter["path"]), components["model"], tok)
     assert diff < 1e-4
@@ -205,69 +245,65 @@ def test_pipeline_trains_evaluates_and_registers(trained: dict, env: dict) -> No
 
 
 def test_unchanged_data_does_not_retrain_and_new_drop_triggers_schedule(trained: dict, env: dict) -> None:
-    import mlflow
-
     from finetune_pipeline.definitions import build_definitions
     from finetune_pipeline.defs.resources import StateStore
 
-    client = mlflow.MlflowClient()
+    client = mlflow_client(env)
     exp = client.get_experiment_by_name("mini")
     n_runs = len(client.search_runs([exp.experiment_id]))
+    versions = len(client.search_model_versions("name = 'mini-model'"))
     dagster_cli(env, "job", "execute", "-j", "mini_train")
-    instance = dg.DagsterInstance.get()
-    adapter = latest(instance, "adapter")
-    assert adapter["reused"] is True
-    sweep = latest(instance, "hyperparameter_sweep")
+    with instance_of(env) as instance:
+        adapter = latest(instance, "adapter")
+        sweep = latest(instance, "hyperparameter_sweep")
+    assert adapter["reused"] is True and adapter["adapter_key"] == trained["adapter"]["adapter_key"]
     assert sweep["trials_run_now"] == 0 and sweep["reused"] is True
     runs = client.search_runs([exp.experiment_id])
-    assert [r.info.run_name for r in runs].count("train") == 1, "unchanged data must not start another training run"
-    assert len(runs) == n_runs  # no new sweep, trial, train, eval or register run
-    assert len(client.search_model_versions("name = 'mini-model'")) == 1
+    assert len(runs) == n_runs, "unchanged data must not start a sweep, trial, train, eval or register run"
+    assert len(client.search_model_versions("name = 'mini-model'")) == versions
 
     defs = build_definitions(Path(env["env"]["FINETUNE_SPECS"]))
     # resolve with a live instance in Dagster's context variable (one left by an earlier test may be collected)
     with tempfile.TemporaryDirectory() as tmp, dg.instance_for_test(temp_dir=tmp):
         schedule = defs.resolve_schedule_def("mini_retrain_schedule")
-    tick = schedule.evaluate_tick(dg.build_schedule_context(instance=instance, resources={"state": StateStore()}))
+    state = {"state": StateStore()}
+    with instance_of(env) as instance:
+        tick = schedule.evaluate_tick(dg.build_schedule_context(instance=instance, resources=state))
     assert not tick.run_requests and "unchanged" in tick.skip_message
 
     # a new drop lands: the schedule now asks for a retrain
-    extra = env["root"] / "all"
-    lines = sorted(extra.glob("*.jsonl"))[0].read_text().splitlines(keepends=True)
+    lines = sorted((env["root"] / "all").glob("*.jsonl"))[0].read_text().splitlines(keepends=True)
     (env["incoming"] / "drop_new.jsonl").write_text("".join(lines[400:480]))
-    new = ingest_all(env)
-    assert len(new) == 1
-    tick = schedule.evaluate_tick(dg.build_schedule_context(instance=instance, resources={"state": StateStore()}))
+    assert len(ingest_all(env)) == 1
+    with instance_of(env) as instance:
+        tick = schedule.evaluate_tick(dg.build_schedule_context(instance=instance, resources=state))
     assert len(tick.run_requests) == 1
 
 
-def test_failed_gate_never_registers(trained: dict, env: dict) -> None:
-    """Raise the bar so the tuned model cannot pass: the blocking check fails the run before registration."""
-    import mlflow
-
-    spec_file = Path(env["env"]["FINETUNE_SPECS"]) / "mini.yaml"
-    spec_file.write_text(
-        spec_file.read_text().replace(
-            "registry: {model_name: mini-model}", "registry: {model_name: mini-model, min_improvement_over_base: 1.0e+9}"
-        )
+def test_failed_gate_never_registers(tmp_path: Path, tiny_model: Path) -> None:
+    """A bar the tuned model cannot pass: the blocking check fails the run after training and before registration."""
+    spec = SPEC.replace(
+        "registry: {{model_name: mini-model}}",
+        "registry: {{model_name: mini-model, min_improvement_over_base: 1.0e+9}}",
     )
+    assert spec != SPEC
+    w = make_world(tmp_path, tiny_model, spec)
+    assert len(ingest_all(w)) == 2
     out = subprocess.run(
         [sys.executable, "-m", "dagster", "job", "execute", "-m", "finetune_pipeline.definitions", "-j", "mini_train"],
         cwd=REPO,
-        env=env["env"],
+        env=w["env"],
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert out.returncode != 0
-    instance = dg.DagsterInstance.get()
-    gate = instance.event_log_storage.get_latest_asset_check_execution_by_key(
-        [dg.AssetCheckKey(dg.AssetKey(["mini", "eval_report"]), "tuned_beats_base")]
-    )
-    assert [e.status.value for e in gate.values()] == ["FAILED"]
-    assert latest(instance, "adapter")["reused"] is False  # new data was trained on: only the gate stopped it
-    client = mlflow.MlflowClient()
-    assert len(client.search_model_versions("name = 'mini-model'")) == 1
-    assert str(client.get_model_version_by_alias("mini-model", "champion").version) == "1"
-    reg = latest(instance, "registered_model")
-    assert reg["_run"] != latest(instance, "eval_report")["_run"]  # registered_model did not run this time
+    with instance_of(w) as instance:
+        gate = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            [dg.AssetCheckKey(dg.AssetKey(["mini", "eval_report"]), "tuned_beats_base")]
+        )
+        assert [e.status.value for e in gate.values()] == ["FAILED"]
+        assert latest(instance, "adapter")["reused"] is False  # it trained: only the gate stopped it
+        assert instance.get_latest_materialization_event(dg.AssetKey(["mini", "registered_model"])) is None
+    client = mlflow_client(w)
+    assert client.search_model_versions("name = 'mini-model'") == []

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from finetune_pipeline.spec import EvaluationSpec, ModelSpec, SearchParam, SweepSpec, RuntimeSpec, TrainingSpec
+from finetune_pipeline.spec import EvaluationSpec, ModelSpec, RuntimeSpec, SearchParam, SweepSpec, TrainingSpec
 from finetune_pipeline_tests.conftest import chat_row
 
 ROWS = [json.dumps(chat_row(i)["messages"]) for i in range(48)]

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from finetune_pipeline.defs.resources import MlflowTracking, OptunaStorage, StateStore
 from finetune_pipeline.defs.training_assets import build_training_assets
+from finetune_pipeline.layout import AdapterRecord, PipelineLayout, SplitsManifest
 from finetune_pipeline.spec import parse_spec
 from finetune_pipeline_tests.conftest import chat_row
 
@@ -49,13 +50,15 @@ def _write_splits(root: Path, name: str) -> None:
         }
     )
     parts = {"train": frame.iloc[:32], "validation": frame.iloc[32:36], "test": frame.iloc[36:]}
-    d = root / "pipelines" / name / "splits"
-    d.mkdir(parents=True, exist_ok=True)
+    layout = PipelineLayout(root, name)
+    layout.splits.mkdir(parents=True, exist_ok=True)
     for s, f in parts.items():
-        f.reset_index(drop=True).to_parquet(d / f"{s}.parquet")
+        f.reset_index(drop=True).to_parquet(layout.split(s))
     digests = {s: hashlib.sha256(f.to_json().encode()).hexdigest()[:16] for s, f in parts.items()}
-    manifest = {"drops": ["d0"], "digests": digests, "version": "v-" + digests["train"], "counts": {}}
-    (d / "manifest.json").write_text(json.dumps(manifest))
+    counts = {s: len(f) for s, f in parts.items()}
+    SplitsManifest(drops=["d0"], digests=digests, version="v-" + digests["train"], counts=counts, spec_hash="s").save(
+        layout.splits_manifest
+    )
 
 
 class World:
@@ -79,7 +82,7 @@ class World:
         return dg.materialize(self.assets, instance=instance, resources=self.resources, raise_on_error=False)
 
     def adapters(self) -> Path:
-        return self.root / "pipelines" / "kid" / "adapters"
+        return PipelineLayout(self.root, "kid").adapters
 
     def meta(self, instance: dg.DagsterInstance) -> dict:
         ev = instance.get_latest_materialization_event(dg.AssetKey(["kid", "adapter"]))
@@ -117,7 +120,10 @@ def reference(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dic
 def test_two_identical_runs_give_identical_adapter_weights(reference: dict) -> None:
     a, b = (load_file(reference[k]["dir"] / "adapter_model.safetensors") for k in ("python", "accelerate"))
     assert a and a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
-    ra, rb = (json.loads((reference[k]["dir"] / "reproducibility.json").read_text()) for k in ("python", "accelerate"))
+    ra, rb = (
+        AdapterRecord.load(reference[k]["dir"] / "adapter.json").reproducibility_record()
+        for k in ("python", "accelerate")
+    )
     # same seeds, versions, data and base weights; the spec hashes differ by the launcher only
     same = ("seeds", "libraries", "data_digests", "splits_version", "base_weights_digest", "code_version")
     assert {k: ra[k] for k in same} == {k: rb[k] for k in same} and ra["adapter_key"] == rb["adapter_key"]
@@ -151,8 +157,7 @@ def test_child_streams_progress_and_reports_cost(reference: dict) -> None:
     assert json.loads((ref["dir"] / "generation_config.json").read_text())["eos_token_id"] == 2
     # the same figures and the reproducibility record are in MLflow
     w = ref["world"]
-    mlflow.set_tracking_uri(f"sqlite:///{w.root / 'mlflow.db'}")
-    run = mlflow.MlflowClient().get_run(meta["mlflow_run_id"])
+    run = mlflow.MlflowClient(tracking_uri=f"sqlite:///{w.root / 'mlflow.db'}").get_run(meta["mlflow_run_id"])
     assert run.data.metrics["tokens_per_second"] > 0 and "flop_utilisation" in run.data.metrics
     assert run.data.tags["repro.seeds.adapter_init_seed"] == "3"
     assert run.data.tags["repro.libraries.trl"].startswith("1.16")

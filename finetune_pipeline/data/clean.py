@@ -64,11 +64,6 @@ class CleanResult:
         return int((self.duplicates["kind"] == "near").sum()) if len(self.duplicates) else 0
 
 
-def content_hash(messages: list[dict[str, str]]) -> str:
-    """The hash clean_file gives a row's canonical messages (used by tests and tools that build rows by hand)."""
-    return str(normalize.hash_strings(pa.array([json.dumps(messages, ensure_ascii=False)]))[0])
-
-
 def _row_preview(table: pa.Table, positions: np.ndarray) -> list[str]:
     rows = table.take(pa.array(positions)).drop_columns(["_line"]).to_pylist()
     return [

@@ -10,21 +10,21 @@ The overall score is the largest of them, so one aspect moving is enough to warn
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from finetune_pipeline.data.split import messages_text
+from finetune_pipeline.data.messages import messages_text
+from finetune_pipeline.layout import Record
 
 MAX_ROWS = 50_000
 TOP_WORDS = 5_000
 
 
-@dataclass
-class DriftReport:
+class DriftReport(Record):
+    """Drift of one drop against the training split (stored per drop; the retraining schedule reads it)."""
+
     components: dict[str, float]
     rows_new: int
     rows_reference: int
@@ -93,4 +93,4 @@ def drift(new: pd.DataFrame, reference: pd.DataFrame) -> DriftReport:
     }
     if "label" in new and "label" in ref and new["label"].notna().any() and ref["label"].notna().any():
         comp["labels"] = tvd(new["label"].dropna().astype(str), ref["label"].dropna().astype(str))
-    return DriftReport(comp, len(new), len(ref))
+    return DriftReport(components=comp, rows_new=len(new), rows_reference=len(ref))

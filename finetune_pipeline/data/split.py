@@ -10,20 +10,20 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from finetune_pipeline.data import dedup
 from finetune_pipeline.data.clean import DUPLICATE_COLUMNS, frame_digest
+from finetune_pipeline.data.messages import messages_text, prompt_texts
+from finetune_pipeline.hashing import short_hash
+from finetune_pipeline.layout import SPLITS
 from finetune_pipeline.spec import DedupSpec, SplitSpec
 
-SPLITS = ("train", "validation", "test")
 DIGEST_COLUMNS = ["row_id", "content_hash"]
 
 
@@ -39,21 +39,6 @@ def split_of(row_id: str, spec: SplitSpec) -> str:
     if u < spec.test_fraction + spec.validation_fraction:
         return "validation"
     return "train"
-
-
-def messages_text(messages_json: pa.Array | list[str]) -> pa.Array:
-    """Plain-ish text of canonical messages JSON (contents only) for shingling, without parsing each row."""
-    arr = pa.array(messages_json, pa.string()) if isinstance(messages_json, list) else messages_json
-    x = pc.replace_substring_regex(arr, r'\{"role": "[a-z]+", "content": "|"\}(, )?|\\[nrt]', " ")
-    return x
-
-
-_LAST_MESSAGE = r'(, )?\{"role": "[a-z]+", "content": "(?:[^"\\]|\\.)*"\}\]$'
-
-
-def prompt_texts(messages_json: pd.Series | list[str]) -> pa.Array:
-    """Canonical messages JSON without the last message: what a row asks, for prompt-overlap counts."""
-    return pc.replace_substring_regex(pa.array(list(messages_json), pa.string()), _LAST_MESSAGE, "]")
 
 
 @dataclass
@@ -72,7 +57,7 @@ class SplitResult:
 
     @property
     def combined_digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.digests, sort_keys=True).encode()).hexdigest()[:16]
+        return short_hash(self.digests)
 
 
 def _fill(n: int, have: dict[str, int], spec: SplitSpec) -> list[str]:
@@ -188,15 +173,3 @@ def overlap_report(frames: dict[str, pd.DataFrame]) -> dict[str, Any]:
         report[f"{a}_{b}_prompt_overlap"] = len(pa & pb)
         report[f"{a}_{b}_id_overlap"] = len(ia & ib)
     return report
-
-
-def to_prompt_completion(messages_json: str) -> dict[str, list[dict[str, str]]]:
-    """Conversational prompt/completion record for trl: the loss then falls on the final assistant turn."""
-    msgs = json.loads(messages_json)
-    return {"prompt": msgs[:-1], "completion": msgs[-1:]}
-
-
-def training_fingerprint(drops: list[str], spec_hash: str) -> str:
-    """What a trained adapter depends on: the set of ingested drops (content hashes) and the spec.
-    The retraining schedule compares it with the one recorded on the last adapter."""
-    return hashlib.sha256(json.dumps([sorted(drops), spec_hash]).encode()).hexdigest()[:16]

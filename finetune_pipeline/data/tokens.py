@@ -66,22 +66,3 @@ def length_stats(tokens: np.ndarray, max_length: int) -> dict[str, float]:
         "over_max_length": over,
         "over_max_length_share": round(over / len(tokens), 4),
     }
-
-
-def counter_for(base: str, spec_dir: Path, models_dir: Path, trust_remote_code: bool = False) -> TokenCounter:
-    """A TokenCounter for the spec's model.base: the packaged model (converted once), a local folder, or a hub
-    id (its tokenizer is fetched once through transformers and saved under the state root)."""
-    from finetune_pipeline.models.base import PACKAGED, provision_base_model
-
-    p = Path(base).expanduser()
-    if base not in PACKAGED and not p.is_absolute() and (spec_dir / p).exists():
-        base = str((spec_dir / p).resolve())
-    pm = provision_base_model(base, trust_remote_code, target_root=models_dir)
-    if pm.kind != "hub":
-        return TokenCounter(pm.path)
-    local = models_dir / "tokenizers" / base.replace("/", "--")
-    if not (local / "tokenizer.json").exists():
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code).save_pretrained(local)
-    return TokenCounter(local)

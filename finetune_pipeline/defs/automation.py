@@ -5,11 +5,12 @@ from typing import Any
 
 import dagster as dg
 
+from finetune_pipeline.data.drift import DriftReport
 from finetune_pipeline.data.drops import scan_incoming
-from finetune_pipeline.data.split import training_fingerprint
 from finetune_pipeline.defs.common import drops_partitions, key
-from finetune_pipeline.defs.data_assets import raw_paths, usable_drops
+from finetune_pipeline.defs.data_assets import SOURCE_TAG
 from finetune_pipeline.defs.resources import StateStore
+from finetune_pipeline.keys import training_fingerprint
 from finetune_pipeline.spec import LoadedSpec
 
 
@@ -39,9 +40,7 @@ def build_sensor(spec: LoadedSpec, ingest_job: Any) -> dg.SensorDefinition:
         keys = [d.key for d in scan.ready]
         return dg.SensorResult(
             run_requests=[
-                dg.RunRequest(
-                    partition_key=d.key, run_key=f"{spec.name}:{d.key}", tags={"finetune/source_file": str(d.path)}
-                )
+                dg.RunRequest(partition_key=d.key, run_key=f"{spec.name}:{d.key}", tags={SOURCE_TAG: str(d.path)})
                 for d in scan.ready
             ],
             dynamic_partitions_requests=[parts.build_add_request(keys)],
@@ -54,7 +53,7 @@ def build_sensor(spec: LoadedSpec, ingest_job: Any) -> dg.SensorDefinition:
 def current_fingerprint(instance: dg.DagsterInstance, state: StateStore, spec: LoadedSpec) -> tuple[str, list[str]]:
     """Fingerprint of the data the next training run would use (the drops that passed their gates) and the spec.
     dataset_splits records the same drops, and the adapter the same fingerprint."""
-    drops = usable_drops(state, spec, instance.get_dynamic_partitions(drops_partitions(spec).name))
+    drops = state.pipeline(spec.name).usable_drops(instance.get_dynamic_partitions(drops_partitions(spec).name))
     return training_fingerprint(drops, spec.spec_hash), drops
 
 
@@ -79,13 +78,10 @@ def drift_of_new_drops(
 ) -> dict[str, float]:
     """Drift score of each usable drop not yet in the splits (1.0 when it arrived before any training split)."""
     seen = set(last_split_drops(instance, spec))
-    out = {}
-    for d in drops:
-        if d in seen:
-            continue
-        f = raw_paths(state, spec, d)["drift"]
-        out[d] = float(json.loads(f.read_text())["score"]) if f.exists() else 1.0
-    return out
+    layout = state.pipeline(spec.name)
+    return {
+        d: DriftReport.load(layout.drift(d)).score if layout.drift(d).exists() else 1.0 for d in drops if d not in seen
+    }
 
 
 def build_schedule(spec: LoadedSpec, train_job: Any) -> dg.ScheduleDefinition | None:

@@ -1,32 +1,17 @@
-"""Small helpers shared by the asset shells."""
+"""Small helpers shared by the asset shells: keys, partitions, lineage, logging, metadata values, the Pipes launch."""
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import io
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import pandas as pd
 
-from finetune_pipeline import __version__
+from finetune_pipeline.keys import code_version
 from finetune_pipeline.spec import LoadedSpec
-
-
-def _source_hash() -> str:
-    """Hash of the package's Python source: a code change invalidates cached sweeps, adapters and evaluations."""
-    root = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        h.update(f.relative_to(root).as_posix().encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:12]
-
-
-CODE_VERSION = f"{__version__}+{_source_hash()}"
+from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
 
 
 def key(spec: LoadedSpec, name: str) -> dg.AssetKey:
@@ -37,15 +22,14 @@ def drops_partitions(spec: LoadedSpec) -> dg.DynamicPartitionsDefinition:
     return dg.DynamicPartitionsDefinition(name=f"{spec.name}_drops")
 
 
-def lineage(context: dg.AssetExecutionContext, spec: LoadedSpec) -> Any:
-    from finetune_pipeline.tracking.mlflow_store import Lineage
-
+def lineage(context: dg.AssetExecutionContext, spec: LoadedSpec, *stage: str) -> Lineage:
+    """Who produced an MLflow run: the Dagster run, asset, partition, the stage's code version and the spec."""
     return Lineage(
         pipeline=spec.name,
         asset=context.asset_key.to_user_string(),
         dagster_run_id=context.run_id,
         partition=context.partition_key if context.has_partition_key else None,
-        code_version=CODE_VERSION,
+        code_version=code_version(*stage),
         spec_hash=spec.spec_hash,
     )
 
@@ -53,6 +37,29 @@ def lineage(context: dg.AssetExecutionContext, spec: LoadedSpec) -> Any:
 def logger(context: dg.AssetExecutionContext) -> Callable[[str], None]:
     """Progress lines go into the Dagster run's event log as they happen."""
     return lambda msg: context.log.info(msg)
+
+
+def pipes_launch(context: dg.AssetExecutionContext) -> Callable[[list[str], dict[str, str]], dict[str, Any]]:
+    """Runs a child process through Dagster Pipes (its logs stream into the run) and returns what it reported."""
+
+    def launch(command: list[str], extras: dict[str, str]) -> dict[str, Any]:
+        client = dg.PipesSubprocessClient(env={"PYTHONUNBUFFERED": "1"})
+        reported = client.run(command=command, context=context, extras=extras).get_materialize_result()
+        return {k: getattr(v, "value", v) for k, v in (reported.metadata or {}).items()}
+
+    return launch
+
+
+def latest_version(context: dg.AssetExecutionContext, asset_key: dg.AssetKey) -> str:
+    """Data version of the latest materialization of an upstream asset (it names the record to read)."""
+    ev = context.instance.get_latest_materialization_event(asset_key)
+    mat = ev.asset_materialization if ev is not None else None
+    if mat is None:
+        raise FileNotFoundError(f"{asset_key.to_user_string()} has not been materialized yet")
+    version = (mat.tags or {}).get("dagster/data_version")
+    if not version:
+        raise ValueError(f"{asset_key.to_user_string()} has no data version")
+    return version
 
 
 def table(df: pd.DataFrame, limit: int = 25) -> dg.TableMetadataValue:
@@ -71,14 +78,9 @@ def table(df: pd.DataFrame, limit: int = 25) -> dg.TableMetadataValue:
     return dg.MetadataValue.table(records=recs, schema=dg.TableSchema(columns=cols))
 
 
-def png_markdown(fig: Any, alt: str) -> dg.MarkdownMetadataValue:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})")
+def png_markdown(png: bytes, alt: str) -> dg.MarkdownMetadataValue:
+    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
 
 
-def mlflow_link(ui_url: str, experiment_id: str, run_id: str) -> dict[str, Any]:
-    return {
-        "mlflow_run_id": run_id,
-        "mlflow_run": dg.MetadataValue.url(f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"),
-    }
+def mlflow_link(target: TrackingTarget, experiment_id: str, run_id: str) -> dict[str, Any]:
+    return {"mlflow_run_id": run_id, "mlflow_run": dg.MetadataValue.url(target.run_url(experiment_id, run_id))}

@@ -13,6 +13,8 @@ from pathlib import Path
 import dagster as dg
 
 from finetune_pipeline import paths
+from finetune_pipeline.layout import PipelineLayout, StateLayout
+from finetune_pipeline.tracking.mlflow_store import TrackingTarget
 
 
 class StateStore(dg.ConfigurableResource):
@@ -20,16 +22,11 @@ class StateStore(dg.ConfigurableResource):
 
     root: str = ""
 
-    def root_path(self) -> Path:
-        return Path(self.root).expanduser().resolve() if self.root else paths.state_root()
+    def layout(self) -> StateLayout:
+        return StateLayout(Path(self.root).expanduser().resolve() if self.root else paths.state_root())
 
-    def pipeline_dir(self, pipeline: str) -> Path:
-        d = self.root_path() / "pipelines" / pipeline
-        d.mkdir(parents=True, exist_ok=True)
-        return d
-
-    def models_dir(self) -> Path:
-        return self.root_path() / "models"
+    def pipeline(self, name: str) -> PipelineLayout:
+        return self.layout().pipeline(name)
 
 
 class MlflowTracking(dg.ConfigurableResource):
@@ -39,13 +36,13 @@ class MlflowTracking(dg.ConfigurableResource):
     artifact_root: str = ""
     ui_url: str = "http://127.0.0.1:5000"
 
-    def setup_for(self, state: StateStore) -> tuple[str, Path]:
-        from finetune_pipeline.tracking import mlflow_store
-
-        uri = self.tracking_uri or f"sqlite:///{state.root_path() / 'mlflow' / 'mlflow.db'}"
-        art = Path(self.artifact_root) if self.artifact_root else state.root_path() / "mlflow" / "artifacts"
-        mlflow_store.configure(uri, art)
-        return uri, art
+    def target(self, state: StateStore) -> TrackingTarget:
+        layout = state.layout()
+        return TrackingTarget(
+            tracking_uri=self.tracking_uri or f"sqlite:///{layout.mlflow_db}",
+            artifact_root=Path(self.artifact_root) if self.artifact_root else layout.mlflow_artifacts,
+            ui_url=self.ui_url,
+        )
 
 
 class OptunaStorage(dg.ConfigurableResource):
@@ -54,7 +51,7 @@ class OptunaStorage(dg.ConfigurableResource):
     storage_uri: str = ""
 
     def uri_for(self, state: StateStore) -> str:
-        return self.storage_uri or f"sqlite:///{state.root_path() / 'optuna' / 'optuna.db'}"
+        return self.storage_uri or f"sqlite:///{state.layout().optuna_db}"
 
 
 def _env(name: str) -> dg.EnvVar | str:

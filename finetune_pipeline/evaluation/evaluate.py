@@ -7,8 +7,9 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from finetune_pipeline.evaluation.generate import ModelOutputs, load_for_eval, run_model
+from finetune_pipeline.evaluation.generate import ModelOutputs, run_model
 from finetune_pipeline.evaluation.report import EvalReport, build_report
+from finetune_pipeline.models.base import load_for_eval
 from finetune_pipeline.spec import EvaluationSpec, ModelSpec
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from finetune_pipeline.spec import EvaluationSpec, ModelSpec
+from finetune_pipeline.spec import EvaluationSpec
 
 
 @dataclass
@@ -18,20 +18,6 @@ class ModelOutputs:
     eos_reached: list[bool]
     perplexity: float
     seconds: float
-
-
-def load_for_eval(base_path: str, model: ModelSpec, adapter_dir: str | None) -> tuple[Any, Any]:
-    """(model, tokenizer) in eval mode; the tokenizer (and chat template) comes from the adapter when given."""
-    from finetune_pipeline.models.base import load_model, load_tokenizer
-
-    m = load_model(base_path, model, for_training=False)
-    tok = load_tokenizer(adapter_dir or base_path, model.trust_remote_code)
-    if adapter_dir and model.method in ("lora", "qlora"):
-        from peft import PeftModel
-
-        m = PeftModel.from_pretrained(m, adapter_dir)
-    m.eval()
-    return m, tok
 
 
 def _prompt_ids(tok: Any, msgs: list[dict[str, str]]) -> list[int]:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from finetune_pipeline.evaluation.metrics import METRICS, improvement, score
+from finetune_pipeline.layout import Record
 from finetune_pipeline.spec import EvaluationSpec
 
 
-@dataclass
-class EvalReport:
+class EvalReport(BaseModel):
+    """Base vs tuned on the same test rows: the metric table and sample outputs."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")
     n_samples: int
     primary_metric: str
     base: dict[str, float]
@@ -27,14 +30,20 @@ class EvalReport:
     def primary_improvement(self) -> float:
         return self.delta[self.primary_metric]
 
-    def to_json(self) -> str:
-        return json.dumps({**asdict(self), "delta": self.delta}, indent=2)
+    def passes_gate(self, min_improvement: float) -> bool:
+        """The registration gate: tuned beats base on the primary metric by at least ``min_improvement``."""
+        gain = self.primary_improvement
+        return not math.isnan(gain) and gain >= min_improvement
 
-    @classmethod
-    def from_json(cls, text: str) -> EvalReport:
-        d = json.loads(text)
-        d.pop("delta", None)
-        return cls(**d)
+
+class EvalRecord(Record):
+    """eval_report: which adapter was evaluated on which test rows, the MLflow run, and the report."""
+
+    eval_key: str
+    adapter_key: str
+    run_id: str
+    test_digest: str
+    report: EvalReport
 
 
 def build_report(
@@ -55,7 +64,7 @@ def build_report(
         {"prompt": p, "reference": r, "base": b, "tuned": t}
         for p, r, b, t in list(zip(prompts, refs, base_preds, tuned_preds, strict=True))[: spec.n_report_samples]
     ]
-    return EvalReport(len(refs), spec.primary_metric, base, tuned, samples)
+    return EvalReport(n_samples=len(refs), primary_metric=spec.primary_metric, base=base, tuned=tuned, samples=samples)
 
 
 def _fmt(v: float) -> str:

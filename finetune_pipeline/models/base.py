@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune_pipeline.paths import models_dir
+from finetune_pipeline.layout import StateLayout
+from finetune_pipeline.paths import state_root
 from finetune_pipeline.spec import ModelSpec
 
 PACKAGED = {
@@ -58,7 +59,7 @@ def provision_base_model(
     t0 = time.perf_counter()
     if base in PACKAGED:
         module, gguf_name = PACKAGED[base]
-        out = (target_root or models_dir()) / base
+        out = (target_root or StateLayout(state_root()).models) / base
         if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
             return ProvisionedModel(str(out), base, "packaged", _weights_digest(out), False, time.perf_counter() - t0)
         spec = importlib.util.find_spec(module)
@@ -93,6 +94,16 @@ def provision_base_model(
             )
         return ProvisionedModel(str(p.resolve()), base, "local", _weights_digest(p), False, time.perf_counter() - t0)
     return ProvisionedModel(base, base, "hub", base, False, time.perf_counter() - t0)
+
+
+def save_hub_tokenizer(hub_id: str, folder: Path, trust_remote_code: bool = False) -> Path:
+    """The tokenizer (and chat template) of a hub model, fetched once and kept as a local folder."""
+    local = folder / hub_id.replace("/", "--")
+    if not (local / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(hub_id, trust_remote_code=trust_remote_code).save_pretrained(local)
+    return local
 
 
 def quiet_progress_bars() -> None:
@@ -185,3 +196,15 @@ def lora_config(spec: ModelSpec, overrides: dict[str, Any] | None = None) -> Any
         use_rslora=lo.use_rslora,
         task_type="CAUSAL_LM",
     )
+
+
+def load_for_eval(base_path: str, model: ModelSpec, adapter_dir: str | None) -> tuple[Any, Any]:
+    """(model, tokenizer) in eval mode; the tokenizer (and chat template) comes from the adapter when given."""
+    m = load_model(base_path, model, for_training=False)
+    tok = load_tokenizer(adapter_dir or base_path, model.trust_remote_code)
+    if adapter_dir and model.method in ("lora", "qlora"):
+        from peft import PeftModel
+
+        m = PeftModel.from_pretrained(m, adapter_dir)
+    m.eval()
+    return m, tok

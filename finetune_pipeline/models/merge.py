@@ -35,7 +35,7 @@ def standalone_model(base_path: str, model: ModelSpec, tuned_path: str) -> tuple
 
 def tuned_model(base_path: str, model: ModelSpec, tuned_path: str) -> Any:
     """The trained weights as trained: base + adapter, unmerged, in float32 (the round-trip reference)."""
-    from finetune_pipeline.evaluation.generate import load_for_eval
+    from finetune_pipeline.models.base import load_for_eval
 
     fp32 = model.model_copy(update={"dtype": "float32", "method": "lora" if model.method == "qlora" else model.method})
     if model.method == "full":

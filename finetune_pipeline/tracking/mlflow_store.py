@@ -1,6 +1,8 @@
 """MLflow: experiments per pipeline, lineage tags, dataset inputs, registry versions and aliases.
 
-mlflow is imported inside functions so that loading the Dagster definitions stays fast.
+A leaf: it records what the callers computed and decided (the gain over the champion, the reload's logit
+difference); it imports no other layer of the package. mlflow is imported inside functions so that loading the
+Dagster definitions stays fast.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-
-from finetune_pipeline.evaluation.metrics import improvement
 
 TAG_PREFIX = "finetune."
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers>=5.23,<6", "accelerate>=1.15,<1.16"]
@@ -43,6 +43,18 @@ class Lineage:
         return t
 
 
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Where runs and models are recorded, and the UI that shows them (from the Dagster resource)."""
+
+    tracking_uri: str
+    artifact_root: Path | None
+    ui_url: str = "http://127.0.0.1:5000"
+
+    def run_url(self, experiment: str, run_id: str) -> str:
+        return f"{self.ui_url.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+
+
 def configure(tracking_uri: str, artifact_root: Path | None) -> None:
     import mlflow
 
@@ -62,6 +74,12 @@ def experiment_id(name: str, artifact_root: Path | None) -> str:
         return str(exp.experiment_id)
     loc = (artifact_root / name).as_uri() if artifact_root is not None else None
     return str(mlflow.create_experiment(name, artifact_location=loc))
+
+
+def experiment_for(target: TrackingTarget, pipeline: str) -> str:
+    """Point MLflow at the target and return the pipeline's experiment id (created on first use)."""
+    configure(target.tracking_uri, target.artifact_root)
+    return experiment_id(pipeline, target.artifact_root)
 
 
 @contextlib.contextmanager
@@ -90,17 +108,70 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     )
 
 
-@dataclass
-class Registration:
-    name: str
-    version: str
-    model_uri: str
-    aliases: list[str]
-    promoted: bool
-    champion_version: str | None
-    previous_champion: str | None
-    previous_champion_score: float | None
-    reason: str
+def log_series(name: str, points: list[tuple[int, float]] | list[list[float]]) -> None:
+    """A metric curve (step, value) on the active run."""
+    import mlflow
+
+    for step, value in points:
+        mlflow.log_metric(name, float(value), step=int(step))
+
+
+def log_params(params: dict[str, Any]) -> None:
+    import mlflow
+
+    mlflow.log_params(params)
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    import mlflow
+
+    mlflow.set_tags(tags)
+
+
+def log_artifact(path: Path) -> None:
+    import mlflow
+
+    mlflow.log_artifact(str(path))
+
+
+def log_artifacts(folder: Path, artifact_path: str) -> None:
+    import mlflow
+
+    mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+
+
+def log_png(png: bytes, name: str) -> None:
+    """A PNG image (a plot) as a run artifact."""
+    _log_bytes(png, name)
+
+
+def _log_bytes(data: bytes, name: str) -> None:
+    import tempfile
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / name
+        f.write_bytes(data)
+        mlflow.log_artifact(str(f))
+
+
+def log_trial(
+    experiment: str,
+    lineage: Lineage,
+    number: int,
+    params: dict[str, Any],
+    state: str,
+    metrics: dict[str, float],
+    loss_history: list[tuple[int, float]],
+    study: str,
+) -> None:
+    """One sweep trial as a nested run under the active (sweep) run."""
+    tags = {"optuna.study": study, "optuna.trial": str(number), "optuna.state": state}
+    with run(experiment, f"trial-{number}", lineage, nested=True, **tags):
+        log_params(params)
+        log_series("train_loss", loss_history)
+        log_metrics(metrics)
 
 
 def log_and_register(model: Any, tokenizer: Any, registered_name: str, version_tags: dict[str, str]) -> tuple[str, str]:
@@ -117,60 +188,46 @@ def log_and_register(model: Any, tokenizer: Any, registered_name: str, version_t
     client = MlflowClient()
     try:
         client.get_registered_model(registered_name)
-    except mlflow.exceptions.MlflowException:
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
         client.create_registered_model(registered_name, description="Fine-tuned by finetune_pipeline.")
     mv = mlflow.register_model(info.model_uri, registered_name, tags=version_tags)
     return f"models:/{registered_name}/{mv.version}", str(mv.version)
 
 
-def promote(
-    registered_name: str, version: str, primary_metric: str, score_value: float, min_delta: float
-) -> Registration:
-    """Give ``version`` the alias ``challenger``; move ``champion`` to it only if it beats the current champion.
+@dataclass(frozen=True)
+class Champion:
+    version: str
+    tags: dict[str, str]
 
-    "Beats" means: better on the primary metric by more than ``min_delta`` (or there is no champion yet).
-    The score is stored on the version as tag ``metric.<primary>`` so later versions compare against it.
-    """
-    import mlflow
+
+def champion(registered_name: str) -> Champion | None:
+    """The version holding the ``champion`` alias; None only when the alias (or the model) does not exist.
+    Any other registry error (a database that cannot be reached, say) is raised: it must never read as
+    "no champion", which would move the alias."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = MlflowClient().get_model_version_by_alias(registered_name, "champion")
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return Champion(str(mv.version), dict(mv.tags))
+
+
+def record_promotion(registered_name: str, version: str, primary_metric: str, score: float, promote: bool) -> None:
+    """Store the version's primary score (tag ``metric.<primary>``), give it ``challenger``, and ``champion``
+    when the caller decided it is better."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    client.set_model_version_tag(registered_name, version, f"metric.{primary_metric}", repr(float(score_value)))
+    client.set_model_version_tag(registered_name, version, f"metric.{primary_metric}", repr(float(score)))
     client.set_registered_model_alias(registered_name, "challenger", version)
-    try:
-        champ = client.get_model_version_by_alias(registered_name, "champion")
-    except mlflow.exceptions.MlflowException:
-        champ = None
-    prev_score: float | None = None
-    if champ is None:
-        ok, reason = True, "no champion yet"
-    elif str(champ.version) == str(version):
-        ok, reason = True, f"v{version} is already the champion"
-    else:
-        raw = champ.tags.get(f"metric.{primary_metric}")
-        prev_score = float(raw) if raw is not None else None
-        if prev_score is None:
-            ok, reason = True, f"champion v{champ.version} has no {primary_metric} score"
-        else:
-            gain = improvement(primary_metric, float(score_value), prev_score)
-            ok = gain > min_delta
-            reason = (
-                f"{primary_metric} {score_value:.4f} vs champion v{champ.version} {prev_score:.4f} "
-                f"(improvement {gain:+.4f}, needs > {min_delta})"
-            )
-    if ok:
+    if promote:
         client.set_registered_model_alias(registered_name, "champion", version)
-    return Registration(
-        name=registered_name,
-        version=str(version),
-        model_uri=f"models:/{registered_name}/{version}",
-        aliases=["challenger"] + (["champion"] if ok else []),
-        promoted=ok,
-        champion_version=str(version) if ok else (str(champ.version) if champ else None),
-        previous_champion=str(champ.version) if champ else None,
-        previous_champion_score=prev_score,
-        reason=reason,
-    )
 
 
 RELOAD_TAG = "finetune.reload_max_logit_diff"
@@ -184,18 +241,19 @@ def reload_diff(registered_name: str, version: str) -> float | None:
     return float(raw) if raw is not None else None
 
 
-def verify_reload(registered_name: str, version: str, reference: Any) -> float:
-    """Load the version back from the registry, compare its logits with ``reference`` (the model as trained),
-    and record the largest absolute difference on the version."""
+def load_registered(registered_name: str, version: str) -> tuple[Any, Any]:
+    """(model, tokenizer) of a registered version, loaded back from the registry."""
     import mlflow.transformers
-    from mlflow import MlflowClient
-
-    from finetune_pipeline.models.merge import max_logit_diff
 
     parts = mlflow.transformers.load_model(f"models:/{registered_name}/{version}", return_type="components")
-    diff = max_logit_diff(reference, parts["model"], parts["tokenizer"])
+    return parts["model"], parts["tokenizer"]
+
+
+def record_reload_diff(registered_name: str, version: str, diff: float) -> None:
+    """Keep the round-trip result on the version, so it is verified exactly once."""
+    from mlflow import MlflowClient
+
     MlflowClient().set_model_version_tag(registered_name, version, RELOAD_TAG, repr(diff))
-    return diff
 
 
 def find_version_by_tag(registered_name: str, tag: str, value: str) -> Any | None:

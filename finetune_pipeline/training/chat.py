@@ -13,9 +13,8 @@ from typing import Any
 
 _SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
-# ChatML as SmolLM2 ships it (a default system turn), with the assistant content and its <|im_end|> inside
-# {% generation %} so trl's assistant_only_loss trains on the answer and on the token that ends it.
-# One message of ChatML with generation markers around the assistant's answer (shared by both templates).
+# One ChatML message, the assistant's content and its <|im_end|> inside {% generation %}: trl's assistant_only_loss
+# then trains on the answer and on the token that ends it. Shared by both marked templates below.
 _CHATML_MESSAGE = (
     "{% if message['role'] == 'assistant' %}"
     "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
@@ -25,6 +24,7 @@ _CHATML_MESSAGE = (
     "{% endif %}"
 )
 _GENERATION_PROMPT = "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+# ChatML as SmolLM2 ships it (a default system turn when the chat has none), with the markers.
 CHATML_SMOL = (
     "{% for message in messages %}"
     "{% if loop.first and messages[0]['role'] != 'system' %}"

@@ -7,6 +7,7 @@ import sys
 from finetune_pipeline.spec import RuntimeSpec
 
 CHILD_MODULE = "finetune_pipeline.training.child"
+PID_FILE = "child.pid"  # the child writes its process id next to its request (an operator can see or stop it)
 
 
 def child_command(runtime: RuntimeSpec, num_processes: int = 1, python: str = sys.executable) -> list[str]:

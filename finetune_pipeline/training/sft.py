@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune_pipeline.data.split import to_prompt_completion
+from finetune_pipeline.data.messages import to_prompt_completion
 from finetune_pipeline.spec import ModelSpec, RuntimeSpec, TrainingSpec
 
 LogFn = Callable[[str], None]

@@ -1,0 +1,99 @@
+"""Every cache key, in one module used by the assets and the schedule.
+
+Keys hash whole spec sections, never a hand-kept list of fields: the spec is split by what a field affects
+(``training`` and ``model`` are what is learned; ``runtime`` only launches and observes; ``registry`` decides), so
+a key takes the sections that change its result. Each asset's code version is the hash of the library modules its
+stage imports (followed through the package, function-level imports included): editing the CLI or the demo generator
+changes none of them.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+from pathlib import Path
+
+from finetune_pipeline import __version__
+from finetune_pipeline.hashing import short_hash
+from finetune_pipeline.layout import BaseModelRecord, SplitsManifest
+from finetune_pipeline.spec import EvaluationSpec, PipelineSpec, SweepSpec, TrainingSpec
+
+PACKAGE = "finetune_pipeline"
+_ROOT = Path(__file__).resolve().parent
+
+
+def _module_file(name: str) -> Path | None:
+    parts = name.split(".")[1:]
+    if not parts:
+        return _ROOT / "__init__.py"
+    for cand in (_ROOT.joinpath(*parts[:-1], parts[-1] + ".py"), _ROOT.joinpath(*parts, "__init__.py")):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """Package modules a module imports, at any depth of its code (function-level imports count)."""
+    out: set[str] = set()
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith(PACKAGE))
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            if base.startswith(PACKAGE):
+                out.add(base)
+                out.update(f"{base}.{a.name}" for a in node.names)
+    return {m for m in out if _module_file(m) is not None}
+
+
+@functools.cache
+def code_version(*modules: str) -> str:
+    """Package version plus a hash of ``modules`` and every package module they reach by import (a module run as
+    a child process, which no import reaches, is named explicitly)."""
+    seen: set[str] = set()
+    todo = list(modules)
+    while todo:
+        name = todo.pop()
+        path = _module_file(name)
+        if name in seen or path is None:
+            continue
+        seen.add(name)
+        todo.extend(_imports(name, path) - seen)
+    parts = [(m, _module_file(m).read_text()) for m in sorted(seen)]  # type: ignore[union-attr]
+    return f"{__version__}+{short_hash(parts, length=12)}"
+
+
+def trial_training(training: TrainingSpec, sweep: SweepSpec) -> TrainingSpec:
+    """The training settings of one sweep trial: the sweep sets the step count and two validation points."""
+    return training.model_copy(update={"max_steps": sweep.max_steps, "eval_steps": max(1, sweep.max_steps // 2)})
+
+
+def sweep_study(pipeline: str, manifest: SplitsManifest, base: BaseModelRecord, spec: PipelineSpec, code: str) -> str:
+    """The Optuna study for the current data, base weights, code and search settings (sweep and adapter agree)."""
+    inputs = short_hash(manifest.version, base.digest, code)
+    settings = short_hash(spec.sweep, spec.model, trial_training(spec.training, spec.sweep), length=10)
+    return f"{pipeline}-{inputs}-{settings}"
+
+
+def adapter_key(manifest: SplitsManifest, base: BaseModelRecord, tuned: PipelineSpec, code: str) -> str:
+    """What an adapter depends on: the splits, the base weights, what is learned (sweep overrides applied), the code."""
+    return short_hash(manifest.version, base.digest, tuned.model, tuned.training, code)
+
+
+def eval_key(adapter: str, test_digest: str, evaluation: EvaluationSpec) -> str:
+    """An evaluation: the adapter, the test rows and the evaluation settings (gates are applied to it, not in it)."""
+    return short_hash(adapter, test_digest, evaluation)
+
+
+def base_outputs_key(base: BaseModelRecord, test_digest: str, spec: PipelineSpec) -> str:
+    """The base model's cached outputs: its weights, the test rows, the evaluation settings, dtype and method."""
+    return short_hash(base.digest, test_digest, spec.evaluation, spec.model.dtype, spec.model.method)
+
+
+def training_fingerprint(drops: list[str], spec_hash: str) -> str:
+    """What the next training run would learn from: the usable drops and the spec."""
+    return short_hash(sorted(drops), spec_hash)

@@ -1,0 +1,144 @@
+"""registered_model: log the merged model to the MLflow registry, verify the round trip, then move aliases."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from finetune_pipeline.evaluation.report import EvalRecord
+from finetune_pipeline.layout import AdapterRecord, PipelineLayout, Registration
+from finetune_pipeline.spec import LoadedSpec
+from finetune_pipeline.tracking import mlflow_store
+from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
+
+LogFn = Callable[[str], None]
+RELOAD_TOLERANCE = 1e-3
+
+
+class GateFailed(RuntimeError):
+    """The evaluation did not pass the registration gate: nothing is registered."""
+
+
+def register(
+    layout: PipelineLayout,
+    spec: LoadedSpec,
+    eval_key: str,
+    tracking: TrackingTarget,
+    lineage: Lineage,
+    log: LogFn = print,
+) -> Registration:
+    """Register the evaluated adapter (once per adapter), check that the registry copy gives the trained
+    logits, and only then give it ``challenger`` and, if it beats the champion, ``champion``."""
+    s = spec.spec
+    ev = EvalRecord.load(layout.eval_record(eval_key))
+    report, gate = ev.report, s.registry.min_improvement_over_base
+    if not report.passes_gate(gate):  # also when registered_model is materialized on its own
+        raise GateFailed(
+            f"eval {eval_key} did not pass tuned_beats_base ({report.primary_metric} improvement "
+            f"{report.primary_improvement:.4f} < {gate}): the model is not registered"
+        )
+    adapter = AdapterRecord.load(layout.adapter_record(ev.adapter_key))
+    name, version, register_run = _register_once(layout, spec, ev, adapter, tracking, lineage, log)
+    diff = _reload_diff(layout, spec, adapter, name, version)
+    log(f"{name} v{version} reloaded from the registry: max |logit difference| vs trained = {diff:.2e}")
+    primary, score = report.primary_metric, report.tuned[report.primary_metric]
+    reg = Registration(
+        name=name,
+        version=version,
+        model_uri=f"models:/{name}/{version}",
+        aliases=[],
+        promoted=False,
+        champion_version=None,
+        previous_champion=None,
+        previous_champion_score=None,
+        reason=f"reload check failed ({diff:.2e} >= {RELOAD_TOLERANCE}): no alias moved",
+        reload_max_logit_diff=diff,
+        adapter_key=adapter.adapter_key,
+        register_run_id=register_run,
+        tuned_score=score,
+        primary_metric=primary,
+    )
+    if diff < RELOAD_TOLERANCE:
+        reg = _promote(reg, s.registry.promotion_min_delta)
+    reg.save(layout.registration)
+    log(f"{name} v{version}: aliases {reg.aliases}; {reg.reason}")
+    return reg
+
+
+def _register_once(
+    layout: PipelineLayout,
+    spec: LoadedSpec,
+    ev: EvalRecord,
+    adapter: AdapterRecord,
+    tracking: TrackingTarget,
+    lineage: Lineage,
+    log: LogFn,
+) -> tuple[str, str, str]:
+    """(name, version, register run id): an adapter already registered is not registered again."""
+    name = spec.spec.registry.model_name
+    existing = mlflow_store.find_version_by_tag(name, "finetune.adapter_key", adapter.adapter_key)
+    if existing is not None:
+        log(f"adapter {adapter.adapter_key} is already registered as {name} v{existing.version}")
+        return name, str(existing.version), existing.tags.get("finetune.register_run_id", "")
+    from finetune_pipeline.models.merge import standalone_model
+
+    exp = mlflow_store.experiment_for(tracking, spec.name)
+    links = {"finetune.eval_run_id": ev.run_id, "finetune.train_run_id": adapter.train_run_id}
+    with mlflow_store.run(exp, "register", lineage, **links) as run:
+        merged, tok = standalone_model(layout.read_base().path, spec.spec.model, adapter.path)
+        tags = {
+            "finetune.adapter_key": adapter.adapter_key,
+            "finetune.train_run_id": adapter.train_run_id,
+            "finetune.sweep_run_id": adapter.sweep_run_id,
+            "finetune.eval_run_id": ev.run_id,
+            "finetune.register_run_id": run.info.run_id,
+            "finetune.spec_hash": spec.spec_hash,
+            "finetune.splits_version": adapter.splits_version,
+            **{f"finetune.dataset_digest.{sp}": d for sp, d in adapter.split_digests.items()},
+            "finetune.drops": ",".join(adapter.drops),
+            "finetune.base_model": spec.spec.model.base,
+            "finetune.base_weights_digest": adapter.base_weights_digest,
+            "dagster.run_id": lineage.dagster_run_id,
+        }
+        log("logging the merged model to MLflow and registering it")
+        _, version = mlflow_store.log_and_register(merged, tok, name, tags)
+        return name, version, run.info.run_id
+
+
+def _reload_diff(layout: PipelineLayout, spec: LoadedSpec, adapter: AdapterRecord, name: str, version: str) -> float:
+    """Largest logit difference between the registry copy and the trained model, measured once per version."""
+    diff = mlflow_store.reload_diff(name, version)
+    if diff is not None:
+        return diff
+    from finetune_pipeline.models.merge import max_logit_diff, tuned_model
+
+    model, tok = mlflow_store.load_registered(name, version)
+    diff = max_logit_diff(tuned_model(layout.read_base().path, spec.spec.model, adapter.path), model, tok)
+    mlflow_store.record_reload_diff(name, version, diff)
+    return diff
+
+
+def _promote(reg: Registration, min_delta: float) -> Registration:
+    """Compare with the current champion (its stored score), record the decision, move the aliases."""
+    from finetune_pipeline.evaluation.promotion import decide
+
+    champ = mlflow_store.champion(reg.name)
+    raw = champ.tags.get(f"metric.{reg.primary_metric}") if champ else None
+    d = decide(
+        reg.version,
+        reg.primary_metric,
+        float(reg.tuned_score),  # type: ignore[arg-type]
+        champ.version if champ else None,
+        float(raw) if raw is not None else None,
+        min_delta,
+    )
+    mlflow_store.record_promotion(reg.name, reg.version, reg.primary_metric, float(reg.tuned_score), d.promote)  # type: ignore[arg-type]
+    return reg.model_copy(
+        update={
+            "aliases": ["challenger"] + (["champion"] if d.promote else []),
+            "promoted": d.promote,
+            "champion_version": reg.version if d.promote else (champ.version if champ else None),
+            "previous_champion": champ.version if champ else None,
+            "previous_champion_score": d.champion_score,
+            "reason": d.reason,
+        }
+    )

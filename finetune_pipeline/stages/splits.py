@@ -1,0 +1,105 @@
+"""Over all drops: the train/validation/test splits (dataset_splits) and their token statistics (token_stats)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from finetune_pipeline.data.clean import write_parquet_atomic
+from finetune_pipeline.data.split import SplitResult, build_splits, overlap_report
+from finetune_pipeline.layout import SPLITS, PipelineLayout, SplitsManifest
+from finetune_pipeline.spec import LoadedSpec
+
+LogFn = Callable[[str], None]
+
+
+@dataclass
+class SplitsRecord:
+    """The splits written, their manifest, and what the overlap and leak gates found."""
+
+    manifest: SplitsManifest
+    result: SplitResult
+    overlaps: dict[str, Any]
+    drops_left_out: list[str]
+
+    @property
+    def exact_overlap(self) -> int:
+        return sum(v for k, v in self.overlaps.items() if k.endswith(("_content_overlap", "_id_overlap")))
+
+    @property
+    def no_test_leak(self) -> bool:
+        return self.overlaps["train_test_content_overlap"] == 0 and self.result.leaks.empty
+
+    @property
+    def near_cross_drop(self) -> int:
+        return int((self.result.cross_drop_duplicates["kind"] == "near").sum())
+
+    def label_mix(self) -> dict[str, dict[str, int]]:
+        frames = self.result.frames
+        if not any("label" in f and f["label"].notna().any() for f in frames.values()):
+            return {}
+        return {s: {str(k): int(v) for k, v in f["label"].value_counts().items()} for s, f in frames.items()}
+
+
+def build_dataset_splits(
+    layout: PipelineLayout, spec: LoadedSpec, registered: list[str], log: LogFn = print
+) -> SplitsRecord:
+    """Combine every usable drop (in arrival order), dedup across drops, split, and write the splits."""
+    drops = layout.usable_drops(registered)
+    missing = [d for d in registered if d not in drops]
+    if missing:
+        log(f"drops not cleaned yet or blocked by their gates (left out): {missing}")
+    res = build_splits([pd.read_parquet(layout.kept(d)) for d in drops], spec.spec.split, drops, spec.spec.dedup)
+    if res.frames["train"].empty:
+        raise ValueError(
+            f"the train split is empty ({sum(len(f) for f in res.frames.values())} rows in all): "
+            "add data or lower split.validation_fraction / split.test_fraction"
+        )
+    for s in SPLITS:
+        write_parquet_atomic(res.frames[s], layout.split(s))
+    write_parquet_atomic(res.cross_drop_duplicates, layout.cross_drop_duplicates)
+    write_parquet_atomic(res.leaks, layout.test_train_leaks)
+    manifest = SplitsManifest(
+        drops=res.drops,
+        digests=res.digests,
+        version=res.combined_digest,
+        counts={s: len(res.frames[s]) for s in SPLITS},
+        spec_hash=spec.spec_hash,
+    )
+    manifest.save(layout.splits_manifest)
+    rec = SplitsRecord(manifest, res, overlap_report(res.frames), missing)
+    log(
+        f"splits {manifest.counts} from {len(res.drops)} drop(s); "
+        f"{len(res.cross_drop_duplicates)} cross-drop duplicates removed ({rec.near_cross_drop} near)"
+    )
+    return rec
+
+
+@dataclass
+class TokenStats:
+    stats: dict[str, dict[str, float]]
+    max_length: int
+    histogram: bytes
+
+    @property
+    def share_over_max_length(self) -> float:
+        return float(self.stats["train"].get("over_max_length_share", 0.0))
+
+
+def token_stats(layout: PipelineLayout, spec: LoadedSpec) -> TokenStats:
+    """Token lengths of every split with the base model's tokenizer and chat template, against max_length."""
+    import json
+
+    from finetune_pipeline.data.tokens import TokenCounter, length_stats
+    from finetune_pipeline.plots import token_histogram
+
+    counter = TokenCounter(layout.read_base().tokenizer_dir)
+    max_len = spec.spec.training.max_length
+    frames = layout.read_split_frames(columns=["messages"])
+    lengths = {s: counter(frames[s]["messages"].tolist()) for s in SPLITS}
+    stats = {s: length_stats(lengths[s], max_len) for s in SPLITS}
+    layout.token_stats.write_text(json.dumps(stats, indent=2))
+    return TokenStats(stats, max_len, token_histogram(lengths, max_len))

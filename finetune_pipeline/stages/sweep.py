@@ -1,0 +1,95 @@
+"""hyperparameter_sweep: an Optuna study over the spec's search space, each trial a nested MLflow run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from finetune_pipeline import keys
+from finetune_pipeline.hashing import short_hash
+from finetune_pipeline.layout import PipelineLayout, SweepRecord
+from finetune_pipeline.spec import LoadedSpec
+from finetune_pipeline.stages.datasets import log_splits
+from finetune_pipeline.tracking import mlflow_store
+from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
+
+LogFn = Callable[[str], None]
+CODE = __name__  # the study depends on this module and the training code it reaches
+
+
+@dataclass
+class SweepOutcome:
+    record: SweepRecord
+    reused: bool
+    trials_run_now: int
+    experiment: str
+
+    @property
+    def data_version(self) -> str:
+        return short_hash(self.record.study, self.record.best_params)
+
+
+def current_study(layout: PipelineLayout, spec: LoadedSpec) -> str:
+    """The study name for the current splits, base weights, training code and search settings."""
+    return keys.sweep_study(spec.name, layout.read_manifest(), layout.read_base(), spec.spec, keys.code_version(CODE))
+
+
+def finished_sweep(layout: PipelineLayout, spec: LoadedSpec) -> SweepRecord | None:
+    """The stored sweep when it was run for the current data and settings, else None."""
+    if not layout.sweep_record.exists():
+        return None
+    rec = SweepRecord.load(layout.sweep_record)
+    return rec if rec.study == current_study(layout, spec) else None
+
+
+def sweep(
+    layout: PipelineLayout,
+    spec: LoadedSpec,
+    storage_uri: str,
+    tracking: TrackingTarget,
+    lineage: Lineage,
+    log: LogFn = print,
+) -> SweepOutcome:
+    """Run (or reuse) the study; trials already in the storage count toward sweep.n_trials."""
+    from finetune_pipeline.tuning.sweep import TrialReport, run_sweep
+
+    exp = mlflow_store.experiment_for(tracking, spec.name)
+    done = finished_sweep(layout, spec)
+    if done is not None:
+        log(f"sweep {done.study} already finished for this data (MLflow run {done.mlflow_run_id}): reusing it")
+        return SweepOutcome(done, True, 0, exp)
+    manifest, base, frames = layout.read_manifest(), layout.read_base(), layout.read_split_frames()
+    name = current_study(layout, spec)
+
+    def on_trial(t: TrialReport) -> None:
+        metrics = {"eval_loss": t.eval_loss, "tokens_per_second": t.tokens_per_second}
+        mlflow_store.log_trial(exp, lineage, t.number, t.params, t.state, metrics, t.loss_history, name)
+
+    with mlflow_store.run(exp, "sweep", lineage) as parent:
+        log_splits(layout, spec, frames, manifest.digests, ["train", "validation"])
+        res = run_sweep(
+            study_name=name,
+            base_path=base.path,
+            spec=spec.spec,
+            train_messages=list(frames["train"]["messages"]),
+            val_messages=list(frames["validation"]["messages"]),
+            storage_uri=storage_uri,
+            work_dir=layout.sweep,
+            log=log,
+            on_trial=on_trial,
+        )
+        mlflow_store.log_metrics({"best_eval_loss": res.best_value})
+        mlflow_store.log_params({f"best.{p}": v for p, v in res.best_params.items()})
+        mlflow_store.set_tags({"optuna.study": res.study_name})
+    rec = SweepRecord(
+        study=res.study_name,
+        best_params=res.best_params,
+        best_value=res.best_value,
+        mlflow_run_id=parent.info.run_id,
+        data_version=manifest.version,
+        trials_complete=res.n_complete,
+        trials_pruned=res.n_pruned,
+        trials=res.trials,
+    )
+    rec.save(layout.sweep_record)
+    return SweepOutcome(rec, False, res.n_run_now, exp)

@@ -1,0 +1,174 @@
+"""Promotion rules (tier 1) and the register stage against a real MLflow store in a temporary folder (tier 2)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finetune_pipeline.evaluation.promotion import decide
+from finetune_pipeline.evaluation.report import EvalRecord, EvalReport
+from finetune_pipeline.layout import AdapterRecord, BaseModelRecord, PipelineLayout
+from finetune_pipeline.spec import RuntimeSpec, TrainingSpec, parse_spec
+from finetune_pipeline.tracking import mlflow_store
+from finetune_pipeline_tests.conftest import chat_row
+
+
+@pytest.mark.parametrize(
+    ("metric", "score", "champion", "champion_score", "delta", "promote", "reason"),
+    [
+        ("exact_match", 0.5, None, None, 0.0, True, "no champion yet"),
+        ("exact_match", 0.5, "3", 0.9, 0.0, True, "v3 is already the champion"),
+        ("exact_match", 0.5, "1", None, 0.0, True, "champion v1 has no exact_match score"),
+        ("exact_match", 0.6, "1", 0.5, 0.0, True, "improvement +0.1000, needs > 0.0"),
+        ("exact_match", 0.5, "1", 0.6, 0.0, False, "improvement -0.1000"),
+        ("exact_match", 0.55, "1", 0.5, 0.1, False, "needs > 0.1"),
+        ("perplexity", 10.0, "1", 12.0, 0.0, True, "improvement +2.0000"),
+        ("perplexity", 12.0, "1", 10.0, 0.0, False, "improvement -2.0000"),
+    ],
+    ids=[
+        "no-champion",
+        "same-version",
+        "unscored-champion",
+        "better",
+        "worse",
+        "within-delta",
+        "lower-better",
+        "lower-worse",
+    ],
+)
+def test_promotion_rules(metric, score, champion, champion_score, delta, promote, reason) -> None:  # type: ignore[no-untyped-def]
+    version = "3" if champion == "3" else "2"
+    d = decide(version, metric, score, champion, champion_score, delta)
+    assert d.promote is promote and reason in d.reason
+
+
+SPEC = """
+name: reg
+source: {{incoming_dir: in}}
+model: {{base: {model}, method: lora, lora: {{r: 4, alpha: 8, dropout: 0.0}}}}
+evaluation: {{primary_metric: perplexity}}
+registry: {{model_name: reg-model, min_improvement_over_base: {gate}}}
+"""
+
+
+def _world(tmp_path: Path, tiny_model: Path, gate: float = 0.0):  # type: ignore[no-untyped-def]
+    """A spec, a state root with a base-model record as base_model leaves it, rows, and an MLflow target."""
+    spec = parse_spec(SPEC.format(model=tiny_model, gate=gate), path=tmp_path / "reg.yaml")
+    layout = PipelineLayout(tmp_path / "state", "reg")
+    BaseModelRecord(
+        path=str(tiny_model), kind="local", digest="b", source=str(tiny_model), tokenizer_dir=str(tiny_model)
+    ).save(layout.base_model)
+    rows = [json.dumps(chat_row(i)["messages"]) for i in range(12)]
+    target = mlflow_store.TrackingTarget(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts")
+    return spec, layout, rows, target
+
+
+def _adapter(layout: PipelineLayout, spec, rows, key: str) -> AdapterRecord:  # type: ignore[no-untyped-def]
+    """A really trained (2-step) adapter and its record, as the adapter asset leaves them."""
+    from finetune_pipeline.training.sft import TrainRequest, train
+
+    out = layout.adapter(key)
+    train(
+        TrainRequest(
+            base_path=spec.spec.model.base,
+            model=spec.spec.model,
+            training=TrainingSpec(max_steps=2, per_device_train_batch_size=4, learning_rate=5e-3, max_length=96),
+            runtime=RuntimeSpec(logging_steps=1, save_steps=0, calibration_steps=0, eos_check_samples=0),
+            train_messages=rows,
+            eval_messages=[],
+            output_dir=out,
+        ),
+        log=lambda m: None,
+    )
+    rec = AdapterRecord(
+        adapter_key=key,
+        path=str(out),
+        train_run_id="",
+        spec_hash=spec.spec_hash,
+        code_version="c",
+        base_weights_digest="b",
+        splits_version="v",
+        split_digests={"train": "t"},
+        drops=["d"],
+        params={},
+    )
+    rec.save(layout.adapter_record(key))
+    return rec
+
+
+def _eval(layout: PipelineLayout, key: str, adapter_key: str, base_ppl: float, tuned_ppl: float) -> str:
+    report = EvalReport(
+        n_samples=4,
+        primary_metric="perplexity",
+        base={"perplexity": base_ppl},
+        tuned={"perplexity": tuned_ppl},
+        samples=[],
+    )
+    EvalRecord(eval_key=key, adapter_key=adapter_key, run_id="", test_digest="t", report=report).save(
+        layout.eval_record(key)
+    )
+    return key
+
+
+def test_register_round_trips_and_champion_moves_only_if_better(tiny_model: Path, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from finetune_pipeline.stages.register import register
+
+    spec, layout, rows, target = _world(tmp_path, tiny_model)
+    lin = mlflow_store.Lineage("reg", "reg/registered_model", "run-1", None, "c", spec.spec_hash)
+    _adapter(layout, spec, rows, "k1")
+    mlflow_store.experiment_for(target, "reg")
+    first = register(layout, spec, _eval(layout, "e1", "k1", 20.0, 10.0), target, lin, log=lambda m: None)
+    assert first.promoted and first.aliases == ["challenger", "champion"] and first.reason == "no champion yet"
+    assert first.reload_max_logit_diff < 1e-4  # the registry copy gives the trained logits
+    again = register(layout, spec, "e1", target, lin, log=lambda m: None)
+    assert again.version == first.version  # the same adapter is not registered twice
+
+    _adapter(layout, spec, rows, "k2")
+    worse = register(layout, spec, _eval(layout, "e2", "k2", 20.0, 12.0), target, lin, log=lambda m: None)
+    assert not worse.promoted and worse.champion_version == first.version and "improvement -2.0000" in worse.reason
+    client = MlflowClient(tracking_uri=target.tracking_uri, registry_uri=target.tracking_uri)
+    assert str(client.get_model_version_by_alias("reg-model", "champion").version) == first.version
+    assert str(client.get_model_version_by_alias("reg-model", "challenger").version) == worse.version
+    assert client.get_model_version("reg-model", worse.version).tags["finetune.adapter_key"] == "k2"
+
+
+def test_failed_gate_registers_nothing(tiny_model: Path, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from finetune_pipeline.stages.register import GateFailed, register
+
+    spec, layout, rows, target = _world(tmp_path, tiny_model, gate=5.0)
+    lin = mlflow_store.Lineage("reg", "reg/registered_model", "run-1", None, "c", spec.spec_hash)
+    _adapter(layout, spec, rows, "k1")
+    with pytest.raises(GateFailed, match="improvement 1.0000 < 5.0"):
+        register(layout, spec, _eval(layout, "e1", "k1", 11.0, 10.0), target, lin, log=lambda m: None)
+    client = MlflowClient(tracking_uri=target.tracking_uri, registry_uri=target.tracking_uri)
+    assert client.search_model_versions("name = 'reg-model'") == []
+
+
+def test_only_a_missing_alias_means_no_champion(tmp_path: Path) -> None:
+    """A registry that cannot be read must fail the step, never read as "no champion" (which would move it)."""
+    mlflow_store.configure(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "art")
+    mlflow_store.experiment_id("p", tmp_path / "art")
+    assert mlflow_store.champion("no-such-model") is None
+    (tmp_path / "mlflow.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(Exception) as exc:
+        mlflow_store.champion("no-such-model")
+    assert "RESOURCE_DOES_NOT_EXIST" not in str(exc.value)
+
+
+def test_records_come_back_typed(tmp_path: Path) -> None:
+    """Records come back typed, NaN (no value) included."""
+    report = EvalReport(
+        n_samples=1,
+        primary_metric="exact_match",
+        base={"exact_match": float("nan")},
+        tuned={"exact_match": 1.0},
+        samples=[],
+    )
+    rec = EvalRecord(eval_key="e", adapter_key="a", run_id="r", test_digest="t", report=report)
+    back = EvalRecord.load(rec.save(tmp_path / "e.json"))
+    assert isinstance(back.report, EvalReport) and back.report.tuned == {"exact_match": 1.0}
+    assert back.report.base["exact_match"] != back.report.base["exact_match"]  # NaN
