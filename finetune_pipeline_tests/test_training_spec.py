@@ -75,3 +75,92 @@ def test_chat_template_auto_and_errors(tiny_model: Path, tmp_path: Path) -> None
         resolve_chat_template(tok, "t.jinja", base_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="training.chat_template: .*missing.jinja does not exist"):
         resolve_chat_template(tok, "missing.jinja", base_dir=tmp_path)
+
+
+# --- the translators from the spec to peft / trl configs (no model, no training) ------------------ ---------------------
+
+LORA_CASES = {
+    "rank-alpha-dropout": ({"r": 8, "alpha": 16, "dropout": 0.1}, {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}),
+    "all-linear": ({}, {"target_modules": "all-linear", "use_dora": False, "use_rslora": False}),
+    "listed-targets": ({"target_modules": ["q_proj", "v_proj"]}, {"target_modules": {"q_proj", "v_proj"}}),
+    "dora": ({"use_dora": True}, {"use_dora": True}),
+    "rslora": ({"use_rslora": True}, {"use_rslora": True}),
+}
+
+
+@pytest.mark.parametrize(("lora", "expected"), LORA_CASES.values(), ids=LORA_CASES.keys())
+def test_lora_config(lora: dict, expected: dict) -> None:
+    from finetune_pipeline.spec import LoraSpec
+    from finetune_pipeline.training.configs import lora_config
+
+    cfg = lora_config(LoraSpec(**lora))
+    assert cfg.task_type == "CAUSAL_LM"
+    assert {k: getattr(cfg, k) for k in expected} == expected
+
+
+SFT_CASES = {
+    # name: (training, runtime, keyword overrides of the call, expected SFTConfig attributes)
+    "batch": (
+        {"per_device_train_batch_size": 4},
+        {},
+        {},
+        {"per_device_train_batch_size": 4, "per_device_eval_batch_size": 4},
+    ),
+    "accumulation": ({"gradient_accumulation_steps": 3}, {}, {}, {"gradient_accumulation_steps": 3}),
+    "learning-rate": ({"learning_rate": 3e-4, "lr_scheduler_type": "cosine"}, {}, {}, {"learning_rate": 3e-4}),
+    "warmup-from-ratio": ({"warmup_ratio": 0.1, "max_steps": 30}, {}, {}, {"warmup_steps": 3, "max_steps": 30}),
+    "max-length": ({"max_length": 77}, {}, {}, {"max_length": 77, "padding_free": False, "packing": False}),
+    "padding-free-no-max-length": ({"padding_free": True}, {}, {}, {"max_length": None, "padding_free": True}),
+    "packing-keeps-max-length": ({"packing": True, "max_length": 77}, {}, {}, {"max_length": 77, "padding_free": True}),
+    "assistant-only-loss": ({}, {}, {}, {"assistant_only_loss": True, "completion_only_loss": None}),
+    "completion-only-loss": ({"assistant_only_loss": False}, {}, {}, {"completion_only_loss": True}),
+    "eval-every-n": ({"eval_steps": 4}, {}, {"do_eval": True}, {"eval_strategy": "steps", "eval_steps": 4}),
+    "no-eval": ({}, {}, {"do_eval": False}, {"eval_strategy": "no", "eval_steps": None}),
+    "early-stopping": (
+        {"eval_steps": 2, "early_stopping_patience": 2},
+        {},
+        {"do_eval": True},
+        {"metric_for_best_model": "eval_loss", "greater_is_better": False},
+    ),
+    "checkpoints": (
+        {},
+        {"save_steps": 7, "save_total_limit": 3},
+        {"saving": True},
+        {"save_strategy": "steps", "save_steps": 7, "save_total_limit": 3},
+    ),
+    "no-checkpoints": ({}, {"save_steps": 0}, {"saving": False}, {"save_strategy": "no", "save_steps": 500}),
+    "logging": ({}, {"logging_steps": 3}, {}, {"logging_steps": 3}),
+    "seed": ({"seed": 7}, {}, {}, {"seed": 7, "data_seed": 7}),
+    "cpu-float32": ({}, {}, {}, {"use_cpu": True, "bf16": False, "fp16": False}),
+    "cpu-bfloat16-no-autocast": ({}, {}, {"dtype": "bfloat16"}, {"use_cpu": True, "bf16": False, "fp16": False}),
+    "cuda-float16-autocast": ({}, {}, {"dtype": "float16", "use_cuda": True}, {"use_cpu": False, "fp16": True}),
+    "fixed-choices": (
+        {},
+        {},
+        {},
+        {"gradient_checkpointing": False, "report_to": [], "dataloader_num_workers": 0, "disable_tqdm": True},
+    ),
+}
+
+
+@pytest.mark.parametrize(("training", "runtime", "call", "expected"), SFT_CASES.values(), ids=SFT_CASES.keys())
+def test_sft_config(training: dict, runtime: dict, call: dict, expected: dict, tmp_path: Path) -> None:
+    from finetune_pipeline.spec import TrainingSpec
+    from finetune_pipeline.training.configs import sft_config
+
+    kw = {"use_cuda": False, "dtype": "float32", "do_eval": False, "saving": False, **call}
+    cfg = sft_config(TrainingSpec(**training), RuntimeSpec(**runtime), output_dir=str(tmp_path / "ckpt"), **kw)
+    assert cfg.output_dir == str(tmp_path / "ckpt")
+    got = {k: getattr(cfg, k) for k in expected}
+    got = {k: (v.value if hasattr(v, "value") else v) for k, v in got.items()}  # enums (eval / save strategy)
+    assert got == expected
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="trl refuses bf16 without a GPU")
+def test_sft_config_bf16_autocast_on_cuda(tmp_path: Path) -> None:
+    from finetune_pipeline.spec import TrainingSpec
+    from finetune_pipeline.training.configs import sft_config
+
+    kw = {"use_cuda": True, "dtype": "bfloat16", "do_eval": False, "saving": False}
+    cfg = sft_config(TrainingSpec(), RuntimeSpec(), output_dir=str(tmp_path), **kw)
+    assert cfg.bf16 and not cfg.fp16 and not cfg.use_cpu
