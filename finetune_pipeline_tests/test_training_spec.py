@@ -77,7 +77,7 @@ def test_chat_template_auto_and_errors(tiny_model: Path, tmp_path: Path) -> None
         resolve_chat_template(tok, "missing.jinja", base_dir=tmp_path)
 
 
-# --- the translators from the spec to peft / trl configs (no model, no training) ------------------ ---------------------
+# --- the translators from the spec to peft / trl / bitsandbytes configs (no model, no training) ---------------------
 
 LORA_CASES = {
     "rank-alpha-dropout": ({"r": 8, "alpha": 16, "dropout": 0.1}, {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}),
@@ -164,3 +164,30 @@ def test_sft_config_bf16_autocast_on_cuda(tmp_path: Path) -> None:
     kw = {"use_cuda": True, "dtype": "bfloat16", "do_eval": False, "saving": False}
     cfg = sft_config(TrainingSpec(), RuntimeSpec(), output_dir=str(tmp_path), **kw)
     assert cfg.bf16 and not cfg.fp16 and not cfg.use_cpu
+
+
+QUANT_CASES = {
+    "lora-none": ({"method": "lora"}, None),
+    "full-none": ({"method": "full"}, None),
+    "qlora-nf4": (
+        {"method": "qlora", "dtype": "float32"},
+        {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+    ),
+    "qlora-int8": ({"method": "qlora", "quantization": "int8"}, {"load_in_8bit": True, "load_in_4bit": False}),
+}
+
+
+@pytest.mark.parametrize(("model", "expected"), QUANT_CASES.values(), ids=QUANT_CASES.keys())
+def test_quantization_config(model: dict, expected: dict | None) -> None:
+    import torch
+
+    from finetune_pipeline.models.base import quantization_config
+    from finetune_pipeline.spec import ModelSpec
+
+    cfg = quantization_config(ModelSpec(**model))
+    if expected is None:
+        assert cfg is None
+        return
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    if cfg.load_in_4bit:
+        assert cfg.bnb_4bit_compute_dtype == torch.float32  # the spec's dtype

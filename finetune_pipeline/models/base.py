@@ -139,9 +139,26 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     return tok
 
 
+def quantization_config(model: ModelSpec) -> Any:
+    """bitsandbytes config of the base weights: QLoRA loads them 4-bit nf4 with double quantisation (compute in
+    the spec's dtype) or 8-bit; ``None`` for lora and full fine-tuning."""
+    if model.method != "qlora":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if model.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch_dtype(model.dtype),
+    )
+
+
 def load_model(path: str, spec: ModelSpec, for_training: bool) -> Any:
-    """Load the base model in the spec's dtype; QLoRA loads it 4-bit nf4 with double quantisation or 8-bit
-    (bitsandbytes) and prepares it for k-bit training."""
+    """Load the base model in the spec's dtype, quantised for QLoRA (``quantization_config``) and then prepared
+    for k-bit training."""
     from transformers import AutoModelForCausalLM
 
     quiet_progress_bars()
@@ -150,18 +167,9 @@ def load_model(path: str, spec: ModelSpec, for_training: bool) -> Any:
         "trust_remote_code": spec.trust_remote_code,
         "use_safetensors": True,
     }
-    if spec.method == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        if spec.quantization == "int8":
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        else:
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch_dtype(spec.dtype),
-            )
+    quant = quantization_config(spec)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if for_training and spec.method == "qlora":
         from peft import prepare_model_for_kbit_training
