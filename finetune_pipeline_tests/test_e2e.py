@@ -114,7 +114,7 @@ def test_pipeline_trains_evaluates_and_registers(trained: dict, env: dict) -> No
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-    from finetune_pipeline.models.base import lora_config
+    from finetune_pipeline.training.configs import lora_config
     from finetune_pipeline.models.merge import max_logit_diff, tuned_model
     from finetune_pipeline.spec import load_spec
 
@@ -143,7 +143,7 @@ def test_pipeline_trains_evaluates_and_registers(trained: dict, env: dict) -> No
     set_seed(spec.training.seed)
     init = {
         k.replace(".default", ""): v
-        for k, v in get_peft_model(base, lora_config(spec.model)).state_dict().items()
+        for k, v in get_peft_model(base, lora_config(spec.model.lora)).state_dict().items()
         if "lora_" in k
     }
     assert weights and set(weights) == set(init)

@@ -191,3 +191,59 @@ def test_quantization_config(model: dict, expected: dict | None) -> None:
     assert {k: getattr(cfg, k) for k in expected} == expected
     if cfg.load_in_4bit:
         assert cfg.bnb_4bit_compute_dtype == torch.float32  # the spec's dtype
+
+
+def test_trial_training_is_the_sweep_steps_only() -> None:
+    """A trial's settings: the sweep's steps and two validations; the spec's own steps do not reach it (so a
+    study named after trial_training's output survives changes to training.max_steps / eval_steps)."""
+    from finetune_pipeline.spec import SweepSpec, TrainingSpec
+    from finetune_pipeline.tuning.sweep import trial_training
+
+    sweep = SweepSpec(max_steps=5)
+    t = trial_training(TrainingSpec(learning_rate=3e-4), sweep)
+    assert (t.max_steps, t.eval_steps, t.learning_rate) == (5, 2, 3e-4)
+    longer = TrainingSpec(learning_rate=3e-4, max_steps=99, eval_steps=3)
+    assert trial_training(longer, sweep) == t
+    assert trial_training(TrainingSpec(), SweepSpec(max_steps=1)).eval_steps == 1
+
+
+def test_train_records_round_trip_as_models(tmp_path: Path) -> None:
+    """request.json and train_result.json are read back as the models, NaN validation loss included."""
+    import math
+
+    from finetune_pipeline.spec import ModelSpec, TrainingSpec
+    from finetune_pipeline.training.sft import TrainRequest, TrainResult
+
+    req = TrainRequest(
+        base_path="base",
+        model=ModelSpec(method="qlora", lora={"r": 8}),
+        training=TrainingSpec(max_steps=3),
+        runtime=RuntimeSpec(logging_steps=1),
+        train_messages=["[]"],
+        eval_messages=[],
+        output_dir=tmp_path / "out",
+        save=False,
+        checkpoint_dir=tmp_path / "ckpt",
+    )
+    req.save(tmp_path / "request.json")
+    back = TrainRequest.load(tmp_path / "request.json")
+    assert back == req and back.save_outputs is False and back.output_dir == tmp_path / "out"
+    assert '"save": false' in (tmp_path / "request.json").read_text()
+    counts = {"train_tokens": 10, "trainable_params": 1, "total_params": 2, "lora_tensors_changed": 1}
+    res = TrainResult(
+        output_dir="o",
+        method="lora",
+        steps=2,
+        loss_history=[(1, 2.5), (2, 2.0)],
+        eval_loss=math.nan,
+        wall_seconds=1.0,
+        tokens_per_second=10.0,
+        cpu_seconds=1.0,
+        lora_tensors_total=1,
+        eos_rate=None,
+        **counts,
+    )
+    res.save(tmp_path / "train_result.json")
+    again = TrainResult.load(tmp_path / "train_result.json")
+    assert math.isnan(again.eval_loss) and again.loss_history == [(1, 2.5), (2, 2.0)] and again.eos_rate is None
+    assert again.model_dump(exclude={"eval_loss"}) == res.model_dump(exclude={"eval_loss"})

@@ -26,10 +26,15 @@ def sweep_inputs_digest(manifest: dict[str, Any], base: dict[str, Any]) -> str:
 
 def sweep_study(spec: LoadedSpec, manifest: dict[str, Any], base: dict[str, Any]) -> str:
     """The Optuna study for the current data, base weights, code and settings (the sweep and adapter agree on it)."""
-    from finetune_pipeline.tuning.sweep import study_name
+    from finetune_pipeline.tuning.sweep import trial_training
 
     s = spec.spec
-    return study_name(spec.name, sweep_inputs_digest(manifest, base), s.sweep, s.model, s.training)
+    settings = content_key(
+        s.sweep.model_dump(mode="json"),
+        s.model.model_dump(mode="json"),
+        trial_training(s.training, s.sweep).model_dump(mode="json"),
+    )
+    return f"{spec.name}-{sweep_inputs_digest(manifest, base)}-{settings[:10]}"
 
 
 
@@ -151,25 +156,31 @@ def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
                     },
                     data_version=dg.DataVersion(content_key(name, done["best_params"])),
                 )
+            import mlflow
+
+            def on_trial(t: Any) -> None:
+                tags = {"optuna.study": name, "optuna.trial": str(t.number), "optuna.state": t.state}
+                with mlflow_store.run(exp, f"trial-{t.number}", lin, nested=True, **tags):
+                    mlflow.log_params(t.params)
+                    for step, loss in t.loss_history:
+                        mlflow.log_metric("train_loss", loss, step=step)
+                    if t.eval_loss is not None:
+                        mlflow.log_metrics({"eval_loss": t.eval_loss, "tokens_per_second": t.tokens_per_second})
+
             with mlflow_store.run(exp, "sweep", lin) as parent:
                 log_splits(state, frames, manifest, spec, ["train", "validation"])
                 res = run_sweep(
-                    pipeline=spec.name,
+                    study_name=name,
                     base_path=base["path"],
-                    model=s.model,
-                    training=s.training,
-                    sweep=s.sweep,
+                    spec=s,
                     train_messages=list(frames["train"]["messages"]),
                     val_messages=list(frames["validation"]["messages"]),
                     storage_uri=optuna.uri_for(state),
-                    data_digest=sweep_inputs_digest(manifest, base),
                     work_dir=state.pipeline_dir(spec.name) / "sweep",
                     log=logger(context),
-                    mlflow_experiment=exp,
-                    lineage=lin,
+                    on_trial=on_trial,
                 )
                 mlflow_store.log_metrics({"best_eval_loss": res.best_value})
-                import mlflow
 
                 mlflow.log_params({f"best.{p}": v for p, v in res.best_params.items()})
                 mlflow.set_tag("optuna.study", res.study_name)
@@ -220,7 +231,7 @@ def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
         context: dg.AssetExecutionContext, state: StateStore, mlflow_tracking: MlflowTracking
     ) -> dg.MaterializeResult:
         from finetune_pipeline.tracking import mlflow_store
-        from finetune_pipeline.training.sft import TrainRequest, effective_params
+        from finetune_pipeline.training.sft import TrainRequest
 
         frames, manifest = read_splits(state, spec)
         base = read_base(state, spec)
@@ -236,7 +247,8 @@ def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
                     f"materialize {spec.name}/hyperparameter_sweep first"
                 )
             best, sweep_run = sb["best_params"], sb["mlflow_run_id"]
-        params = effective_params(s.training, s.model, best)
+        tuned = s.with_overrides(best)
+        params = tuned.searchable_values()
         adapter_key = content_key(
             manifest["version"],
             base["digest"],
@@ -288,20 +300,19 @@ def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
                 )
                 req = TrainRequest(
                     base_path=base["path"],
-                    model=s.model,
-                    training=s.training,
+                    model=tuned.model,
+                    training=tuned.training,
                     runtime=s.runtime,
                     train_messages=list(frames["train"]["messages"]),
                     eval_messages=list(frames["validation"]["messages"]),
                     output_dir=work,
-                    overrides=best,
                     checkpoint_dir=work / "checkpoints",
                     spec_dir=str(spec.base_dir),
                     measure_cost=True,
                     eos_max_new_tokens=s.evaluation.max_new_tokens,
                 )
                 request_file = work / "request.json"
-                request_file.write_text(req.to_json())
+                req.save(request_file)
                 cmd = child_command(s.runtime, s.training.num_processes)
                 context.log.info(f"training child: {' '.join(cmd)} (request {request_file})")
                 invocation = dg.PipesSubprocessClient(env={"PYTHONUNBUFFERED": "1"}).run(
@@ -367,7 +378,7 @@ def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
             "final_loss": hist[-1][1] if hist else None,
             **{k: v for k, v in result_cost(result).items() if v is not None},
             "lora_tensors_changed": f"{result['lora_tensors_changed']}/{result['lora_tensors_total']}",
-            "params": dg.MetadataValue.json(result["params"]),
+            "params": dg.MetadataValue.json(params),
             "chat_template": result["chat_template_source"],
             "eos_token": result["eos_token"],
             "reproducibility": dg.MetadataValue.json(record),

@@ -176,20 +176,3 @@ def load_model(path: str, spec: ModelSpec, for_training: bool) -> Any:
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
-
-
-def lora_config(spec: ModelSpec, overrides: dict[str, Any] | None = None) -> Any:
-    """peft LoraConfig from the spec's ``model.lora`` section (plus sweep overrides like ``lora.r``)."""
-    from peft import LoraConfig
-
-    o = overrides or {}
-    lo = spec.lora
-    return LoraConfig(
-        r=int(o.get("lora.r", lo.r)),
-        lora_alpha=int(o.get("lora.alpha", lo.alpha)),
-        lora_dropout=float(o.get("lora.dropout", lo.dropout)),
-        target_modules=lo.target_modules,
-        use_dora=lo.use_dora,
-        use_rslora=lo.use_rslora,
-        task_type="CAUSAL_LM",
-    )
