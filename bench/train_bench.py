@@ -65,7 +65,7 @@ def short_varied(rows: list[str], seed: int = 0) -> list[str]:
 def run_child(base: str, model: dict, training: dict, rows: list[str], work: Path, measure: bool) -> dict[str, Any]:
     """The adapter asset's training child (python -m finetune_pipeline.training.child), without Dagster."""
     from finetune_pipeline.spec import ModelSpec, RuntimeSpec, TrainingSpec
-    from finetune_pipeline.training.sft import TrainRequest
+    from finetune_pipeline.training.sft import TrainRequest, TrainResult
 
     work.mkdir(parents=True, exist_ok=True)
     req = TrainRequest(
@@ -78,7 +78,7 @@ def run_child(base: str, model: dict, training: dict, rows: list[str], work: Pat
         output_dir=work / "out",
         measure_cost=measure,
     )
-    (work / "request.json").write_text(req.to_json())
+    req.save(work / "request.json")
     subprocess.run(
         [sys.executable, "-m", "finetune_pipeline.training.child", str(work / "request.json")],
         cwd=REPO,
@@ -86,7 +86,7 @@ def run_child(base: str, model: dict, training: dict, rows: list[str], work: Pat
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    res = json.loads((work / "out" / "train_result.json").read_text())
+    res = TrainResult.load(work / "out" / "train_result.json").model_dump()
     res["adapter"] = str(work / "out")
     return res
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from finetune_pipeline import __version__
 from finetune_pipeline.hashing import short_hash
 from finetune_pipeline.layout import BaseModelRecord, SplitsManifest
-from finetune_pipeline.spec import EvaluationSpec, PipelineSpec, SweepSpec, TrainingSpec
+from finetune_pipeline.spec import EvaluationSpec, PipelineSpec
+from finetune_pipeline.tuning.sweep import trial_training
 
 PACKAGE = "finetune_pipeline"
 _ROOT = Path(__file__).resolve().parent
@@ -65,11 +66,6 @@ def code_version(*modules: str) -> str:
         todo.extend(_imports(name, path) - seen)
     parts = [(m, _module_file(m).read_text()) for m in sorted(seen)]  # type: ignore[union-attr]
     return f"{__version__}+{short_hash(parts, length=12)}"
-
-
-def trial_training(training: TrainingSpec, sweep: SweepSpec) -> TrainingSpec:
-    """The training settings of one sweep trial: the sweep sets the step count and two validation points."""
-    return training.model_copy(update={"max_steps": sweep.max_steps, "eval_steps": max(1, sweep.max_steps // 2)})
 
 
 def sweep_study(pipeline: str, manifest: SplitsManifest, base: BaseModelRecord, spec: PipelineSpec, code: str) -> str:

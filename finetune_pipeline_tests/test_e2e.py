@@ -150,13 +150,13 @@ def latest(instance: dg.DagsterInstance, name: str) -> dict:
 def test_pipeline_trains_evaluates_and_registers(trained: dict, env: dict) -> None:
     import mlflow
     import torch
-    from finetune_pipeline.training.configs import lora_config
     from peft import get_peft_model
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     from finetune_pipeline.models.merge import max_logit_diff, tuned_model
     from finetune_pipeline.spec import load_spec
+    from finetune_pipeline.training.configs import lora_config
 
     assert trained["cleaned"] == set(trained["keys"])
     splits = trained["dataset_splits"]

@@ -2,11 +2,12 @@
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from safetensors.torch import load_file
 
-from finetune_pipeline.spec import EvaluationSpec, ModelSpec, RuntimeSpec, SearchParam, SweepSpec, TrainingSpec
+from finetune_pipeline.spec import EvaluationSpec, ModelSpec, RuntimeSpec, TrainingSpec
 from finetune_pipeline_tests.conftest import chat_row
 
 ROWS = [json.dumps(chat_row(i)["messages"]) for i in range(48)]
@@ -15,10 +16,21 @@ TRAIN = TrainingSpec(max_steps=8, per_device_train_batch_size=4, learning_rate=5
 LORA = ModelSpec(lora={"r": 4, "alpha": 8, "dropout": 0.0})
 
 
-def test_lora_training_changes_every_adapter_weight_and_lowers_loss(tiny_model: Path, tmp_path: Path) -> None:
-    from finetune_pipeline.training.sft import TrainRequest, train
+def request(base: str, model: ModelSpec, training: TrainingSpec, train: list, val: list, out: Path, **kw: Any) -> Any:
+    """A TrainRequest with the data given in order (as the tests below read best)."""
+    from finetune_pipeline.training.sft import TrainRequest
 
-    res = train(TrainRequest(str(tiny_model), LORA, TRAIN, ROWS[:40], ROWS[40:], tmp_path / "a", runtime=RT), log=lambda m: None)
+    return TrainRequest(
+        base_path=base, model=model, training=training, train_messages=train, eval_messages=val, output_dir=out, **kw
+    )
+
+
+def test_lora_training_changes_every_adapter_weight_and_lowers_loss(tiny_model: Path, tmp_path: Path) -> None:
+    from finetune_pipeline.training.sft import train
+
+    res = train(
+        request(str(tiny_model), LORA, TRAIN, ROWS[:40], ROWS[40:], tmp_path / "a", runtime=RT), log=lambda m: None
+    )
     assert res.steps == 8 and len(res.loss_history) == 8
     assert res.loss_history[-1][1] < res.loss_history[0][1]
     assert res.lora_tensors_total > 0 and res.lora_tensors_changed == res.lora_tensors_total
@@ -33,22 +45,22 @@ def test_lora_training_changes_every_adapter_weight_and_lowers_loss(tiny_model: 
 
 
 def test_lora_same_seed_same_adapter(tiny_model: Path, tmp_path: Path) -> None:
-    from finetune_pipeline.training.sft import TrainRequest, train
+    from finetune_pipeline.training.sft import train
 
     short = TRAIN.model_copy(update={"max_steps": 3})
     for d in ("l1", "l2"):
-        train(TrainRequest(str(tiny_model), LORA, short, ROWS[:16], [], tmp_path / d, runtime=RT), log=lambda m: None)
+        train(request(str(tiny_model), LORA, short, ROWS[:16], [], tmp_path / d, runtime=RT), log=lambda m: None)
     a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("l1", "l2"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
 def test_full_finetune_and_same_seed_same_weights(tiny_model: Path, tmp_path: Path) -> None:
-    from finetune_pipeline.training.sft import TrainRequest, train
+    from finetune_pipeline.training.sft import train
 
     full = ModelSpec(method="full")
     short = TRAIN.model_copy(update={"max_steps": 3})
-    a = train(TrainRequest(str(tiny_model), full, short, ROWS[:16], [], tmp_path / "f1", runtime=RT), log=lambda m: None)
-    train(TrainRequest(str(tiny_model), full, short, ROWS[:16], [], tmp_path / "f2", runtime=RT), log=lambda m: None)
+    a = train(request(str(tiny_model), full, short, ROWS[:16], [], tmp_path / "f1", runtime=RT), log=lambda m: None)
+    train(request(str(tiny_model), full, short, ROWS[:16], [], tmp_path / "f2", runtime=RT), log=lambda m: None)
     assert a.trainable_params == a.total_params
     wa, wb = load_file(tmp_path / "f1" / "model.safetensors"), load_file(tmp_path / "f2" / "model.safetensors")
     assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
@@ -57,99 +69,84 @@ def test_full_finetune_and_same_seed_same_weights(tiny_model: Path, tmp_path: Pa
 def test_sweep_uses_persistent_storage_and_resumes(tiny_model: Path, tmp_path: Path) -> None:
     import optuna
 
-    from finetune_pipeline.tuning.sweep import run_sweep
+    from finetune_pipeline.tuning.sweep import TrialReport, run_sweep
+    from finetune_pipeline_tests.conftest import make_spec
 
-    sweep = SweepSpec(
-        enabled=True,
-        n_trials=2,
-        max_steps=2,
-        pruner="none",
-        search_space={
-            "learning_rate": SearchParam(type="float", low=1e-3, high=1e-2, log=True),
-            "lora.r": SearchParam(type="categorical", choices=[2, 4]),
+    spec = make_spec(
+        model=LORA.model_dump(),
+        training=TRAIN.model_dump(),
+        runtime=RT.model_dump(),
+        sweep={
+            "enabled": True,
+            "n_trials": 2,
+            "max_steps": 2,
+            "pruner": "none",
+            "search_space": {
+                "learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+                "lora.r": {"type": "categorical", "choices": [2, 4]},
+            },
         },
     )
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    reports: list[TrialReport] = []
     kw = dict(
-        pipeline="p",
+        study_name="p-d1",
         base_path=str(tiny_model),
-        model=LORA,
-        training=TRAIN,
-        sweep=sweep,
+        spec=spec,
         train_messages=ROWS[:24],
         val_messages=ROWS[40:],
         storage_uri=storage,
-        data_digest="d1",
         work_dir=tmp_path / "sweep",
         log=lambda m: None,
+        on_trial=reports.append,
     )
     first = run_sweep(**kw)
-    assert first.n_complete == 2 and first.n_run_now == 2
+    assert first.n_complete == 2 and first.n_run_now == 2 and first.study_name == "p-d1"
     assert set(first.best_params) == {"learning_rate", "lora.r"}
+    # every finished trial was reported, with the curve of its 2 steps (runtime.logging_steps 1)
+    assert [(r.number, r.state) for r in reports] == [(0, "COMPLETE"), (1, "COMPLETE")]
+    assert all(set(r.params) == {"learning_rate", "lora.r"} for r in reports)
+    assert [s for s, _ in reports[0].loss_history] == [1, 2] and reports[0].tokens_per_second > 0
+    assert min(r.eval_loss for r in reports) == pytest.approx(first.best_value)
     study = optuna.load_study(study_name=first.study_name, storage=storage)
     assert study.best_value == pytest.approx(first.best_value)
-    again = run_sweep(**kw)  # same data and settings: the stored trials count, nothing reruns
-    assert again.n_run_now == 0 and again.best_params == first.best_params
-    # the trials' own step settings are not part of the study's identity; the data is
-    longer = run_sweep(**{**kw, "training": TRAIN.model_copy(update={"max_steps": 99, "eval_steps": 3})})
-    assert longer.study_name == first.study_name and longer.n_run_now == 0
-    assert run_sweep(**{**kw, "data_digest": "d2"}).n_run_now == 2
+    again = run_sweep(**kw)  # same study name: the stored trials count, nothing reruns
+    assert again.n_run_now == 0 and again.best_params == first.best_params and len(reports) == 2
+    assert run_sweep(**{**kw, "study_name": "p-d2"}).n_run_now == 2
 
 
-def test_eval_and_registry_round_trip_and_promotion(tiny_model: Path, tmp_path: Path) -> None:
-    """Real MLflow (SQLite + local artifacts): register, reload with equal logits, champion moves only if better."""
-    import mlflow
-
+def test_evaluation_scores_base_and_tuned_and_caches_the_base_outputs(tiny_model: Path, tmp_path: Path) -> None:
     from finetune_pipeline.evaluation.evaluate import evaluate
-    from finetune_pipeline.models.merge import max_logit_diff, standalone_model, tuned_model
-    from finetune_pipeline.tracking import mlflow_store
-    from finetune_pipeline.training.sft import TrainRequest, train
+    from finetune_pipeline.training.sft import train
 
-    train(TrainRequest(str(tiny_model), LORA, TRAIN, ROWS[:40], ROWS[40:], tmp_path / "a", runtime=RT), log=lambda m: None)
+    train(request(str(tiny_model), LORA, TRAIN, ROWS[:40], ROWS[40:], tmp_path / "a", runtime=RT), log=lambda m: None)
     spec = EvaluationSpec(primary_metric="perplexity", max_samples=4, max_new_tokens=8, batch_size=4)
-    report = evaluate(
+    kw = {"base_cache": tmp_path / "base.json", "log": lambda m: None}
+    report = evaluate(str(tiny_model), LORA, str(tmp_path / "a"), ROWS[40:44], spec, **kw)
+    assert report.tuned["perplexity"] < report.base["perplexity"] and report.primary_improvement > 0
+    assert (tmp_path / "base.json").exists() and report.n_samples == 4
+    logs: list[str] = []
+    again = evaluate(
         str(tiny_model),
         LORA,
         str(tmp_path / "a"),
         ROWS[40:44],
         spec,
         base_cache=tmp_path / "base.json",
-        log=lambda m: None,
+        log=logs.append,
     )
-    assert report.tuned["perplexity"] < report.base["perplexity"] and report.primary_improvement > 0
-    assert (tmp_path / "base.json").exists() and report.n_samples == 4
-
-    mlflow_store.configure(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "art")
-    exp = mlflow_store.experiment_id("p", tmp_path / "art")
-    lin = mlflow_store.Lineage("p", "p/registered_model", "run-1", None, "0.1.0", "abc")
-    with mlflow_store.run(exp, "register", lin):
-        merged, tok = standalone_model(str(tiny_model), LORA, str(tmp_path / "a"))
-        uri, v1 = mlflow_store.log_and_register(merged, tok, "m", {"finetune.adapter_key": "k1"})
-    reloaded = mlflow.transformers.load_model(uri, return_type="components")["model"]
-    assert max_logit_diff(tuned_model(str(tiny_model), LORA, str(tmp_path / "a")), reloaded, tok) < 1e-4
-    r1 = mlflow_store.promote("m", v1, "perplexity", 10.0, 0.0)
-    assert r1.promoted and r1.aliases == ["challenger", "champion"]
-    with mlflow_store.run(exp, "register", lin):
-        _, v2 = mlflow_store.log_and_register(merged, tok, "m", {"finetune.adapter_key": "k2"})
-    r2 = mlflow_store.promote("m", v2, "perplexity", 12.0, 0.0)  # worse: stays challenger
-    assert not r2.promoted and r2.champion_version == v1 and "improvement -2.0000" in r2.reason
-    client = mlflow.MlflowClient()
-    assert str(client.get_model_version_by_alias("m", "champion").version) == v1
-    assert str(client.get_model_version_by_alias("m", "challenger").version) == v2
-    assert str(mlflow_store.find_version_by_tag("m", "finetune.adapter_key", "k2").version) == v2
+    assert any("base model outputs reused" in m for m in logs) and again.base == report.base
 
 
 def test_qlora_trains_and_merges_on_cpu(tiny_model: Path, tmp_path: Path) -> None:
     """QLoRA (4-bit nf4 base, double quantisation) as a functional check: on CPU bitsandbytes has no 4-bit
     autograd kernel, so speed is meaningless here, but the adapter must train and merge into a float32 base."""
     from finetune_pipeline.models.merge import max_logit_diff, standalone_model, tuned_model
-    from finetune_pipeline.training.sft import TrainRequest, train
+    from finetune_pipeline.training.sft import train
 
     q = ModelSpec(method="qlora", lora={"r": 4, "alpha": 8, "dropout": 0.0})
     res = train(
-        TrainRequest(
-            str(tiny_model), q, TRAIN.model_copy(update={"max_steps": 3}), ROWS[:16], ROWS[40:44], tmp_path / "q"
-        ),
+        request(str(tiny_model), q, TRAIN.model_copy(update={"max_steps": 3}), ROWS[:16], ROWS[40:44], tmp_path / "q"),
         log=lambda m: None,
     )
     assert res.method == "qlora" and res.lora_tensors_changed == res.lora_tensors_total > 0
@@ -157,23 +154,24 @@ def test_qlora_trains_and_merges_on_cpu(tiny_model: Path, tmp_path: Path) -> Non
     assert max_logit_diff(merged, tuned_model(str(tiny_model), q, str(tmp_path / "q")), tok) < 1e-4
 
 
-def test_lean_loss_equals_trl_loss(tiny_model: Path) -> None:
+def test_lean_loss_equals_trl_loss(tiny_model: Path, tmp_path: Path) -> None:
     """The asset's training loss (LM head on labelled positions only, no per-step entropy) is trl's loss."""
     import torch
     from datasets import Dataset
     from peft import get_peft_model
     from trl import SFTConfig
 
-    from finetune_pipeline.models.base import load_model, load_tokenizer, lora_config
+    from finetune_pipeline.models.base import load_model, load_tokenizer
     from finetune_pipeline.training.chat import resolve_chat_template
-    from finetune_pipeline.training.sft import _lean_loss, _lean_ok, _trainer_class
+    from finetune_pipeline.training.configs import lora_config
+    from finetune_pipeline.training.trainer import RecordingSFTTrainer, lean_loss, lean_ok
 
     tok = load_tokenizer(str(tiny_model))
     tok.chat_template = resolve_chat_template(tok, "auto").template
-    model = get_peft_model(load_model(str(tiny_model), LORA, for_training=True), lora_config(LORA))
+    model = get_peft_model(load_model(str(tiny_model), LORA, for_training=True), lora_config(LORA.lora))
     ds = Dataset.from_list([{"messages": json.loads(r)} for r in ROWS[:4]])
     cfg = SFTConfig(
-        output_dir="/tmp/unused",
+        output_dir=str(tmp_path / "trainer"),
         per_device_train_batch_size=4,
         assistant_only_loss=True,
         use_cpu=True,
@@ -181,12 +179,12 @@ def test_lean_loss_equals_trl_loss(tiny_model: Path) -> None:
         max_length=128,
         gradient_checkpointing=False,
     )
-    trainer = _trainer_class()(model=model, args=cfg, train_dataset=ds, processing_class=tok)
+    trainer = RecordingSFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
     batch = next(iter(trainer.get_train_dataloader()))
-    assert _lean_ok(trainer)
+    assert lean_ok(trainer)
     trainer.model.train()
     with torch.no_grad():
-        lean = _lean_loss(trainer, trainer.model, dict(batch), None)
+        lean = lean_loss(trainer, trainer.model, dict(batch), None)
         ref = super(type(trainer), trainer).compute_loss(trainer.model, dict(batch))
     assert torch.allclose(lean, ref, rtol=1e-5, atol=1e-5), (lean, ref)
     # only assistant tokens (answer + the <|im_end|> that ends it) carry a label
@@ -207,10 +205,12 @@ def test_lean_loss_equals_trl_loss(tiny_model: Path) -> None:
 def test_adapter_variants_train(model: ModelSpec, tiny_model: Path, tmp_path: Path) -> None:
     from peft import PeftConfig
 
-    from finetune_pipeline.training.sft import TrainRequest, train
+    from finetune_pipeline.training.sft import train
 
     res = train(
-        TrainRequest(str(tiny_model), model, TRAIN.model_copy(update={"max_steps": 2}), ROWS[:8], [], tmp_path / "v", runtime=RT),
+        request(
+            str(tiny_model), model, TRAIN.model_copy(update={"max_steps": 2}), ROWS[:8], [], tmp_path / "v", runtime=RT
+        ),
         log=lambda m: None,
     )
     assert res.lora_tensors_changed == res.lora_tensors_total > 0
@@ -224,21 +224,23 @@ def test_adapter_variants_train(model: ModelSpec, tiny_model: Path, tmp_path: Pa
 
 
 def test_early_stopping_on_validation_loss(tiny_model: Path, tmp_path: Path) -> None:
-    from finetune_pipeline.training.sft import TrainRequest, train
+    from finetune_pipeline.training.sft import train
 
     # an improvement must exceed 100 nats: none does, so training stops after `patience` evaluations
     t = TRAIN.model_copy(
         update={"max_steps": 20, "eval_steps": 2, "early_stopping_patience": 2, "early_stopping_threshold": 100.0}
     )
-    res = train(TrainRequest(str(tiny_model), LORA, t, ROWS[:40], ROWS[40:44], tmp_path / "e", runtime=RT), log=lambda m: None)
+    res = train(
+        request(str(tiny_model), LORA, t, ROWS[:40], ROWS[40:44], tmp_path / "e", runtime=RT), log=lambda m: None
+    )
     assert res.stopped_early and res.steps == 6 and [s for s, _ in res.eval_history] == [2, 4, 6]
 
 
 @pytest.mark.parametrize("mode", [{"padding_free": True}, {"packing": True}], ids=["padding-free", "packing"])
 def test_padding_free_and_packing_train(mode: dict, tiny_model: Path, tmp_path: Path) -> None:
-    from finetune_pipeline.training.sft import TrainRequest, train
+    from finetune_pipeline.training.sft import train
 
     t = TRAIN.model_copy(update={"max_steps": 3, **mode})
-    res = train(TrainRequest(str(tiny_model), LORA, t, ROWS[:12], [], tmp_path / "p", runtime=RT), log=lambda m: None)
+    res = train(request(str(tiny_model), LORA, t, ROWS[:12], [], tmp_path / "p", runtime=RT), log=lambda m: None)
     assert res.steps == 3 and res.lora_tensors_changed == res.lora_tensors_total > 0
     assert all(loss == loss and loss > 0 for _, loss in res.loss_history)  # finite, not NaN

@@ -150,9 +150,26 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     return tok
 
 
+def quantization_config(model: ModelSpec) -> Any:
+    """bitsandbytes config of the base weights: QLoRA loads them 4-bit nf4 with double quantisation (compute in
+    the spec's dtype) or 8-bit; ``None`` for lora and full fine-tuning."""
+    if model.method != "qlora":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if model.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch_dtype(model.dtype),
+    )
+
+
 def load_model(path: str, spec: ModelSpec, for_training: bool) -> Any:
-    """Load the base model in the spec's dtype; QLoRA loads it 4-bit nf4 with double quantisation or 8-bit
-    (bitsandbytes) and prepares it for k-bit training."""
+    """Load the base model in the spec's dtype, quantised for QLoRA (``quantization_config``) and then prepared
+    for k-bit training."""
     from transformers import AutoModelForCausalLM
 
     quiet_progress_bars()
@@ -161,41 +178,15 @@ def load_model(path: str, spec: ModelSpec, for_training: bool) -> Any:
         "trust_remote_code": spec.trust_remote_code,
         "use_safetensors": True,
     }
-    if spec.method == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        if spec.quantization == "int8":
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        else:
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch_dtype(spec.dtype),
-            )
+    quant = quantization_config(spec)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if for_training and spec.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
-
-
-def lora_config(spec: ModelSpec, overrides: dict[str, Any] | None = None) -> Any:
-    """peft LoraConfig from the spec's ``model.lora`` section (plus sweep overrides like ``lora.r``)."""
-    from peft import LoraConfig
-
-    o = overrides or {}
-    lo = spec.lora
-    return LoraConfig(
-        r=int(o.get("lora.r", lo.r)),
-        lora_alpha=int(o.get("lora.alpha", lo.alpha)),
-        lora_dropout=float(o.get("lora.dropout", lo.dropout)),
-        target_modules=lo.target_modules,
-        use_dora=lo.use_dora,
-        use_rslora=lo.use_rslora,
-        task_type="CAUSAL_LM",
-    )
 
 
 def load_for_eval(base_path: str, model: ModelSpec, adapter_dir: str | None) -> tuple[Any, Any]:

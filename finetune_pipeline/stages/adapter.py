@@ -16,12 +16,11 @@ from finetune_pipeline.stages.sweep import finished_sweep
 from finetune_pipeline.tracking import mlflow_store
 from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
 from finetune_pipeline.training.launch import CHILD_MODULE, PID_FILE, child_command
-from finetune_pipeline.training.sft import TrainRequest, TrainResult
+from finetune_pipeline.training.sft import RESULT_FILE, TrainRequest, TrainResult
 
 LogFn = Callable[[str], None]
 # Starts the training child and waits for it: (command, extras for the child) -> the metadata the child reported.
 Launch = Callable[[list[str], dict[str, str]], dict[str, Any]]
-RESULT_FILE = "train_result.json"
 CODE = (__name__, CHILD_MODULE)  # what an adapter's key and the asset's code version hash
 
 

@@ -203,18 +203,23 @@ class Champion:
 
 
 def champion(registered_name: str) -> Champion | None:
-    """The version holding the ``champion`` alias; None only when the alias (or the model) does not exist.
-    Any other registry error (a database that cannot be reached, say) is raised: it must never read as
+    """The version holding the ``champion`` alias; None only when the model or that alias does not exist.
+    Any other registry error (a database that cannot be read, say) is raised: it must never read as
     "no champion", which would move the alias."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    client = MlflowClient()
     try:
-        mv = MlflowClient().get_model_version_by_alias(registered_name, "champion")
+        model = client.get_registered_model(registered_name)
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
+    version = dict(model.aliases or {}).get("champion")
+    if version is None:
+        return None
+    mv = client.get_model_version(registered_name, str(version))
     return Champion(str(mv.version), dict(mv.tags))
 
 

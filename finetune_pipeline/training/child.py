@@ -2,9 +2,10 @@
 
 Started by the adapter asset through Dagster Pipes. It reads its request (a JSON file named in the Pipes extras,
 or given as the first argument when run by hand), trains, streams progress lines into the Dagster run log as they
-happen, and reports the materialization's metadata (cost, reproducibility, EOS check) when it ends. Only the main
-process of a multi-process launch talks to Dagster; all of them train. The process id is written next to the
-request (``child.pid``) so an operator can see or stop the run.
+happen, and reports the materialization's metadata when it ends: the cost figures (``cost_metadata``: this report
+is the only channel they reach the parent through) plus steps, resume, early stop, validation loss and the EOS
+check. Only the main process of a multi-process launch talks to Dagster; all of them train. The process id is
+written next to the request (``child.pid``) so an operator can see or stop the run.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from finetune_pipeline.training.launch import PID_FILE
 
 
 def _rank() -> int:
@@ -52,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         request_path = Path(argv[0]) if argv else Path(str(ctx.get_extra("request"))) if ctx else None
         if request_path is None:
             raise SystemExit("usage: python -m finetune_pipeline.training.child REQUEST.json")
-        req = TrainRequest.from_json(request_path.read_text())
+        req = TrainRequest.load(request_path)
         if main_process:
-            (request_path.parent / "child.pid").write_text(str(os.getpid()))
+            (request_path.parent / PID_FILE).write_text(str(os.getpid()))
 
         def log(msg: str) -> None:
             if ctx is not None:

@@ -1,5 +1,5 @@
-"""What a run costs: the machine's measured matmul peak, a model's training FLOPs per token, peak memory,
-and a timing callback that estimates the whole run's time from its first steps.
+"""What a run costs: the machine's measured matmul peak, a model's training FLOPs per token, and peak memory.
+The timing callback that estimates the whole run's time from its first steps is ``callbacks.Calibrate``.
 
 Heavy imports stay inside functions.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,37 +78,3 @@ def peak_memory_mb(device: str) -> float:
         return torch.cuda.max_memory_allocated() / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
-
-
-def make_calibration_callback(steps: int, max_steps: int, log: Callable[[str], None], sink: dict[str, float]) -> Any:
-    """A TrainerCallback timing the first ``steps`` steps after a warm-up step, then logging the run's estimated
-    time before the long part starts. Writes ``seconds_per_step`` and ``estimated_seconds`` into ``sink``."""
-    from transformers import TrainerCallback
-
-    class _Calibrate(TrainerCallback):
-        def __init__(self) -> None:
-            self.t_begin = 0.0
-            self.t_first = 0.0
-            self.first_step = -1
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.t_begin = time.perf_counter()
-            self.first_step = state.global_step  # > 0 after a resume
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            done = state.global_step - self.first_step
-            if done == 1:  # the first step pays one-off costs (allocations, kernel selection)
-                self.t_first = time.perf_counter()
-            elif done == steps + 1:
-                per_step = (time.perf_counter() - self.t_first) / steps
-                remaining = max_steps - state.global_step
-                elapsed = time.perf_counter() - self.t_begin
-                sink["seconds_per_step"] = per_step
-                sink["estimated_seconds"] = elapsed + per_step * remaining
-                log(
-                    f"calibration: {per_step:.2f} s/step over {steps} steps -> estimated "
-                    f"{sink['estimated_seconds']:.0f} s for the run's {max_steps - self.first_step} steps "
-                    f"({remaining} to go, evaluation not included)"
-                )
-
-    return _Calibrate()

@@ -1,22 +1,20 @@
 """Optuna hyperparameter search: each trial a short training run scored by validation loss.
 
-The study lives in persistent storage and is named after the data and the search settings, so a re-run with
-unchanged inputs finds its trials already done, and an interrupted sweep continues where it stopped.
+The study lives in persistent storage under a name the caller computes (from the data and the search settings,
+e.g. by hashing ``trial_training``'s output), so a re-run with unchanged inputs finds its trials already done, and
+an interrupted sweep continues where it stopped. Each trial trains ``spec.with_overrides(params)``; the sweep
+reports every finished trial through ``on_trial`` and imports no tracking library.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from finetune_pipeline.spec import ModelSpec, SearchParam, SweepSpec, TrainingSpec
-from finetune_pipeline.tracking import mlflow_store
+from finetune_pipeline.spec import PipelineSpec, SearchParam, SweepSpec, TrainingSpec
 from finetune_pipeline.training.sft import TrainRequest, train
 
 LogFn = Callable[[str], None]
@@ -33,19 +31,26 @@ class SweepResult:
     trials: list[dict[str, Any]]
 
 
-TRIAL_OVERRIDES = {"max_steps", "eval_steps"}  # set by the sweep itself, not part of its identity
+@dataclass(frozen=True)
+class TrialReport:
+    """One finished trial, for the caller to record (MLflow, logs). A pruned or failed trial has no eval_loss,
+    tokens_per_second or loss history."""
+
+    number: int
+    params: dict[str, Any]
+    state: Literal["COMPLETE", "PRUNED", "FAIL"]
+    eval_loss: float | None = None
+    tokens_per_second: float | None = None
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
 
 
-def study_name(pipeline: str, data_digest: str, sweep: SweepSpec, model: ModelSpec, training: TrainingSpec) -> str:
-    blob = json.dumps(
-        [
-            sweep.model_dump(mode="json"),
-            model.model_dump(mode="json"),
-            training.model_dump(mode="json", exclude=TRIAL_OVERRIDES),
-        ],
-        sort_keys=True,
+def trial_training(training: TrainingSpec, sweep: SweepSpec) -> TrainingSpec:
+    """The training settings of every trial: ``sweep.max_steps`` steps, validation twice (feeds the pruner).
+    The spec's own max_steps / eval_steps do not reach a trial."""
+    every = max(1, sweep.max_steps // 2)
+    return TrainingSpec.model_validate(
+        {**training.model_dump(mode="json"), "max_steps": sweep.max_steps, "eval_steps": every}
     )
-    return f"{pipeline}-{data_digest}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
 def suggest(trial: Any, name: str, p: SearchParam) -> Any:
@@ -58,33 +63,30 @@ def suggest(trial: Any, name: str, p: SearchParam) -> Any:
 
 def run_sweep(
     *,
-    pipeline: str,
+    study_name: str,
     base_path: str,
-    model: ModelSpec,
-    training: TrainingSpec,
-    sweep: SweepSpec,
+    spec: PipelineSpec,
     train_messages: list[str],
     val_messages: list[str],
     storage_uri: str,
-    data_digest: str,
     work_dir: Path,
     log: LogFn = print,
-    mlflow_experiment: str | None = None,
-    lineage: mlflow_store.Lineage | None = None,
+    on_trial: Callable[[TrialReport], None] | None = None,
 ) -> SweepResult:
     import optuna
-    from transformers import TrainerCallback
 
+    from finetune_pipeline.tuning.pruning import PruneOnEval
+
+    sweep = spec.sweep
     if storage_uri.startswith("sqlite:///"):
         Path(storage_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    name = study_name(pipeline, data_digest, sweep, model, training)
     pruner = (
         optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
         if sweep.pruner == "median"
         else optuna.pruners.NopPruner()
     )
     study = optuna.create_study(
-        study_name=name,
+        study_name=study_name,
         storage=storage_uri,
         direction="minimize",
         sampler=optuna.samplers.TPESampler(seed=sweep.seed),
@@ -95,86 +97,49 @@ def run_sweep(
         t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     ]
     remaining = max(0, sweep.n_trials - len(finished))
-    log(f"study {name}: {len(finished)} trial(s) already done, running {remaining}")
-    eval_every = max(1, sweep.max_steps // 2)  # two validation points per trial feed the pruner
-    trial_training = training.model_copy(update={"eval_steps": eval_every})
-
-    class _Prune(TrainerCallback):
-        def __init__(self, trial: Any):
-            self.trial = trial
-
-        def on_evaluate(
-            self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kw: Any
-        ) -> None:
-            if metrics and "eval_loss" in metrics:
-                self.trial.report(float(metrics["eval_loss"]), state.global_step)
-                if self.trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned at step {state.global_step}")
+    log(f"study {study_name}: {len(finished)} trial(s) already done, running {remaining}")
+    report = on_trial or (lambda r: None)
 
     def objective(trial: Any) -> float:
         params = {k: suggest(trial, k, p) for k, p in sweep.search_space.items()}
         log(f"trial {trial.number}: {params}")
-        ctx = (
-            mlflow_store.run(
-                mlflow_experiment,
-                f"trial-{trial.number}",
-                lineage,
-                nested=True,
-                **{"optuna.study": name, "optuna.trial": str(trial.number)},
-            )
-            if mlflow_experiment and lineage
-            else contextlib.nullcontext()
+        trial_spec = spec.with_overrides(params)
+        req = TrainRequest(
+            base_path=base_path,
+            model=trial_spec.model,
+            training=trial_training(trial_spec.training, sweep),
+            runtime=spec.runtime,
+            train_messages=train_messages,
+            eval_messages=val_messages,
+            output_dir=work_dir / f"trial-{trial.number}",
+            save=False,
         )
-        with ctx:
-            if mlflow_experiment:
-                import mlflow
-
-                mlflow.log_params(params)
-            try:
-                res = train(
-                    TrainRequest(
-                        base_path=base_path,
-                        model=model,
-                        training=trial_training,
-                        train_messages=train_messages,
-                        eval_messages=val_messages,
-                        output_dir=work_dir / f"trial-{trial.number}",
-                        overrides=params,
-                        max_steps=sweep.max_steps,
-                        save=False,
-                    ),
-                    log=lambda m: log(f"trial {trial.number}: {m}"),
-                    extra_callbacks=[_Prune(trial)],
-                )
-            except optuna.TrialPruned:
-                if mlflow_experiment:
-                    import mlflow
-
-                    mlflow.set_tag("optuna.state", "PRUNED")
-                log(f"trial {trial.number}: pruned")
-                raise
-            if mlflow_experiment:
-                import mlflow
-
-                for step, loss in res.loss_history:
-                    mlflow.log_metric("train_loss", loss, step=step)
-                mlflow.log_metrics({"eval_loss": res.eval_loss, "tokens_per_second": res.tokens_per_second})
-                mlflow.set_tag("optuna.state", "COMPLETE")
+        try:
+            res = train(req, log=lambda m: log(f"trial {trial.number}: {m}"), extra_callbacks=[PruneOnEval(trial)])
+        except optuna.TrialPruned:
+            log(f"trial {trial.number}: pruned")
+            report(TrialReport(trial.number, params, "PRUNED"))
+            raise
+        except Exception:
+            report(TrialReport(trial.number, params, "FAIL"))
+            raise
         if math.isnan(res.eval_loss):
+            report(TrialReport(trial.number, params, "FAIL", None, res.tokens_per_second, res.loss_history))
             raise ValueError("trial produced no validation loss: the validation split is empty")
+        report(TrialReport(trial.number, params, "COMPLETE", res.eval_loss, res.tokens_per_second, res.loss_history))
         return res.eval_loss
 
     if remaining:
         study.optimize(objective, n_trials=remaining, gc_after_trial=True)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
-        raise RuntimeError(f"sweep {name}: no trial completed; see the trial logs above")
+        raise RuntimeError(f"sweep {study_name}: no trial completed; see the trial logs above")
     trials = [
         {"number": t.number, "state": t.state.name, "value": t.value, **{f"param.{k}": v for k, v in t.params.items()}}
         for t in study.trials
     ]
     return SweepResult(
-        study_name=name,
+        study_name=study_name,
         best_params=dict(study.best_trial.params),
         best_value=float(study.best_value),
         n_complete=len(complete),
