@@ -66,6 +66,20 @@ class ColumnMap(_Strict):
     timestamp: str | None = Field(None, description="Timestamp column (ISO 8601 or epoch seconds; temporal splits).")
 
 
+DEFAULT_ROLES: dict[str, str] = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+}
+_HOOK = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*")
+
+
 class SourceSpec(_Strict):
     incoming_dir: str = Field(
         description="Folder watched for new data files; each file becomes one partition of raw_dataset. "
@@ -76,20 +90,78 @@ class SourceSpec(_Strict):
         description="File format: jsonl, json (an array, or an object holding one), csv, parquet; "
         "auto = by extension (.jsonl/.ndjson, .json, .csv, .parquet/.pq).",
     )
-    record_format: Literal["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
+    record_format: Literal["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "text", "mixed"] = Field(
         "auto",
         description="Record format: chat (role/content messages), sharegpt (from/value conversations), alpaca "
         "(instruction/input/output), prompt_completion, text; auto = detected from the fields of the first records "
-        "(the run log says what it found; when unsure it asks for this field).",
+        "(the run log says what it found; when unsure it asks for this field); mixed = each record is read in the "
+        "format its own fields show (for files that mix the formats above).",
     )
     columns: ColumnMap = Field(default_factory=ColumnMap, description="Field names in the files (column mapping).")
     json_records_key: str | None = Field(
-        None, description="json files holding an object: the key of the list of records (auto when only one list)."
+        None,
+        description="json files holding an object: the key of the list(s) of records (auto when the object has "
+        "exactly one list). Every list under this key, at any depth, is read; when the key also occurs inside "
+        "records (ambiguous), the file stops with the places it occurs.",
+    )
+    roles: dict[str, Literal["system", "user", "assistant"]] = Field(
+        default_factory=dict,
+        description="Speaker names mapped to roles (case-insensitive), added to the defaults "
+        f"{', '.join(f'{k}: {v}' for k, v in DEFAULT_ROLES.items())}; e.g. {{bot: assistant, customer: user}}. "
+        "Applies to chat and sharegpt records.",
+    )
+    leading_assistant: Literal["quarantine", "drop", "context"] = Field(
+        "context",
+        description="Conversations that begin (after an optional system message) with assistant turns, such as "
+        "ShareGPT continuation chunks: context = keep those turns, without loss, as context in the system message "
+        "(not trained on); drop = remove them; quarantine = reject the row as misordered_roles.",
+    )
+    record_hook: str | None = Field(
+        None,
+        description="'module:function' (importable, e.g. from PYTHONPATH) called with each raw record (the parsed "
+        "JSON object, CSV row or Parquet row) and returning its messages: a list of {role, content}. For custom or "
+        "nested formats; a record it raises on or returns nothing usable for is quarantined as hook_failed.",
     )
     file_glob: str = Field("*.jsonl", description="Glob selecting data files inside incoming_dir.")
     settle_seconds: float = Field(
         2.0, ge=0, description="A file must be unchanged (size and mtime) for this long before it is ingested."
     )
+    done_marker: str | None = Field(
+        None,
+        description="Optional completion marker written by the producer: a name with {name} (e.g. '{name}.done': "
+        "data.jsonl is ingested once data.jsonl.done exists) or a folder marker (e.g. '_SUCCESS': files are "
+        "ingested once it exists and is newer than them). Marker files are never ingested.",
+    )
+    incomplete_grace_seconds: float = Field(
+        600.0,
+        ge=0,
+        description="A file that looks unfinished (a JSONL whose last line has no newline, a JSON document that "
+        "does not parse to its end, a Parquet file without its footer) waits; once unchanged this long it is "
+        "ingested anyway and its cut tail quarantined.",
+    )
+    wait_for_writers: bool = Field(
+        True,
+        description="Wait while a process holds the file open for writing (Linux: read from /proc/*/fd; best "
+        "effort, sees only processes this user may inspect).",
+    )
+
+    @field_validator("record_hook")
+    @classmethod
+    def _hook(cls, v: str | None) -> str | None:
+        if v is not None and not _HOOK.fullmatch(v):
+            raise ValueError("must be 'module:function', e.g. my_formats:to_messages")
+        return v
+
+    @field_validator("done_marker")
+    @classmethod
+    def _marker(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or "/" in v):
+            raise ValueError("must be a file name such as '{name}.done' or '_SUCCESS'")
+        return v
+
+    def role_map(self) -> dict[str, str]:
+        """The default speaker aliases plus this spec's ``roles``, keys lower-cased."""
+        return {**DEFAULT_ROLES, **{k.lower(): v for k, v in self.roles.items()}}
 
 
 class QualitySpec(_Strict):

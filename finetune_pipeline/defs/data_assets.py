@@ -45,6 +45,20 @@ def usable_drops(state: StateStore, spec: LoadedSpec, registered: list[str]) -> 
     return [d for d in registered if raw_paths(state, spec, d)["kept"].exists()]
 
 
+def dropped_name(context: dg.AssetExecutionContext, raw_key: dg.AssetKey) -> str | None:
+    """The file the user dropped (run tag of the sensor's run, else raw_dataset's source_file metadata)."""
+    tag = context.run.tags.get("finetune/source_file")
+    if tag:
+        return tag
+    filt = dg.AssetRecordsFilter(asset_key=raw_key, asset_partitions=[context.partition_key])
+    for rec in context.instance.fetch_materializations(filt, limit=1).records:
+        mat = rec.asset_materialization
+        v = mat.metadata.get("source_file") if mat is not None else None
+        if v is not None:
+            return str(v.value)
+    return None
+
+
 def build_data_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
     parts = drops_partitions(spec)
     src = spec.spec.source
@@ -139,7 +153,7 @@ def build_data_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
             )
         c = spec.spec.cleaning
         counter = token_counter(state, spec) if (c.min_tokens is not None or c.max_tokens is not None) else None
-        res = clean_file(p["raw"], drop, spec.spec, count_tokens=counter)
+        res = clean_file(p["raw"], drop, spec.spec, count_tokens=counter, source_name=dropped_name(context, raw_key))
         write_parquet_atomic(res.quarantine, p["quarantine"])
         write_parquet_atomic(res.duplicates, p["duplicates"])
         for note in res.notes:
