@@ -375,3 +375,90 @@ def test_record_hook_that_cannot_be_imported_names_the_fix(tmp_path: Path) -> No
     res = clean_file(f, "d", make_spec(source={"record_hook": "no_such_module_x:f"}), source_name=DROPPED)
     [q] = res.quarantine.to_dict("records")
     assert q["reason"] == "hook_not_found" and "PYTHONPATH" in q["detail"] and DROPPED in q["detail"]
+
+
+# --- 4. half files: a drop is only ingested once it is complete ----------------------------------------------------
+
+HALF = json.dumps(chat_row(1)) + "\n" + json.dumps(chat_row(2))[:40]
+
+
+def _scan(inc: Path, **kw):  # type: ignore[no-untyped-def]
+    from finetune_pipeline.data.drops import scan_incoming
+
+    return scan_incoming(inc, "*", 0, None, set(), **kw)
+
+
+@pytest.mark.parametrize(
+    ("name", "partial", "rest"),
+    [
+        ("a.jsonl", HALF.encode(), (json.dumps(chat_row(2))[40:] + "\n").encode()),
+        ("a.jsonl", json.dumps(chat_row(1)).encode(), b"\n"),  # the last line has no newline yet
+        ("a.json", b'[{"prompt": "q?", "completion": "a."},\n', b'{"prompt": "q2?", "completion": "b."}]'),
+        ("a.json", b'[{"prompt": "q?", "completion": "a."}, {"x": {"y": 1}}', b"]"),  # ends in } but not closed
+    ],
+    ids=["jsonl-cut-mid-line", "jsonl-no-final-newline", "json-array-open", "json-ends-in-brace"],
+)
+def test_a_file_that_looks_unfinished_waits(tmp_path: Path, name: str, partial: bytes, rest: bytes) -> None:
+    inc = tmp_path / "in"
+    inc.mkdir()
+    f = inc / name
+    f.write_bytes(partial)
+    res = _scan(inc)
+    assert res.ready == [] and res.waiting == [str(f)] and str(f) in res.why
+    assert "ingested anyway" in res.why[str(f)]
+    assert len(_scan(inc, incomplete_grace_seconds=0).ready) == 1  # past the grace period it is ingested
+    with f.open("ab") as fh:
+        fh.write(rest)
+    assert [d.path for d in _scan(inc).ready] == [f]
+
+
+def test_parquet_without_its_footer_waits(tmp_path: Path) -> None:
+    inc = tmp_path / "in"
+    inc.mkdir()
+    whole = tmp_path / "w.parquet"
+    pq.write_table(pa.table({"prompt": ["q?"], "completion": ["a."]}), whole)
+    data = whole.read_bytes()
+    f = inc / "p.parquet"
+    f.write_bytes(data[:-10])
+    assert _scan(inc).ready == [] and "Parquet footer" in _scan(inc).why[str(f)]
+    f.write_bytes(data)
+    assert len(_scan(inc).ready) == 1
+
+
+def test_a_writer_that_pauses_longer_than_settle_seconds_is_waited_for(tmp_path: Path) -> None:
+    """The issue's half file: 151 complete lines written, the writer pauses with the file still open."""
+    inc = tmp_path / "in"
+    inc.mkdir()
+    f = inc / "big.jsonl"
+    with f.open("w") as fh:
+        for i in range(151):
+            fh.write(json.dumps(chat_row(i)) + "\n")
+        fh.flush()
+        first = _scan(inc)
+        assert first.ready == [] and "open for writing" in first.why[str(f)]
+        for i in range(151, 300):
+            fh.write(json.dumps(chat_row(i)) + "\n")
+    [drop] = _scan(inc).ready
+    assert sum(1 for _ in drop.path.open()) == 300
+
+
+@pytest.mark.parametrize("marker", ["{name}.done", "_SUCCESS"])
+def test_a_done_marker_decides_when_a_file_is_complete(tmp_path: Path, marker: str) -> None:
+    inc = tmp_path / "in"
+    inc.mkdir()
+    f = write_jsonl(inc / "a.jsonl", [chat_row(1)])
+    res = _scan(inc, done_marker=marker)
+    assert res.ready == [] and "marker" in res.why[str(f)]
+    (inc / marker.replace("{name}", f.name)).write_text("")
+    res = _scan(inc, done_marker=marker)
+    assert [d.path for d in res.ready] == [f] and res.waiting == []  # the marker itself is never a drop
+
+
+def test_a_zero_byte_file_is_ingested_and_stops_with_empty_file(tmp_path: Path) -> None:
+    inc = tmp_path / "in"
+    inc.mkdir()
+    f = inc / "empty.jsonl"
+    f.write_bytes(b"")
+    [drop] = _scan(inc).ready  # not "settling" forever
+    res = clean_file(drop.path, "d", make_spec(), source_name=str(f))
+    assert res.quarantine["reason"].tolist() == ["empty_file"] and str(f) in res.quarantine["detail"][0]
