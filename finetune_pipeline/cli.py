@@ -45,12 +45,15 @@ def register_drops(pipeline: str | None = None) -> dict[str, list[str]]:
 
     from finetune_pipeline.data.drops import completion_rules, scan_incoming
     from finetune_pipeline.definitions import specs_dir
-    from finetune_pipeline.spec import load_specs
+    from finetune_pipeline.spec import load_specs_report
 
     _apply_env()
     instance = dg.DagsterInstance.get()
     added: dict[str, list[str]] = {}
-    for spec in load_specs(specs_dir()):
+    specs, broken = load_specs_report(specs_dir())
+    for path, problems in broken.items():
+        print(f"{path}: broken spec skipped:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+    for spec in specs:
         if pipeline and spec.name != pipeline:
             continue
         name = f"{spec.name}_drops"

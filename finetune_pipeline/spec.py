@@ -536,9 +536,10 @@ def _line_of(node: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
     line = node.start_mark.line + 1 if node is not None else None
     for part in path:
         if isinstance(node, yaml.MappingNode):
-            nxt = next((v for k, v in node.value if k.value == str(part)), None)
+            # the last occurrence of a key: the one YAML keeps when a key is given twice
+            nxt = next((v for k, v in reversed(node.value) if k.value == str(part)), None)
             if nxt is None:
-                key_node = next((k for k, _ in node.value if k.value == str(part)), None)
+                key_node = next((k for k, _ in reversed(node.value) if k.value == str(part)), None)
                 return key_node.start_mark.line + 1 if key_node is not None else line
             node = nxt
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
@@ -567,21 +568,61 @@ def _friendly(err: dict[str, Any]) -> str:
     return msg.removeprefix("Value error, ")
 
 
+def _yaml_problem(exc: yaml.YAMLError, text: str, source: str) -> str:
+    """A YAML syntax error at its cause: an unclosed quote or bracket is reported where it opens (PyYAML's
+    context mark), other errors where they were found, with both places and the offending line's text."""
+    context, problem = getattr(exc, "context", None), getattr(exc, "problem", None)
+    cmark, pmark = getattr(exc, "context_mark", None), getattr(exc, "problem_mark", None)
+    use_context = cmark is not None and context and "block" not in context
+    mark = cmark if use_context else pmark
+    if mark is None:
+        return f"{source}: not valid YAML: {exc}"
+    lines = text.splitlines()
+    snippet = lines[mark.line].strip() if mark.line < len(lines) else ""
+    parts = []
+    if context and cmark is not None:
+        parts.append(f"{context} (line {cmark.line + 1}, column {cmark.column + 1})")
+    if problem and pmark is not None:
+        parts.append(f"{problem} (line {pmark.line + 1}, column {pmark.column + 1})")
+    detail = ": ".join(parts) or str(exc)
+    return f"{source}:{mark.line + 1}: not valid YAML: {detail}" + (f"; the line reads: {snippet}" if snippet else "")
+
+
+def _duplicate_keys(node: yaml.Node | None, source: str, path: tuple[str, ...] = ()) -> list[str]:
+    """Keys given twice in one mapping (YAML keeps only the last, silently): one problem each, with both lines."""
+    out: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for k, v in node.value:
+            name = str(k.value)
+            dotted = ".".join((*path, name))
+            if name in first:
+                out.append(
+                    f"{source}:{k.start_mark.line + 1}: {dotted}: duplicate key (also at line {first[name]}); only the "
+                    "last one would count: merge the two into one"
+                )
+            else:
+                first[name] = k.start_mark.line + 1
+            out.extend(_duplicate_keys(v, source, (*path, name)))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            out.extend(_duplicate_keys(v, source, (*path, str(i))))
+    return out
+
+
 def parse_spec(text: str, source: str = "<spec>", path: Path | None = None) -> LoadedSpec:
     """Validate YAML text; raise SpecError listing every problem with its path and line."""
     try:
-        node = yaml.compose(text)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise SpecError(source, [f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from exc
+        raise SpecError(source, [_yaml_problem(exc, text, source)]) from exc
     if not isinstance(data, dict):
         raise SpecError(source, [f"{source}: the spec must be a YAML mapping with at least name, source and registry"])
+    problems = _duplicate_keys(node, source)
     try:
         spec = PipelineSpec.model_validate(data)
     except ValidationError as exc:
-        problems = []
         for err in exc.errors():
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
             dotted = ".".join(str(p) for p in loc) or "<root>"
@@ -589,6 +630,8 @@ def parse_spec(text: str, source: str = "<spec>", path: Path | None = None) -> L
             where = f"{source}:{line}" if line else source
             problems.append(f"{where}: {dotted}: {_friendly(err)}")
         raise SpecError(source, problems) from None
+    if problems:
+        raise SpecError(source, problems)
     return LoadedSpec(spec=spec, path=path.resolve() if path else None)
 
 
@@ -602,21 +645,35 @@ def load_spec(path: str | Path) -> LoadedSpec:
     return parse_spec(text, source=str(p), path=p)
 
 
-def load_specs(folder: str | Path) -> list[LoadedSpec]:
-    """Load every ``*.yaml`` spec in a folder; all files are checked before any error is raised."""
+def load_specs_report(folder: str | Path) -> tuple[list[LoadedSpec], dict[Path, list[str]]]:
+    """Load every ``*.yaml`` spec in a folder without letting one broken file stop the others: returns the
+    good specs and, per broken file, its problems. A second spec using a name already taken is broken."""
     folder = Path(folder)
     specs: list[LoadedSpec] = []
-    problems: list[str] = []
+    broken: dict[Path, list[str]] = {}
     for p in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
         try:
-            specs.append(load_spec(p))
+            s = load_spec(p)
         except SpecError as exc:
-            problems.extend(exc.problems)
-    names = [s.name for s in specs]
-    for dup in sorted({n for n in names if names.count(n) > 1}):
-        problems.append(f"{folder}: two specs use the name '{dup}'; pipeline names must be unique")
-    if problems:
-        raise SpecError(str(folder), problems)
+            broken[p] = list(exc.problems)
+            continue
+        taken = next((o for o in specs if o.name == s.name), None)
+        if taken is not None:
+            broken[p] = [
+                f"{p}: two specs use the name '{s.name}' (also {taken.path.name if taken.path else '?'}); "
+                "pipeline names must be unique"
+            ]
+            continue
+        specs.append(s)
+    return specs, broken
+
+
+def load_specs(folder: str | Path) -> list[LoadedSpec]:
+    """Load every ``*.yaml`` spec in a folder; all files are checked before any error is raised (strict: for
+    callers that must not run with a broken spec; definitions.py uses load_specs_report)."""
+    specs, broken = load_specs_report(folder)
+    if broken:
+        raise SpecError(str(folder), [p for problems in broken.values() for p in problems])
     return specs
 
 
