@@ -565,15 +565,20 @@ def read_jsonl(path: Path, data: bytes, source: SourceSpec, where: str | None = 
 _NUMERIC_COLUMN = re.compile(r"Column\(/([^)/]+)\) changed from string to number")
 
 
-def _read_chunk(chunk: bytes, schema: pa.Schema, extras: list[str], max_line: int) -> pa.Table | None:
+def _read_chunk(
+    chunk: bytes, schema: pa.Schema, extras: list[str], max_line: int, multiline: bool = False
+) -> pa.Table | None:
     """Arrow's JSON reader on a chunk of lines; None when it rejects the chunk (then it is read line by line).
-    Numeric ids, labels or timestamps are read as numbers and turned into strings, as the line-by-line path does."""
+    Numeric ids, labels or timestamps are read as numbers and turned into strings, as the line-by-line path does.
+    ``multiline``: records may span lines (pretty-printed JSON)."""
     for _ in range(len(extras) + 1):
         try:
             t = pajson.read_json(
                 io.BytesIO(chunk),
                 read_options=pajson.ReadOptions(block_size=max(8 << 20, max_line + 2)),
-                parse_options=pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"),
+                parse_options=pajson.ParseOptions(
+                    explicit_schema=schema, unexpected_field_behavior="ignore", newlines_in_values=multiline
+                ),
             )
         except UnicodeDecodeError:
             return None
@@ -655,14 +660,47 @@ def _decode_text(data: bytes) -> str:
         return data.decode("utf-8", errors="surrogateescape")
 
 
+def _load(raw: bytes) -> Any:
+    """One JSON value from bytes; bytes that are not UTF-8 become U+DC80..U+DCFF (then invalid_utf8 rows)."""
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError:
+        return json.loads(raw.decode("utf-8", errors="surrogateescape"))
+
+
+def _latin1_key(key: str) -> str:
+    """A key as it appears, quoted, in a document read as Latin-1."""
+    return '"' + key.encode("utf-8").decode("latin-1") + '"'
+
+
+class _Spans:
+    """The records of a JSON document by their byte spans, parsed on access (a sequence for _from_records)."""
+
+    def __init__(self, data: bytes, spans: list[tuple[int, int]]):
+        self.data, self.spans = data, spans
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return [_load(self.data[a:b]) for a, b in self.spans[i]]
+        a, b = self.spans[i]
+        return _load(self.data[a:b])
+
+
 def read_json_document(
     path: Path, data: bytes, source: SourceSpec, where: str | None = None, from_jsonl: bool = False
 ) -> ReadResult:
     """A JSON array of records, or an object holding lists of records; a document cut off mid-way keeps its
-    complete records. Records are parsed with the stdlib's C scanner (json raw_decode), one at a time, so that
-    each keeps its source line."""
+    complete records.
+
+    The structure is walked with the stdlib's C scanner (json raw_decode) over the bytes read as Latin-1, so that
+    character positions are byte positions and each record keeps its span and source line; the records' bytes then
+    go through Arrow's JSON reader in chunks (as JSONL does), and only the format-detection sample, records Arrow
+    rejects, and mixed / hook files are turned into Python objects."""
     where = where or str(path)
-    text = _decode_text(data)
+    text = data.decode("latin-1")  # structure only: one character per byte
     dec = json.JSONDecoder()
     pos = _ws_end(text, 0)
     notes: list[str] = []
@@ -673,7 +711,8 @@ def read_json_document(
     if text[pos] == "{":
         key = source.json_records_key
         try:
-            obj, end = dec.raw_decode(text, pos)
+            _, end = dec.raw_decode(text, pos)
+            obj = _load(data[pos:end])
         except ValueError:
             obj, end = None, len(text)  # cut off: take the first list under the key below
         after = _ws_end(text, end)
@@ -720,7 +759,7 @@ def read_json_document(
                         f"rather than the list of them: {hint}",
                     )
                 chosen = list(range(len(places)))
-            pattern = re.compile(r'(?<!\\)' + re.escape(json.dumps(key)) + r"\s*:\s*\[")
+            pattern = re.compile(r"(?<!\\)" + re.escape(_latin1_key(key)) + r"\s*:\s*\[")
             found = [m.end() - 1 for m in pattern.finditer(text, pos)]
             if len(found) != len(places):  # the key written with escapes, or duplicate keys: fall back to a search
                 found = found[: len(chosen)]
@@ -733,7 +772,7 @@ def read_json_document(
                 notes.append(f"records read from key {json.dumps(key)}")
         else:
             key = key or r'(?:[^"\\]|\\.)*'
-            m = re.compile((re.escape(json.dumps(key)) if source.json_records_key else f'"{key}"') + r"\s*:\s*\[").search(
+            m = re.compile((re.escape(_latin1_key(key)) if source.json_records_key else f'"{key}"') + r"\s*:\s*\[").search(
                 text, pos
             )
             if m is None:
@@ -742,7 +781,8 @@ def read_json_document(
                     f"{where}: no list of records under key {key!r} (the JSON object is cut off or malformed): "
                     "re-export the file in full, or set source.json_records_key to the key that holds the records",
                 )
-            notes.append(f"records read from key {text[m.start() : m.end()].split(':')[0].strip()}")
+            found_key = data[m.start() : m.end()].decode("utf-8", "replace").split(":")[0].strip()
+            notes.append(f"records read from key {found_key}")
             starts = [m.end() - 1]
     elif text[pos] == "[":
         starts = [pos]
@@ -750,14 +790,14 @@ def read_json_document(
         raise FileProblem(
             "invalid_json",
             f"{where}: a .json file must hold an array of records or an object holding one (it starts with "
-            f"{safe_text(text[pos : pos + 20])!r}); use .jsonl for JSON Lines, .csv for CSV",
+            f"{_preview(data[pos : pos + 20])!r}); use .jsonl for JSON Lines, .csv for CSV",
         )
-    records: list[Any] = []
     rec_lines: list[int] = []
     rejects: list[Reject] = []
+    spans: list[tuple[int, int]] = []  # each record's text
     end = pos
     for start in starts:
-        end = _read_array(text, start, dec, lines, records, rec_lines, rejects, notes)
+        end = _read_array(text, data, start, dec, lines, rec_lines, rejects, notes, spans)
     if len(starts) == 1 and starts[0] == pos and end >= 0:  # a top-level array: nothing may follow it
         after = _ws_end(text, end)
         if after < len(text):
@@ -768,48 +808,49 @@ def read_json_document(
                     "invalid_json",
                     f"content after the end of the JSON array at line {line} is not read: put one array per file "
                     "(or use JSON Lines, one record per line)",
-                    _preview(text[after : after + RAW_PREVIEW_CHARS]),
+                    _preview(data[after : after + RAW_PREVIEW_CHARS * 4]),
                 )
             )
-    return _from_records(where, source, records, rec_lines, rejects, notes, "json")
+    return _from_records(where, source, _Spans(data, spans), rec_lines, rejects, notes, "json", spans=(data, spans))
 
 
 def _read_array(
     text: str,
+    data: bytes,
     pos: int,
     dec: json.JSONDecoder,
     lines: _Lines,
-    records: list[Any],
     rec_lines: list[int],
     rejects: list[Reject],
     notes: list[str],
+    spans: list[tuple[int, int]],
 ) -> int:
     """Read the array opening at ``pos``; returns the position after its ']' (-1 when it is cut off)."""
     n = len(text)
-    count0 = len(records)
+    count0 = len(spans)
     pos = _ws_end(text, pos + 1)
     if pos < n and text[pos] == "]":
         return pos + 1
     raw_decode = dec.raw_decode
     while pos < n:
         try:
-            rec, end = raw_decode(text, pos)
+            _, end = raw_decode(text, pos)
         except ValueError as exc:
             line = lines.at(pos)
-            done = len(records) - count0
+            done = len(spans) - count0
             rejects.append(
                 Reject(
                     line,
                     "truncated_json",
                     f"the JSON array is cut off or malformed at line {line} ({getattr(exc, 'msg', exc)}) after "
                     f"{done} complete records; the records before it are kept. Re-export the file in full.",
-                    _preview(text[pos : pos + RAW_PREVIEW_CHARS]),
+                    _preview(data[pos : pos + RAW_PREVIEW_CHARS * 4]),
                 )
             )
             notes.append(f"array cut at line {line} after {done} complete records")
             return -1
-        records.append(rec)
         rec_lines.append(lines.at(pos))
+        spans.append((pos, end))
         pos = _ws_end(text, end)
         c = text[pos] if pos < n else ""
         if c == ",":
@@ -817,7 +858,7 @@ def _read_array(
         elif c == "]":
             return pos + 1
         elif not c:
-            notes.append(f"array not closed after {len(records) - count0} records (the file ends there; all were kept)")
+            notes.append(f"array not closed after {len(spans) - count0} records (the file ends there; all were kept)")
             return -1
         else:
             line = lines.at(pos)
@@ -825,9 +866,9 @@ def _read_array(
                 Reject(
                     line,
                     "truncated_json",
-                    f"expected ',' or ']' at line {line} after {len(records) - count0} records; "
+                    f"expected ',' or ']' at line {line} after {len(spans) - count0} records; "
                     "the rest of the file is not read. Fix the file and drop it again.",
-                    _preview(text[pos : pos + RAW_PREVIEW_CHARS]),
+                    _preview(data[pos : pos + RAW_PREVIEW_CHARS * 4]),
                 )
             )
             return -1
@@ -850,7 +891,11 @@ def _from_records(
     notes: list[str],
     file_format: str,
     raw_of: Callable[[int], str] | None = None,
+    spans: tuple[bytes, list[tuple[int, int]]] | None = None,
 ) -> ReadResult:
+    """Records parsed from a JSON document, CSV or Parquet into tables. With ``spans`` (the document's text and
+    each record's span in it) records of a fixed format go through Arrow's JSON reader in chunks, as JSONL does;
+    a chunk it rejects, and rows missing a required field, are checked record by record for a precise reason."""
     if not records and not rejects:
         raise FileProblem("no_records", f"{where}: {_EMPTY[file_format]}: drop a file with at least one record")
     fmt = (
@@ -860,12 +905,46 @@ def _from_records(
     )
     structural = len(rejects)  # rejects that are not records (a cut-off tail, a broken CSV row)
     sink = _Sink(source, fmt, where)
-    for rec, line in zip(records, lines, strict=True):
-        try:
-            sink.add(rec, line)
-        except _Bad as b:
-            raw = raw_of(line) if raw_of else _preview(json.dumps(rec, ensure_ascii=False, default=str))
-            rejects.append(Reject(line, b.reason, b.detail, raw or ""))
+
+    def one_by_one(idx: range | np.ndarray) -> None:
+        for i in idx:
+            rec, line = records[int(i)], lines[int(i)]
+            try:
+                sink.add(rec, line)
+            except _Bad as b:
+                raw = raw_of(line) if raw_of else _preview(json.dumps(rec, ensure_ascii=False, default=str))
+                rejects.append(Reject(line, b.reason, b.detail, raw or ""))
+
+    if spans is None or sink.hook is not None or fmt == "mixed":
+        one_by_one(range(len(records)))
+    else:
+        data, where_is = spans
+        cols = source.columns
+        read_schema = pa.schema([f for f in input_schema(cols, fmt) if f.name != "_line"])
+        req = required_fields(cols, fmt)
+        line_arr = np.asarray(lines, np.int64)
+        for c0 in range(0, len(records), CHUNK_LINES):
+            idx = np.arange(c0, min(c0 + CHUNK_LINES, len(records)))
+            chunk = b"\n".join([data[a:b] for a, b in where_is[c0 : c0 + len(idx)]])
+            if not _is_utf8(chunk):  # bytes that are not UTF-8 (Arrow would accept them): record by record
+                sink.flush()
+                one_by_one(idx)
+                continue
+            longest = max(b - a for a, b in where_is[c0 : c0 + len(idx)])
+            t = _read_chunk(chunk, read_schema, extra_fields(cols), longest, multiline=True)
+            if t is None or t.num_rows != len(idx):
+                sink.flush()
+                one_by_one(idx)
+                continue
+            missing = np.zeros(t.num_rows, bool)
+            for r in req:
+                missing |= t.column(r).is_null().to_numpy(zero_copy_only=False)
+            t = t.append_column("_line", pa.array(line_arr[idx], pa.int64()))
+            if missing.any():
+                t = t.filter(pa.array(~missing))
+                sink.flush()
+                one_by_one(idx[missing])
+            sink.append(t, fmt)
     sink.flush()
     rejects.sort(key=lambda r: r.line)
     return ReadResult(file_format, fmt, sink.tables, rejects, len(records) + structural, 0, notes, sink.formats)
