@@ -62,7 +62,9 @@ def register_drops(pipeline: str | None = None) -> dict[str, list[str]]:
         # Two looks, settle_seconds apart (at least 1 s): a file still being written changes in between.
         first = scan_incoming(spec.incoming_dir, src.file_glob, 0, {}, known, **completion_rules(src))
         time.sleep(max(1.0, src.settle_seconds))
-        scan = scan_incoming(spec.incoming_dir, src.file_glob, src.settle_seconds, first.seen, known, **completion_rules(src))
+        scan = scan_incoming(
+            spec.incoming_dir, src.file_glob, src.settle_seconds, first.seen, known, **completion_rules(src)
+        )
         keys = [d.key for d in scan.ready]
         if keys:
             instance.add_dynamic_partitions(name, keys)

@@ -123,7 +123,11 @@ def test_a_broken_spec_is_reported_and_the_others_load(tmp_path: Path) -> None:
     env.pop("DAGSTER_HOME")
     out = subprocess.run(
         [sys.executable, "-m", "dagster", "definitions", "validate", "-m", "finetune_pipeline.definitions"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     assert "broken-one.yaml is broken and was skipped" in out.stderr and "not valid YAML" in out.stderr

@@ -58,8 +58,12 @@ def _bad_csv(tmp: Path, bad: bytes) -> tuple[Path, int]:
 
 
 MSG_E9 = b'{"id": "x", "messages": [{"role": "user", "content": "caf\xe9"}, {"role": "assistant", "content": "ok."}]}'
-MSG_FFFE = b'{"id": "x", "messages": [{"role": "user", "content": "q?"}, {"role": "assistant", "content": "\xff\xfe!"}]}'
-MSG_SURR = b'{"id": "x", "messages": [{"role": "user", "content": "a \\ud83d b"}, {"role": "assistant", "content": "ok."}]}'
+MSG_FFFE = (
+    b'{"id": "x", "messages": [{"role": "user", "content": "q?"}, {"role": "assistant", "content": "\xff\xfe!"}]}'
+)
+MSG_SURR = (
+    b'{"id": "x", "messages": [{"role": "user", "content": "a \\ud83d b"}, {"role": "assistant", "content": "ok."}]}'
+)
 
 
 @pytest.mark.parametrize(
@@ -147,8 +151,17 @@ def _write(tmp: Path, name: str, content: bytes | None) -> Path:
         ("a.csv", b"id,prompt,completion\n", "no_records"),
         ("a.parquet", None, "no_records"),
     ],
-    ids=["jsonl-0-bytes", "json-0-bytes", "csv-0-bytes", "jsonl-blank-lines", "json-empty-array",
-         "json-object-empty-list", "json-whitespace", "csv-header-only", "parquet-no-rows"],
+    ids=[
+        "jsonl-0-bytes",
+        "json-0-bytes",
+        "csv-0-bytes",
+        "jsonl-blank-lines",
+        "json-empty-array",
+        "json-object-empty-list",
+        "json-whitespace",
+        "csv-header-only",
+        "parquet-no-rows",
+    ],
 )
 def test_empty_and_recordless_files_stop_the_drop(tmp_path: Path, name: str, content: bytes, reason: str) -> None:
     f = _write(tmp_path, name, content)
@@ -318,7 +331,10 @@ def test_conversations_that_begin_with_the_assistant(tmp_path: Path, policy: str
 
 
 def test_default_keeps_sharegpt_continuations_and_maps_bing(tmp_path: Path) -> None:
-    rows = [CONTINUATION, {"id": "bing", "conversations": [{"from": "human", "value": "hi?"}, {"from": "bing", "value": "Hello."}]}]
+    rows = [
+        CONTINUATION,
+        {"id": "bing", "conversations": [{"from": "human", "value": "hi?"}, {"from": "bing", "value": "Hello."}]},
+    ]
     res = clean_file(write_jsonl(tmp_path / "sg.jsonl", rows), "d", make_spec())
     assert sorted(res.kept["row_id"]) == ["bing", "cont"] and res.quarantine.empty
 
@@ -326,9 +342,21 @@ def test_default_keeps_sharegpt_continuations_and_maps_bing(tmp_path: Path) -> N
 @pytest.mark.parametrize("fmt", ["chat", "sharegpt"])
 def test_spec_role_map_names_any_speaker(tmp_path: Path, fmt: str) -> None:
     if fmt == "chat":
-        rec = {"id": "x", "messages": [{"role": "customer", "content": "Where is my order?"}, {"role": "Agent", "content": "On its way."}]}
+        rec = {
+            "id": "x",
+            "messages": [
+                {"role": "customer", "content": "Where is my order?"},
+                {"role": "Agent", "content": "On its way."},
+            ],
+        }
     else:
-        rec = {"id": "x", "conversations": [{"from": "customer", "value": "Where is my order?"}, {"from": "Agent", "value": "On its way."}]}
+        rec = {
+            "id": "x",
+            "conversations": [
+                {"from": "customer", "value": "Where is my order?"},
+                {"from": "Agent", "value": "On its way."},
+            ],
+        }
     f = write_jsonl(tmp_path / "r.jsonl", [rec])
     before = clean_file(f, "d", make_spec())
     assert before.quarantine["reason"].tolist() == ["unknown_role"] and "customer" in before.quarantine["detail"][0]
@@ -338,14 +366,14 @@ def test_spec_role_map_names_any_speaker(tmp_path: Path, fmt: str) -> None:
 
 # --- the record hook: one raw record in, messages out; its failures are quarantined per row ----------------------
 
-HOOK = '''
+HOOK = """
 def to_messages(rec):
     if rec.get("boom"):
         raise KeyError("turns")
     if rec.get("nothing"):
         return None
     return [{"role": "user" if t["who"] == "q" else "assistant", "content": t["say"]} for t in rec["thread"]["turns"]]
-'''
+"""
 
 
 @pytest.mark.parametrize("file_format", ["jsonl", "json"])
@@ -462,3 +490,22 @@ def test_a_zero_byte_file_is_ingested_and_stops_with_empty_file(tmp_path: Path) 
     [drop] = _scan(inc).ready  # not "settling" forever
     res = clean_file(drop.path, "d", make_spec(), source_name=str(f))
     assert res.quarantine["reason"].tolist() == ["empty_file"] and str(f) in res.quarantine["detail"][0]
+
+
+def test_json_document_fast_path_agrees_with_record_by_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetune_pipeline.data import formats
+
+    rows = [chat_row(i) for i in range(30)]
+    rows[3] = {"id": "m", "messages": None}
+    rows[9] = {"id": "n", "messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a."}]}
+    rows[17] = {"id": "o", "messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "a."}]}
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps(rows, indent=2))
+    spec = make_spec(dedup={"near": False})
+    fast = clean_file(f, "d", spec)
+    monkeypatch.setattr(formats, "_read_chunk", lambda *a, **k: None)  # Arrow declines every chunk
+    slow = clean_file(f, "d", spec)
+    assert fast.kept.equals(slow.kept) and len(fast.kept) == 27
+    cols = ["source_line", "reason"]
+    assert fast.quarantine[cols].values.tolist() == slow.quarantine[cols].values.tolist()
+    assert [r for _, r in fast.quarantine[cols].values.tolist()] == ["null_field", "bad_message", "unknown_role"]

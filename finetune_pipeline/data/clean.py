@@ -116,9 +116,7 @@ def clean_file(
     pairs = [(t, f) for t, f in zip(read.tables, read.table_formats, strict=True) if t.num_rows]
     tables = [t for t, _ in pairs]
     results = [
-        normalize.normalise(
-            t, f, cols, cleaning, roles=src.role_map(), leading_assistant=src.leading_assistant
-        )
+        normalize.normalise(t, f, cols, cleaning, roles=src.role_map(), leading_assistant=src.leading_assistant)
         for t, f in pairs
     ]
     notes = list(read.notes)

@@ -355,7 +355,9 @@ class _Sink:
         shaped = []
         for i, m in enumerate(msgs):
             if not (isinstance(m, dict) and "role" in m and "content" in m):
-                raise _Bad("hook_failed", f"record hook {self.hook_name}: message {i} is not a {{role, content}} object")
+                raise _Bad(
+                    "hook_failed", f"record hook {self.hook_name}: message {i} is not a {{role, content}} object"
+                )
             shaped.append({cols.role: m["role"], cols.content: m["content"]})
         row: dict[str, Any] = {cols.messages: shaped}
         for c in extra_fields(cols):
@@ -640,9 +642,7 @@ def _key_places(obj: Any, key: str, cols: ColumnMap) -> list[tuple[tuple[Any, ..
             for k, v in node.items():
                 here = inside
                 if k == key and isinstance(v, list):
-                    field_of_record = inside or (
-                        any(isinstance(p, int) for p in path) and bool(formats_of(node, cols))
-                    )
+                    field_of_record = inside or (any(isinstance(p, int) for p in path) and bool(formats_of(node, cols)))
                     out.append((path + (k,), field_of_record))
                     here = True
                 if isinstance(v, dict | list):
@@ -772,9 +772,9 @@ def read_json_document(
                 notes.append(f"records read from key {json.dumps(key)}")
         else:
             key = key or r'(?:[^"\\]|\\.)*'
-            m = re.compile((re.escape(_latin1_key(key)) if source.json_records_key else f'"{key}"') + r"\s*:\s*\[").search(
-                text, pos
-            )
+            m = re.compile(
+                (re.escape(_latin1_key(key)) if source.json_records_key else f'"{key}"') + r"\s*:\s*\["
+            ).search(text, pos)
             if m is None:
                 raise FileProblem(
                     "no_records",
@@ -959,9 +959,7 @@ def read_csv(path: Path, data: bytes, source: SourceSpec, where: str | None = No
     try:
         header = next(reader)
     except StopIteration:
-        raise FileProblem(
-            "empty_file", f"{where}: the CSV file is empty: it needs a header row and records"
-        ) from None
+        raise FileProblem("empty_file", f"{where}: the CSV file is empty: it needs a header row and records") from None
     records: list[Any] = []
     lines: list[int] = []
     rejects: list[Reject] = []
@@ -1059,7 +1057,9 @@ def _binary_kind(data: bytes, source: SourceSpec) -> str | None:
         if data.startswith(magic):
             return what
     head = data[:65536]
-    if source.record_format == "auto" and head.count(0) > len(head) // 10:  # NUL bytes are not in UTF-8 text (UTF-16 without BOM, binary)
+    if (
+        source.record_format == "auto" and head.count(0) > len(head) // 10
+    ):  # NUL bytes are not in UTF-8 text (UTF-16 without BOM, binary)
         return "binary data (it holds NUL bytes; UTF-16 without a byte-order mark looks like this): export it as UTF-8 JSON Lines or CSV"
     return None
 

@@ -442,9 +442,7 @@ def normalise(
     )
     text = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), c_ok), "\n")
     bad = np.flatnonzero(~ok)
-    return Normalised(
-        frame, text, assistant_text, bad, reason[bad].astype(str), [detail[int(r)] for r in bad], moved
-    )
+    return Normalised(frame, text, assistant_text, bad, reason[bad].astype(str), [detail[int(r)] for r in bad], moved)
 
 
 def _sub_offsets(counts: np.ndarray, mask: np.ndarray) -> np.ndarray:

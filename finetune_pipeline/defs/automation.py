@@ -28,7 +28,9 @@ def build_sensor(spec: LoadedSpec, ingest_job: Any) -> dg.SensorDefinition:
     def incoming_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         previous = json.loads(context.cursor).get("seen", {}) if context.cursor else {}
         known = set(context.instance.get_dynamic_partitions(parts.name))
-        scan = scan_incoming(spec.incoming_dir, src.file_glob, src.settle_seconds, previous, known, **completion_rules(src))
+        scan = scan_incoming(
+            spec.incoming_dir, src.file_glob, src.settle_seconds, previous, known, **completion_rules(src)
+        )
         cursor = json.dumps({"seen": scan.seen})
         if not scan.ready:
             return dg.SensorResult(
