@@ -44,23 +44,28 @@ def register_drops(pipeline: str | None = None) -> dict[str, list[str]]:
     """Register every finished file in each pipeline's incoming folder as a partition; returns new keys."""
     import dagster as dg
 
-    from finetune_pipeline.data.drops import scan_incoming
+    from finetune_pipeline.data.drops import completion_rules, scan_incoming
     from finetune_pipeline.paths import specs_dir
-    from finetune_pipeline.spec import load_specs
+    from finetune_pipeline.spec import load_specs_report
 
     _apply_env()
     instance = dg.DagsterInstance.get()
     added: dict[str, list[str]] = {}
-    for spec in load_specs(specs_dir()):
+    specs, broken = load_specs_report(specs_dir())
+    for path, problems in broken.items():
+        print(f"{path}: broken spec skipped:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+    for spec in specs:
         if pipeline and spec.name != pipeline:
             continue
         name = f"{spec.name}_drops"
         known = set(instance.get_dynamic_partitions(name))
         src = spec.spec.source
         # Two looks, settle_seconds apart (at least 1 s): a file still being written changes in between.
-        first = scan_incoming(spec.incoming_dir, src.file_glob, 0, {}, known)
+        first = scan_incoming(spec.incoming_dir, src.file_glob, 0, {}, known, **completion_rules(src))
         time.sleep(max(1.0, src.settle_seconds))
-        scan = scan_incoming(spec.incoming_dir, src.file_glob, src.settle_seconds, first.seen, known)
+        scan = scan_incoming(
+            spec.incoming_dir, src.file_glob, src.settle_seconds, first.seen, known, **completion_rules(src)
+        )
         keys = [d.key for d in scan.ready]
         if keys:
             instance.add_dynamic_partitions(name, keys)
@@ -68,7 +73,7 @@ def register_drops(pipeline: str | None = None) -> dict[str, list[str]]:
         for d in scan.ready:
             print(f"{spec.name}: registered drop {d.key} <- {d.path.name}")
         if scan.waiting:
-            print(f"{spec.name}: {len(scan.waiting)} file(s) still settling, not registered: {scan.waiting}")
+            print(f"{spec.name}: {len(scan.waiting)} file(s) not finished, not registered: {scan.waiting_summary(20)}")
     return added
 
 

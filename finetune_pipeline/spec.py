@@ -73,6 +73,20 @@ class ColumnMap(_Strict):
     timestamp: str | None = Field(None, description="Timestamp column (ISO 8601 or epoch seconds; temporal splits).")
 
 
+DEFAULT_ROLES: dict[str, str] = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+}
+_HOOK = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*")
+
+
 class SourceSpec(_Strict):
     incoming_dir: str = Field(
         description="Folder watched for new data files; each file becomes one partition of raw_dataset. "
@@ -83,20 +97,78 @@ class SourceSpec(_Strict):
         description="File format: jsonl, json (an array, or an object holding one), csv, parquet; "
         "auto = by extension (.jsonl/.ndjson, .json, .csv, .parquet/.pq).",
     )
-    record_format: Literal["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
+    record_format: Literal["auto", "chat", "sharegpt", "alpaca", "prompt_completion", "text", "mixed"] = Field(
         "auto",
         description="Record format: chat (role/content messages), sharegpt (from/value conversations), alpaca "
         "(instruction/input/output), prompt_completion, text; auto = detected from the fields of the first records "
-        "(the run log says what it found; when unsure it asks for this field).",
+        "(the run log says what it found; when unsure it asks for this field); mixed = each record is read in the "
+        "format its own fields show (for files that mix the formats above).",
     )
     columns: ColumnMap = Field(default_factory=ColumnMap, description="Field names in the files (column mapping).")
     json_records_key: str | None = Field(
-        None, description="json files holding an object: the key of the list of records (auto when only one list)."
+        None,
+        description="json files holding an object: the key of the list(s) of records (auto when the object has "
+        "exactly one list). Every list under this key, at any depth, is read; when the key also occurs inside "
+        "records (ambiguous), the file stops with the places it occurs.",
+    )
+    roles: dict[str, Literal["system", "user", "assistant"]] = Field(
+        default_factory=dict,
+        description="Speaker names mapped to roles (case-insensitive), added to the defaults "
+        f"{', '.join(f'{k}: {v}' for k, v in DEFAULT_ROLES.items())}; e.g. {{bot: assistant, customer: user}}. "
+        "Applies to chat and sharegpt records.",
+    )
+    leading_assistant: Literal["quarantine", "drop", "context"] = Field(
+        "context",
+        description="Conversations that begin (after an optional system message) with assistant turns, such as "
+        "ShareGPT continuation chunks: context = keep those turns, without loss, as context in the system message "
+        "(not trained on); drop = remove them; quarantine = reject the row as misordered_roles.",
+    )
+    record_hook: str | None = Field(
+        None,
+        description="'module:function' (importable, e.g. from PYTHONPATH) called with each raw record (the parsed "
+        "JSON object, CSV row or Parquet row) and returning its messages: a list of {role, content}. For custom or "
+        "nested formats; a record it raises on or returns nothing usable for is quarantined as hook_failed.",
     )
     file_glob: str = Field("*.jsonl", description="Glob selecting data files inside incoming_dir.")
     settle_seconds: float = Field(
         2.0, ge=0, description="A file must be unchanged (size and mtime) for this long before it is ingested."
     )
+    done_marker: str | None = Field(
+        None,
+        description="Optional completion marker written by the producer: a name with {name} (e.g. '{name}.done': "
+        "data.jsonl is ingested once data.jsonl.done exists) or a folder marker (e.g. '_SUCCESS': files are "
+        "ingested once it exists and is newer than them). Marker files are never ingested.",
+    )
+    incomplete_grace_seconds: float = Field(
+        600.0,
+        ge=0,
+        description="A file that looks unfinished (a JSONL whose last line has no newline, a JSON document that "
+        "does not parse to its end, a Parquet file without its footer) waits; once unchanged this long it is "
+        "ingested anyway and its cut tail quarantined.",
+    )
+    wait_for_writers: bool = Field(
+        True,
+        description="Wait while a process holds the file open for writing (Linux: read from /proc/*/fd; best "
+        "effort, sees only processes this user may inspect).",
+    )
+
+    @field_validator("record_hook")
+    @classmethod
+    def _hook(cls, v: str | None) -> str | None:
+        if v is not None and not _HOOK.fullmatch(v):
+            raise ValueError("must be 'module:function', e.g. my_formats:to_messages")
+        return v
+
+    @field_validator("done_marker")
+    @classmethod
+    def _marker(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or "/" in v):
+            raise ValueError("must be a file name such as '{name}.done' or '_SUCCESS'")
+        return v
+
+    def role_map(self) -> dict[str, str]:
+        """The default speaker aliases plus this spec's ``roles``, keys lower-cased."""
+        return {**DEFAULT_ROLES, **{k.lower(): v for k, v in self.roles.items()}}
 
 
 class QualitySpec(_Strict):
@@ -512,9 +584,10 @@ def _line_of(node: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
     line = node.start_mark.line + 1 if node is not None else None
     for part in path:
         if isinstance(node, yaml.MappingNode):
-            nxt = next((v for k, v in node.value if k.value == str(part)), None)
+            # the last occurrence of a key: the one YAML keeps when a key is given twice
+            nxt = next((v for k, v in reversed(node.value) if k.value == str(part)), None)
             if nxt is None:
-                key_node = next((k for k, _ in node.value if k.value == str(part)), None)
+                key_node = next((k for k, _ in reversed(node.value) if k.value == str(part)), None)
                 return key_node.start_mark.line + 1 if key_node is not None else line
             node = nxt
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
@@ -546,21 +619,61 @@ def _friendly(err: dict[str, Any]) -> str:
     return msg.removeprefix("Value error, ")
 
 
+def _yaml_problem(exc: yaml.YAMLError, text: str, source: str) -> str:
+    """A YAML syntax error at its cause: an unclosed quote or bracket is reported where it opens (PyYAML's
+    context mark), other errors where they were found, with both places and the offending line's text."""
+    context, problem = getattr(exc, "context", None), getattr(exc, "problem", None)
+    cmark, pmark = getattr(exc, "context_mark", None), getattr(exc, "problem_mark", None)
+    use_context = cmark is not None and context and "block" not in context
+    mark = cmark if use_context else pmark
+    if mark is None:
+        return f"{source}: not valid YAML: {exc}"
+    lines = text.splitlines()
+    snippet = lines[mark.line].strip() if mark.line < len(lines) else ""
+    parts = []
+    if context and cmark is not None:
+        parts.append(f"{context} (line {cmark.line + 1}, column {cmark.column + 1})")
+    if problem and pmark is not None:
+        parts.append(f"{problem} (line {pmark.line + 1}, column {pmark.column + 1})")
+    detail = ": ".join(parts) or str(exc)
+    return f"{source}:{mark.line + 1}: not valid YAML: {detail}" + (f"; the line reads: {snippet}" if snippet else "")
+
+
+def _duplicate_keys(node: yaml.Node | None, source: str, path: tuple[str, ...] = ()) -> list[str]:
+    """Keys given twice in one mapping (YAML keeps only the last, silently): one problem each, with both lines."""
+    out: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for k, v in node.value:
+            name = str(k.value)
+            dotted = ".".join((*path, name))
+            if name in first:
+                out.append(
+                    f"{source}:{k.start_mark.line + 1}: {dotted}: duplicate key (also at line {first[name]}); only the "
+                    "last one would count: merge the two into one"
+                )
+            else:
+                first[name] = k.start_mark.line + 1
+            out.extend(_duplicate_keys(v, source, (*path, name)))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            out.extend(_duplicate_keys(v, source, (*path, str(i))))
+    return out
+
+
 def parse_spec(text: str, source: str = "<spec>", path: Path | None = None) -> LoadedSpec:
     """Validate YAML text; raise SpecError listing every problem with its path and line."""
     try:
-        node = yaml.compose(text)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise SpecError(source, [f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from exc
+        raise SpecError(source, [_yaml_problem(exc, text, source)]) from exc
     if not isinstance(data, dict):
         raise SpecError(source, [f"{source}: the spec must be a YAML mapping with at least name, source and registry"])
+    problems = _duplicate_keys(node, source)
     try:
         spec = PipelineSpec.model_validate(data)
     except ValidationError as exc:
-        problems = []
         for err in exc.errors():
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
             dotted = ".".join(str(p) for p in loc) or "<root>"
@@ -568,6 +681,8 @@ def parse_spec(text: str, source: str = "<spec>", path: Path | None = None) -> L
             where = f"{source}:{line}" if line else source
             problems.append(f"{where}: {dotted}: {_friendly(err)}")
         raise SpecError(source, problems) from None
+    if problems:
+        raise SpecError(source, problems)
     return LoadedSpec(spec=spec, path=path.resolve() if path else None)
 
 
@@ -581,21 +696,35 @@ def load_spec(path: str | Path) -> LoadedSpec:
     return parse_spec(text, source=str(p), path=p)
 
 
-def load_specs(folder: str | Path) -> list[LoadedSpec]:
-    """Load every ``*.yaml`` spec in a folder; all files are checked before any error is raised."""
+def load_specs_report(folder: str | Path) -> tuple[list[LoadedSpec], dict[Path, list[str]]]:
+    """Load every ``*.yaml`` spec in a folder without letting one broken file stop the others: returns the
+    good specs and, per broken file, its problems. A second spec using a name already taken is broken."""
     folder = Path(folder)
     specs: list[LoadedSpec] = []
-    problems: list[str] = []
+    broken: dict[Path, list[str]] = {}
     for p in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
         try:
-            specs.append(load_spec(p))
+            s = load_spec(p)
         except SpecError as exc:
-            problems.extend(exc.problems)
-    names = [s.name for s in specs]
-    for dup in sorted({n for n in names if names.count(n) > 1}):
-        problems.append(f"{folder}: two specs use the name '{dup}'; pipeline names must be unique")
-    if problems:
-        raise SpecError(str(folder), problems)
+            broken[p] = list(exc.problems)
+            continue
+        taken = next((o for o in specs if o.name == s.name), None)
+        if taken is not None:
+            broken[p] = [
+                f"{p}: two specs use the name '{s.name}' (also {taken.path.name if taken.path else '?'}); "
+                "pipeline names must be unique"
+            ]
+            continue
+        specs.append(s)
+    return specs, broken
+
+
+def load_specs(folder: str | Path) -> list[LoadedSpec]:
+    """Load every ``*.yaml`` spec in a folder; all files are checked before any error is raised (strict: for
+    callers that must not run with a broken spec; definitions.py uses load_specs_report)."""
+    specs, broken = load_specs_report(folder)
+    if broken:
+        raise SpecError(str(folder), [p for problems in broken.values() for p in problems])
     return specs
 
 

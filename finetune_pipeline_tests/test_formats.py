@@ -310,9 +310,9 @@ def test_crlf_lines_and_an_empty_file(tmp_path: Path) -> None:
     assert res.kept["row_id"].tolist() == ["c1"] and res.quarantine["reason"].tolist() == ["mixed_format"]
     empty = tmp_path / "e.jsonl"
     empty.write_bytes(b"")
-    res = clean_file(empty, "d", make_spec())
-    assert res.rows_in == 0 and res.kept.empty and res.accounted()
-    assert any("no records" in n for n in res.notes)
+    res = clean_file(empty, "d", make_spec(), source_name="dropped/e.jsonl")
+    assert res.kept.empty and res.accounted() and res.rejection_rate == 1.0  # the gate stops the drop
+    assert res.quarantine["reason"].tolist() == ["empty_file"] and "dropped/e.jsonl" in res.quarantine["detail"][0]
 
 
 def test_token_bounds_use_the_base_tokenizer(tmp_path: Path, tiny_model: Path) -> None:

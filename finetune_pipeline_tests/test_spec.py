@@ -122,3 +122,66 @@ def test_every_field_is_documented() -> None:
             if not prop.get("description"):
                 missing.append(f"{name}.{field}")
     assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "words"),
+    [
+        (
+            'name: demo\nsource: {incoming_dir: in}\nregistry: {model_name: m}\nmodel: {base: "abc}\n'
+            "training:\n  max_steps: 3\nsweep:\n  enabled: false\nevaluation: {}\n",
+            4,
+            ["quoted scalar", 'model: {base: "abc}'],
+        ),
+        ("name: demo\nsource: {incoming_dir: [in}\nregistry: {model_name: m}\n\n\n", 2, ["flow sequence"]),
+        ("name: demo\nsource:\n  incoming_dir: in\n   bad: x\nregistry: {model_name: m}\n", 4, ["mapping values"]),
+    ],
+    ids=["unclosed-quote", "unclosed-bracket", "bad-indent"],
+)
+def test_yaml_syntax_errors_point_at_their_cause(text: str, line: int, words: list[str]) -> None:
+    with pytest.raises(SpecError) as exc:
+        parse_spec(text, source="s.yaml")
+    [problem] = exc.value.problems
+    assert problem.startswith(f"s.yaml:{line}: not valid YAML"), problem
+    for w in words:
+        assert w in problem
+
+
+def test_duplicate_keys_are_reported_and_later_errors_point_into_the_kept_block() -> None:
+    text = MINIMAL + "training:\n  max_steps: 3\nmodel: {method: lora}\ntraining:\n  learning_rate: -1\n"
+    with pytest.raises(SpecError) as exc:
+        parse_spec(text, source="d.yaml")
+    joined = "\n".join(exc.value.problems)
+    assert "d.yaml:8: training: duplicate key (also at line 5)" in joined
+    assert "d.yaml:9: training.learning_rate: must be > 0" in joined
+
+
+def test_a_broken_spec_does_not_take_the_others_down(tmp_path: Path) -> None:
+    from finetune_pipeline.spec import load_specs_report
+
+    (tmp_path / "a.yaml").write_text(MINIMAL)
+    (tmp_path / "b.yaml").write_text('name: b\nsource: {incoming_dir: "in}\n')
+    (tmp_path / "c.yaml").write_text(MINIMAL)  # the same name as a.yaml
+    specs, broken = load_specs_report(tmp_path)
+    assert [s.path.name for s in specs] == ["a.yaml"]  # type: ignore[union-attr]
+    assert sorted(p.name for p in broken) == ["b.yaml", "c.yaml"]
+    assert "not valid YAML" in broken[tmp_path / "b.yaml"][0]
+    assert "two specs use the name 'demo'" in broken[tmp_path / "c.yaml"][0]
+    with pytest.raises(SpecError):  # the strict loader still refuses
+        load_specs(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        ("source: {incoming_dir: in, record_hook: not a hook}", "must be 'module:function'"),
+        ("source: {incoming_dir: in, roles: {bing: robot}}", "source.roles.bing"),
+        ("source: {incoming_dir: in, leading_assistant: keep}", "source.leading_assistant"),
+        ("source: {incoming_dir: in, done_marker: a/b}", "must be a file name"),
+    ],
+)
+def test_new_source_fields_are_validated(patch: str, expected: str) -> None:
+    text = "name: demo\nregistry: {model_name: m}\n" + patch + "\n"
+    with pytest.raises(SpecError) as exc:
+        parse_spec(text)
+    assert expected in str(exc.value)

@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 
 from finetune_pipeline.data import dedup, normalize, quality
-from finetune_pipeline.data.formats import RAW_PREVIEW_CHARS, FileProblem, Reject, read_file
+from finetune_pipeline.data.formats import RAW_PREVIEW_CHARS, FileProblem, Reject, read_file, safe_text
 from finetune_pipeline.spec import PipelineSpec
 
 KEPT_COLUMNS = [
@@ -85,18 +85,20 @@ def clean_file(
     drop: str,
     spec: PipelineSpec,
     count_tokens: Any = None,
-    stored_name: str | None = None,
+    *,
+    source_name: str | None = None,
 ) -> CleanResult:
     """Parse and clean one drop file. Never raises for bad rows; each goes to the quarantine.
 
-    ``count_tokens(list[str] messages JSON) -> np.ndarray`` enables cleaning.min_tokens / max_tokens."""
+    ``source_name`` is the file the user dropped (``path`` is usually its stored copy): file-level messages name
+    it. ``count_tokens(list[str] messages JSON) -> np.ndarray`` enables cleaning.min_tokens / max_tokens."""
     import time
 
     src, cleaning, cols = spec.source, spec.cleaning, spec.source.columns
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     try:
-        read = read_file(path, src, stored_name)
+        read = read_file(path, src, source_name=source_name)
     except FileProblem as exc:
         q = pd.DataFrame([{"drop": drop, "source_line": 0, "reason": exc.reason, "detail": str(exc), "raw": ""}])
         return CleanResult(_empty(KEPT_COLUMNS), q, _empty(DUPLICATE_COLUMNS), 1, 0, {exc.reason: 1}, notes=[str(exc)])
@@ -106,8 +108,19 @@ def clean_file(
     texts: list[pa.Array] = []
     answers: list[pa.Array] = []
     t0 = time.perf_counter()
-    tables = [t for t in read.tables if t.num_rows]
-    results = [normalize.normalise(t, read.record_format, cols, cleaning) for t in tables]
+    pairs = [(t, f) for t, f in zip(read.tables, read.table_formats, strict=True) if t.num_rows]
+    tables = [t for t, _ in pairs]
+    results = [
+        normalize.normalise(t, f, cols, cleaning, roles=src.role_map(), leading_assistant=src.leading_assistant)
+        for t, f in pairs
+    ]
+    notes = list(read.notes)
+    moved = sum(r.leading_moved for r in results)
+    if moved:
+        how = "kept as context in the system message" if src.leading_assistant == "context" else "dropped"
+        notes.append(
+            f"{moved} conversations began with assistant turns: those turns were {how} (source.leading_assistant)"
+        )
     for table, res in zip(tables, results, strict=True):
         lines = table.column("_line").to_numpy()
         if len(res.reject_rows):
@@ -132,6 +145,10 @@ def clean_file(
             kept[name] = None
     text = pa.concat_arrays(texts) if texts else pa.array([], pa.string())
     answer = pa.concat_arrays(answers) if answers else pa.array([], pa.string())
+    if len(set(read.table_formats)) > 1 and len(kept):  # a mixed file: rows back in file order
+        order = np.argsort(kept["source_line"].to_numpy(), kind="stable")
+        kept = kept.iloc[order].reset_index(drop=True)
+        text, answer = text.take(pa.array(order)), answer.take(pa.array(order))
     timings["normalise"] = time.perf_counter() - t0
 
     drop_mask = np.zeros(len(kept), bool)
@@ -246,7 +263,13 @@ def clean_file(
     quarantine = (
         pd.DataFrame(
             [
-                {"drop": drop, "source_line": r.line, "reason": r.reason, "detail": r.detail, "raw": r.raw}
+                {
+                    "drop": drop,
+                    "source_line": r.line,
+                    "reason": r.reason,
+                    "detail": safe_text(r.detail),
+                    "raw": safe_text(r.raw),
+                }
                 for r in rejects
             ],
             columns=QUARANTINE_COLUMNS,
@@ -264,7 +287,7 @@ def clean_file(
         reasons={str(k): int(v) for k, v in reasons.items()},
         file_format=read.file_format,
         record_format=read.record_format,
-        notes=read.notes,
+        notes=notes,
         timings=timings,
     )
 

@@ -17,19 +17,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from finetune_pipeline.spec import CleaningSpec, ColumnMap
+from finetune_pipeline.spec import DEFAULT_ROLES, CleaningSpec, ColumnMap
 
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {
-    "system": "system",
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "chatgpt": "assistant",
-    "bard": "assistant",
-    "model": "assistant",
-}
+SHAREGPT_ROLES = DEFAULT_ROLES  # speaker aliases (source.roles adds to them)
+CONTEXT_PREFIX = "Earlier in this conversation, the assistant said:\n"
 _SYS, _USER, _ASSIST = 0, 1, 2
 _CTRL = "[\\x00-\\x07\\x0b\\x0e-\\x1f]"
 _HASH_KEY = "finetune-rows-v2"  # 16 bytes: the SipHash key
@@ -51,19 +43,18 @@ def _combine(a: pa.ChunkedArray | pa.Array) -> pa.Array:
 
 
 def _role_codes(roles: pa.Array, mapping: dict[str, str]) -> np.ndarray:
+    """Role code of each speaker name (case-insensitive lookup in ``mapping``); -1 for unknown names."""
     enc = pc.dictionary_encode(roles)
     names = enc.dictionary.to_pylist()
     code_of = {"system": _SYS, "user": _USER, "assistant": _ASSIST}
-    lut = np.array(
-        [code_of.get(mapping.get(str(x).lower() if mapping is SHAREGPT_ROLES else x, ""), -1) for x in names] + [-1],
-        np.int8,
-    )
+    lut = np.array([code_of.get(mapping.get(str(x).lower(), ""), -1) for x in names] + [-1], np.int8)
     idx = enc.indices.fill_null(len(names)).to_numpy(zero_copy_only=False)
     return lut[idx]
 
 
-def flatten(table: pa.Table, fmt: str, cols: ColumnMap) -> Flat:
+def flatten(table: pa.Table, fmt: str, cols: ColumnMap, roles: dict[str, str] | None = None) -> Flat:
     n = table.num_rows
+    mapping = {k.lower(): v for k, v in (roles if roles is not None else DEFAULT_ROLES).items()}
     if fmt in ("chat", "sharegpt"):
         name = cols.messages if fmt == "chat" else cols.conversations
         role_k, content_k = (cols.role, cols.content) if fmt == "chat" else (cols.sharegpt_role, cols.sharegpt_content)
@@ -72,11 +63,10 @@ def flatten(table: pa.Table, fmt: str, cols: ColumnMap) -> Flat:
         items = pc.list_flatten(lst)
         roles = pc.struct_field(items, role_k)
         content = pc.struct_field(items, content_k)
-        mapping = {r: r for r in ROLES} if fmt == "chat" else SHAREGPT_ROLES
         codes = _role_codes(roles, mapping)
+        roles = pa.array(np.array(["system", "user", "assistant", "unknown"])[codes], pa.string())
+        roles = pc.if_else(pc.equal(roles, "unknown"), pc.struct_field(items, role_k), roles)
         if fmt == "sharegpt":
-            roles = pa.array(np.array(["system", "user", "assistant", "unknown"])[codes], pa.string())
-            roles = pc.if_else(pc.equal(roles, "unknown"), pc.struct_field(items, role_k), roles)
             if cols.system in table.column_names:  # a top-level system prompt becomes the first message
                 parent, codes, roles, content = _prepend_system(table, cols.system, parent, codes, roles, content)
         return Flat(n, parent, codes, roles, content)
@@ -254,6 +244,7 @@ class Normalised:
     reject_rows: np.ndarray  # positions in the input table
     reject_reasons: np.ndarray
     reject_details: list[str]
+    leading_moved: int = 0  # rows whose leading assistant turns were moved to context or dropped
 
 
 def _first_per_row(n: int, parent: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -264,8 +255,79 @@ def _first_per_row(n: int, parent: np.ndarray, mask: np.ndarray, pos: np.ndarray
     return out
 
 
-def normalise(table: pa.Table, fmt: str, cols: ColumnMap, cleaning: CleaningSpec) -> Normalised:
-    flat = flatten(table, fmt, cols)
+def handle_leading_assistant(flat: Flat, mode: str) -> tuple[Flat, int]:
+    """Conversations that begin (after an optional system message) with assistant turns and go on with a user
+    turn: ``drop`` removes those turns, ``context`` moves their text into the system message (prefixed by
+    CONTEXT_PREFIX, so nothing is lost and it is not trained on), ``quarantine`` leaves them (misordered_roles).
+    Returns the new Flat and the number of rows changed."""
+    n, parent, code = flat.n, flat.parent, flat.role
+    if mode == "quarantine" or not len(parent):
+        return flat, 0
+    content = flat.content.cast(pa.string())
+    counts = np.bincount(parent, minlength=n)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    pos = np.arange(len(parent)) - starts[parent]
+    has = counts > 0
+    sys_first = np.zeros(n, np.int64)
+    sys_first[has] = code[starts[has]] == _SYS
+    k = pos - sys_first[parent]  # position after the optional system message
+    first_other = _first_per_row(n, parent, (k >= 0) & (code != _ASSIST), pos)
+    lead_n = np.where(first_other >= 0, first_other - sys_first, 0)
+    at = np.where(first_other >= 0, starts + first_other, 0)
+    rows_ok = (lead_n > 0) & (code[np.minimum(at, len(code) - 1)] == _USER)
+    lead = rows_ok[parent] & (k >= 0) & (k < lead_n[parent])
+    null = content.is_null().to_numpy(zero_copy_only=False)
+    if (lead & null).any():  # a null turn stays for the null_content check
+        rows_ok &= np.bincount(parent[lead & null], minlength=n) == 0
+        lead = rows_ok[parent] & (k >= 0) & (k < lead_n[parent])
+    if not lead.any():
+        return flat, 0
+    keep = ~lead
+    role_text = flat.role_text.cast(pa.string())
+    if mode == "context":
+        texts = content.filter(pa.array(lead)).to_pylist()
+        owners = parent[lead]
+        ctx: dict[int, list[str]] = {}
+        for r, t in zip(owners.tolist(), texts, strict=True):
+            ctx.setdefault(r, []).append(t)
+        at_pos, values = [], []
+        all_content = None
+        for r, parts in ctx.items():
+            text = CONTEXT_PREFIX + "\n\n".join(parts)
+            if sys_first[r]:
+                if all_content is None:
+                    all_content = content
+                old = all_content[int(starts[r])].as_py() or ""
+                text = f"{old}\n\n{text}" if old else text
+            else:  # the first leading turn becomes the system message
+                keep[starts[r]] = True
+            at_pos.append(int(starts[r]))
+            values.append(text)
+        mask = np.zeros(len(parent), bool)
+        mask[at_pos] = True
+        order = np.argsort(at_pos)
+        content = pc.replace_with_mask(content, pa.array(mask), pa.array([values[i] for i in order], pa.string()))
+        code = code.copy()
+        code[mask] = _SYS
+        role_text = pc.replace_with_mask(role_text, pa.array(mask), pa.array(["system"] * int(mask.sum()), pa.string()))
+    km = pa.array(keep)
+    return Flat(n, parent[keep], code[keep], role_text.filter(km), content.filter(km)), int(rows_ok.sum())
+
+
+def normalise(
+    table: pa.Table,
+    fmt: str,
+    cols: ColumnMap,
+    cleaning: CleaningSpec,
+    roles: dict[str, str] | None = None,
+    leading_assistant: str = "quarantine",
+) -> Normalised:
+    """``roles``: speaker name -> role (default DEFAULT_ROLES); ``leading_assistant``: quarantine, drop or context
+    for conversations that begin with assistant turns (see ``handle_leading_assistant``)."""
+    flat = flatten(table, fmt, cols, roles)
+    moved = 0
+    if fmt in ("chat", "sharegpt"):
+        flat, moved = handle_leading_assistant(flat, leading_assistant)
     n, parent, code = flat.n, flat.parent, flat.role
     content = flat.content.cast(pa.string())
     counts = np.bincount(parent, minlength=n)
@@ -289,7 +351,7 @@ def normalise(table: pa.Table, fmt: str, cols: ColumnMap, cleaning: CleaningSpec
     first_null = _first_per_row(n, parent, null, pos)
     flag(first_null >= 0, "null_content", lambda r: f"message {first_null[r]} has null content")
     first_unknown = _first_per_row(n, parent, code < 0, pos)
-    allowed = "system, user, assistant" if fmt == "chat" else ", ".join(SHAREGPT_ROLES)
+    allowed = ", ".join(roles if roles is not None else DEFAULT_ROLES)
     flag(
         first_unknown >= 0,
         "unknown_role",
@@ -380,7 +442,7 @@ def normalise(table: pa.Table, fmt: str, cols: ColumnMap, cleaning: CleaningSpec
     )
     text = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), c_ok), "\n")
     bad = np.flatnonzero(~ok)
-    return Normalised(frame, text, assistant_text, bad, reason[bad].astype(str), [detail[int(r)] for r in bad])
+    return Normalised(frame, text, assistant_text, bad, reason[bad].astype(str), [detail[int(r)] for r in bad], moved)
 
 
 def _sub_offsets(counts: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ from typing import Any
 import dagster as dg
 
 from finetune_pipeline.data.drift import DriftReport
-from finetune_pipeline.data.drops import scan_incoming
+from finetune_pipeline.data.drops import completion_rules, scan_incoming
 from finetune_pipeline.defs.common import drops_partitions, key
 from finetune_pipeline.defs.data_assets import SOURCE_TAG
 from finetune_pipeline.defs.resources import StateStore
@@ -29,12 +29,14 @@ def build_sensor(spec: LoadedSpec, ingest_job: Any) -> dg.SensorDefinition:
     def incoming_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         previous = json.loads(context.cursor).get("seen", {}) if context.cursor else {}
         known = set(context.instance.get_dynamic_partitions(parts.name))
-        scan = scan_incoming(spec.incoming_dir, src.file_glob, src.settle_seconds, previous, known)
+        scan = scan_incoming(
+            spec.incoming_dir, src.file_glob, src.settle_seconds, previous, known, **completion_rules(src)
+        )
         cursor = json.dumps({"seen": scan.seen})
         if not scan.ready:
             return dg.SensorResult(
                 skip_reason=f"no new finished files in {spec.incoming_dir} ({len(scan.waiting)} still being written "
-                f"or settling, {scan.unchanged_skipped} already ingested)",
+                f"or settling, {scan.unchanged_skipped} already ingested){': ' + scan.waiting_summary() if scan.waiting else ''}",
                 cursor=cursor,
             )
         keys = [d.key for d in scan.ready]

@@ -96,11 +96,14 @@ def ingest_drop(layout: PipelineLayout, spec: LoadedSpec, drop: str, log: LogFn 
     if not raw.exists():
         raise FileNotFoundError(f"raw_dataset for drop {drop} is missing at {raw}: materialize raw_dataset first")
     s = spec.spec
-    res = clean_file(raw, drop, s, count_tokens=token_counter(layout) if needs_tokenizer(spec) else None)
+    rec_file = layout.raw_record(drop)
+    source_name = RawDropRecord.load(rec_file).source_file if rec_file.exists() else None  # what the user dropped
+    counter = token_counter(layout) if needs_tokenizer(spec) else None
+    res = clean_file(raw, drop, s, count_tokens=counter, source_name=source_name)
     write_parquet_atomic(res.quarantine, layout.quarantine(drop))
     write_parquet_atomic(res.duplicates, layout.duplicates(drop))
     for note in res.notes:
-        log(f"{raw.name}: {note}")
+        log(f"{Path(source_name).name if source_name else raw.name}: {note}")
     log(
         f"{res.rows_in} rows in ({res.file_format}, {res.record_format}): {len(res.kept)} kept, "
         f"{len(res.quarantine)} quarantined {res.reasons}, {len(res.duplicates) - res.near_duplicates} exact "
