@@ -1,7 +1,7 @@
 """The pipeline spec: one YAML file per fine-tuning pipeline, validated up front.
 
 Every problem in a spec is reported at once, each with its field path and YAML line
-(``specs/x.yaml:14: training.lora.r: must be > 0``). Field names follow peft / trl / axolotl
+(``specs/x.yaml:14: model.lora.r: must be > 0``). Field names follow peft / trl / axolotl
 (``lora.r``, ``lora.alpha``, ``target_modules``, ``learning_rate``, ``max_length``, ``packing``).
 No dagster import here: tests and other entry points use the spec directly.
 """
