@@ -115,88 +115,63 @@ def test_undetectable_format_names_the_file_and_the_fix(tmp_path: Path) -> None:
     assert res.rejection_rate == 1.0  # the blocking gate stops this drop
 
 
-def test_bad_input_corpus_jsonl(tmp_path: Path) -> None:
-    good = {
-        "id": "g",
-        "messages": [{"role": "user", "content": "Question one?"}, {"role": "assistant", "content": "Yes."}],
-    }
-    big = "word " * 300_000  # a 1.5 MB row
-    rows = [
-        good,  # 1
-        '{"id": "cut", "messages": [{"role": "user"',  # 2 malformed
-        {"id": "mix", "instruction": "Do it.", "output": "Done."},  # 3 another format in the file
-        {"id": "miss", "msgs": []},  # 4 missing field
-        {"id": "role", "messages": [{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a."}]},  # 5
-        {
-            "id": "order",
-            "messages": [
-                {"role": "user", "content": "q"},
-                {"role": "system", "content": "s"},
-                {"role": "assistant", "content": "a."},
-            ],
-        },  # 6 misordered
-        {
-            "id": "two",
-            "messages": [
-                {"role": "user", "content": "q"},
-                {"role": "user", "content": "q2"},
-                {"role": "assistant", "content": "a."},
-            ],
-        },  # 7 misordered (no alternation)
-        {
-            "id": "empty",
-            "messages": [
-                {"role": "user", "content": "q"},
-                {"role": "assistant", "content": "  "},
-                {"role": "user", "content": "q2"},
-                {"role": "assistant", "content": "a."},
-            ],
-        },  # 8
-        {"id": "nul", "messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "a."}]},  # 9
-        {"id": "nullmsgs", "messages": None},  # 10
-        {"id": "big", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": big}]},  # 11
-        {"id": "num", "messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a."}]},  # 12
-        "",  # 13 blank
-        {
-            "id": "nouser",
-            "messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a."}],
-        },  # 14
-        {
-            "id": "parts",
-            "messages": [
-                {"role": "user", "content": [{"type": "text", "text": "multi"}, {"type": "text", "text": "part"}]},
-                {"role": "assistant", "content": "ok."},
-            ],
-        },  # 15 content parts: accepted
-        "[1]",  # 16 not an object
-    ]
-    f = write_jsonl(tmp_path / "bad.jsonl", rows)
-    with f.open("ab") as fh:
-        fh.write(b'{"id": "bin", "messages": [{"role": "user", "content": "caf\xe9"}]}\n')  # 17 Latin-1 byte
+def _chat(rid: str, *turns: tuple[str, object]) -> dict:
+    return {"id": rid, "messages": [{"role": r, "content": c} for r, c in turns]}
+
+
+GOOD = [_chat(f"g{i}", ("user", f"Question {i}?"), ("assistant", "Yes.")) for i in range(5)]
+BIG = "word " * 300_000  # a 1.5 MB row
+# One case per quarantine reason: the bad line, the reason it must get, and a word its detail must name.
+QUARANTINE_RULES = [
+    ("invalid_json", '{"id": "cut", "messages": [{"role": "user"', ""),
+    ("mixed_format", {"id": "mix", "instruction": "Do it.", "output": "Done."}, "looks like 'alpaca'"),
+    ("missing_field", {"id": "miss", "msgs": []}, "messages"),
+    ("unknown_role", _chat("role", ("robot", "q"), ("assistant", "a.")), "robot"),
+    ("misordered_roles", _chat("order", ("user", "q"), ("system", "s"), ("assistant", "a.")), ""),
+    ("misordered_roles", _chat("two", ("user", "q"), ("user", "q2"), ("assistant", "a.")), ""),
+    ("empty_assistant", _chat("empty", ("user", "q"), ("assistant", "  "), ("user", "q2"), ("assistant", "a.")), ""),
+    ("null_content", _chat("nul", ("user", None), ("assistant", "a.")), ""),
+    ("null_field", {"id": "nullmsgs", "messages": None}, ""),
+    ("too_long", _chat("big", ("user", "q"), ("assistant", BIG)), ""),
+    ("bad_message", _chat("num", ("user", 5), ("assistant", "a.")), ""),
+    ("no_user_turn", _chat("nouser", ("system", "s"), ("assistant", "a.")), ""),
+    ("not_an_object", "[1]", ""),
+    ("invalid_utf8", b'{"id": "bin", "messages": [{"role": "user", "content": "caf\xe9"}]}', ""),
+]
+
+
+@pytest.mark.parametrize(
+    ("reason", "bad", "named"), QUARANTINE_RULES, ids=[f"{r[0]}-{i}" for i, r in enumerate(QUARANTINE_RULES)]
+)
+def test_each_bad_row_is_quarantined_with_its_reason_and_line(
+    tmp_path: Path, reason: str, bad: object, named: str
+) -> None:
+    f = write_jsonl(tmp_path / "drop.jsonl", GOOD[:3])
+    with f.open("ab") as fh:  # the bad row on line 4, good rows around it
+        fh.write(
+            bad if isinstance(bad, bytes) else ((bad if isinstance(bad, str) else json.dumps(bad)) + "\n").encode()
+        )
+        if isinstance(bad, bytes):
+            fh.write(b"\n")
+        fh.write("".join(json.dumps(r) + "\n" for r in GOOD[3:]).encode())
     res = clean_file(f, "d", make_spec(cleaning={"max_total_chars": 1_000_000}))
-    by_line = dict(zip(res.quarantine["source_line"], res.quarantine["reason"], strict=True))
-    assert by_line == {
-        2: "invalid_json",
-        3: "mixed_format",
-        4: "missing_field",
-        5: "unknown_role",
-        6: "misordered_roles",
-        7: "misordered_roles",
-        8: "empty_assistant",
-        9: "null_content",
-        10: "null_field",
-        11: "too_long",
-        12: "bad_message",
-        14: "no_user_turn",
-        16: "not_an_object",
-        17: "invalid_utf8",
+    assert res.quarantine[["source_line", "reason"]].values.tolist() == [[4, reason]]
+    assert sorted(res.kept["row_id"]) == [g["id"] for g in GOOD] and res.accounted()
+    row = res.quarantine.iloc[0]
+    assert named in row["detail"] and len(row["raw"]) <= formats.RAW_PREVIEW_CHARS
+
+
+def test_blank_lines_are_counted_and_content_parts_are_joined(tmp_path: Path) -> None:
+    parts = {
+        "id": "parts",
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "multi"}, {"type": "text", "text": "part"}]},
+            {"role": "assistant", "content": "ok."},
+        ],
     }
-    assert sorted(res.kept["row_id"]) == ["g", "parts"]
-    assert res.blank_lines == 1 and res.rows_in == 16 and res.accounted()
-    detail = res.quarantine.set_index("source_line")["detail"]
-    assert "robot" in detail[5] and "instruction" not in detail[4]
-    assert "looks like 'alpaca'" in detail[3]
-    assert len(res.quarantine.set_index("source_line").loc[11, "raw"]) <= formats.RAW_PREVIEW_CHARS
+    f = write_jsonl(tmp_path / "drop.jsonl", [*GOOD[:2], "", parts])
+    res = clean_file(f, "d", make_spec())
+    assert res.blank_lines == 1 and res.rows_in == 3 and res.quarantine.empty and res.accounted()
     assert json.loads(res.kept.set_index("row_id").loc["parts", "messages"])[0]["content"] == "multipart"
 
 
