@@ -401,3 +401,14 @@ def test_memory_estimate_within_25_percent(method: str, tiny_model: Path, tmp_pa
     est = res.memory_estimate_mb["total_mb"]
     assert set(res.memory_estimate_mb) >= {"weights_mb", "gradients_mb", "optimizer_mb", "activations_mb"}
     assert abs(res.peak_memory_mb / est - 1) <= 0.25, (res.peak_memory_mb, res.memory_estimate_mb)
+
+
+def test_measured_speeds_are_kept_per_machine(tmp_path: Path) -> None:
+    """Every process on one machine decides from the same measurement (the file), measured once."""
+    from finetune_pipeline.models import hardware
+
+    first = hardware.dtype_speeds("cpu", ("float32",), cache_dir=tmp_path)
+    files = list(tmp_path.glob("dtype_speeds-cpu-*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text()) == first
+    files[0].write_text(json.dumps({"float32": 1.0}))  # a later process reads the stored figure, not a new timing
+    assert hardware.dtype_speeds("cpu", ("float32",), cache_dir=tmp_path) == {"float32": 1.0}

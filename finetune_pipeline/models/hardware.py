@@ -11,8 +11,11 @@ torch is imported inside the functions only.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 CPU_CANDIDATES = ("float32", "bfloat16", "float16")
 # 'auto' on CPU takes a half-precision dtype only when its matmul is at least this much faster than float32: half
@@ -78,9 +81,44 @@ def matmul_gflops(dtype: str, device: str = "cpu", seconds: float = 0.25, max_si
     return _CACHE[key]
 
 
-def dtype_speeds(device: str = "cpu", candidates: tuple[str, ...] = CPU_CANDIDATES) -> dict[str, float]:
-    """Measured matmul GFLOP/s per candidate dtype on ``device`` (cached per process)."""
-    return {d: matmul_gflops(d, device) for d in candidates}
+def _machine_key() -> str:
+    """This CPU model and flags, torch's version and thread count: what the measured speeds depend on."""
+    import hashlib
+    import platform
+
+    import torch
+
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        model = next((ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))), "")
+        flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        model = flags = ""
+    raw = "|".join([platform.machine(), model, flags, torch.__version__, str(torch.get_num_threads())])
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def dtype_speeds(
+    device: str = "cpu", candidates: tuple[str, ...] = CPU_CANDIDATES, cache_dir: Path | None = None
+) -> dict[str, float]:
+    """Measured matmul GFLOP/s per candidate dtype on ``device``: cached per process and, with ``cache_dir``, in a
+    file per machine (CPU model and flags, torch version, threads), so that every training process on one machine
+    decides the same way (a timing under heavy load could otherwise tip a close decision differently from one run
+    to the next) and pays the measurement once."""
+    path = cache_dir / f"dtype_speeds-{device}-{_machine_key()}.json" if cache_dir is not None else None
+    stored: dict[str, float] = {}
+    if path is not None and path.exists():
+        try:
+            stored = {k: float(v) for k, v in json.loads(path.read_text()).items()}
+        except (ValueError, OSError, AttributeError):
+            stored = {}
+    out = {d: stored[d] if d in stored else matmul_gflops(d, device) for d in candidates}
+    if path is not None and any(d not in stored for d in candidates):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**stored, **out}))
+        tmp.replace(path)
+    return out
 
 
 def decide_dtype(
@@ -141,10 +179,14 @@ def decide_dtype(
 
 
 def choose_dtype(requested: str, allow_slow: bool = False) -> DtypeChoice:
-    """``decide_dtype`` on this machine: CUDA when available, else the CPU with measured matmul speeds."""
+    """``decide_dtype`` on this machine: CUDA when available, else the CPU with measured matmul speeds (kept in
+    ``<state root>/hardware/``; delete that folder to measure again)."""
     import torch
 
     if torch.cuda.is_available():
         return decide_dtype(requested, {}, "cuda", allow_slow, cuda_bf16=bool(torch.cuda.is_bf16_supported()))
+    from finetune_pipeline.paths import state_root
+
     candidates = ("float32", "bfloat16") if requested == "auto" else tuple({"float32", requested})
-    return decide_dtype(requested, dtype_speeds("cpu", tuple(sorted(candidates))), "cpu", allow_slow)
+    speeds = dtype_speeds("cpu", tuple(sorted(candidates)), cache_dir=state_root() / "hardware")
+    return decide_dtype(requested, speeds, "cpu", allow_slow)
