@@ -104,7 +104,8 @@ def estimate_memory(
     Adafactor ~factored, SGD none); activations: what the backward pass keeps per token and layer of a llama-style
     block (norm inputs, q/k/v, attention output, the MLP's gate/up/activation products: ~8h + 2kv + 5i values, or
     only each layer's input with gradient checkpointing) for ``per_device_train_batch_size`` rows of ``seq_len``
-    tokens, plus the loss's float32 logits over the vocabulary; runtime (CPU only): the process's memory outside the
+    tokens, plus the float32 copy of each adapted layer's input peft makes under half-precision weights, plus the
+    loss's float32 logits over the vocabulary; runtime (CPU only): the process's memory outside the
     model (libraries, allocator) measured now, as the peak resident set size counts it too."""
     b = _BYTES.get(dtype, 4)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -126,6 +127,9 @@ def estimate_memory(
     act = tokens * layers * per_layer * b + (
         tokens * (8 * h + 2 * kv + 5 * inter) * b if training.gradient_checkpointing else 0
     )
+    # peft runs the adapter in float32: with half-precision weights each adapted layer keeps a float32 copy of its input
+    lora_in = sum(int(m.in_features) for n, m in model.named_modules() if n.endswith("lora_A.default"))
+    act += tokens * lora_in * 4 if b != 4 else 0
     answer_share = 1.0 if not training.assistant_only_loss and not training.completion_only_loss else 0.35
     logits = tokens * answer_share * vocab * 4 * 3  # logits, their softmax and its gradient, float32
     parts = {
