@@ -105,9 +105,11 @@ def run_bare(base: str, rows: list[str], work: Path, **kw: Any) -> dict[str, Any
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def heldout_loss(base: str, adapter: str, rows: list[str]) -> float:
-    """Mean NLL of the answers (answer tokens and the end-of-turn token) given the prompts, in float32, with the
-    base model's own chat template: the same yardstick for every adapter."""
+def heldout_loss(base: str, adapter: str, rows: list[str], through_eos: bool = True) -> float:
+    """Mean NLL of the answers given the prompts, in float32, with the base model's own chat template: the same
+    yardstick for every adapter. ``through_eos``: the answer tokens and the end-of-turn token, nothing after it (what
+    generation needs: it stops there); False: also the template's text after the end-of-turn token (ChatML's
+    trailing newline), which a model trained with an assistant mask never sees as a target."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -121,6 +123,8 @@ def heldout_loss(base: str, adapter: str, rows: list[str]) -> float:
         f = tok.apply_chat_template(m, tokenize=True, return_dict=False)
         p = list(p["input_ids"] if isinstance(p, dict) else p)
         f = list(f["input_ids"] if isinstance(f, dict) else f)
+        if through_eos and tok.eos_token_id in f[len(p) :]:
+            f = f[: len(p) + f[len(p) :].index(tok.eos_token_id) + 1]
         ids = torch.tensor([f])
         labels = torch.tensor([[-100] * len(p) + f[len(p) :]])
         with torch.no_grad():
@@ -183,6 +187,13 @@ def main() -> None:
         "lr_scheduler_type": "constant",
         "seed": 42,
     }
+    asset_defaults = {
+        "max_steps": args.steps,
+        "per_device_train_batch_size": args.batch,
+        "learning_rate": 1e-3,
+        "max_length": 256,
+        "seed": 42,
+    }
     bare_kw = {
         "steps": args.steps,
         "batch": args.batch,
@@ -236,12 +247,15 @@ def main() -> None:
                 "bare_default_no_gc": lambda i: run_bare(
                     base, train_rows, tmp / f"b-bare-nogc-{i}", dtype="float32", gradient_checkpointing=False, **bare_kw
                 ),
+                # the asset's own defaults (dtype auto, linear schedule with its warm-up, answer-only loss), with the
+                # same learning rate, steps, batch, length and adapter as the bare script
                 "asset_default": lambda i: run_child(
-                    base, {"lora": lora}, common, train_rows, tmp / f"b-asset-{i}", False
+                    base, {"lora": lora}, asset_defaults, train_rows, tmp / f"b-asset-{i}", True
                 ),
             },
         )
         losses = {k: heldout_loss(base, v[0]["adapter"], held) for k, v in res.items()}
+        losses_with_newline = {k: heldout_loss(base, v[0]["adapter"], held, through_eos=False) for k, v in res.items()}
         report["b"] = {
             "bare_default_tokens_per_second": med(res["bare_default"]),
             "bare_default_no_gc_tokens_per_second": med(res["bare_default_no_gc"]),
@@ -251,6 +265,11 @@ def main() -> None:
             "ratio_vs_trl_defaults_without_gradient_checkpointing": med(res["asset_default"])
             / med(res["bare_default_no_gc"]),
             "heldout_answer_loss": losses,
+            "heldout_answer_loss_incl_text_after_eos": losses_with_newline,
+            "loss_ratio_asset_vs_bare": losses["asset_default"] / losses["bare_default"],
+            "asset_dtype": res["asset_default"][0]["dtype"],
+            "asset_flop_utilisation": res["asset_default"][0]["flop_utilisation"],
+            "asset_matmul_peak_tflops": res["asset_default"][0]["matmul_peak_tflops"],
             "heldout_rows": len(held),
             "examples_seen": args.steps * args.batch,
             "target": ">= 2x at equal loss",

@@ -255,6 +255,14 @@ class LoraSpec(_Strict):
     )
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA, peft use_dora): slower per step.")
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha/sqrt(r) (peft use_rslora).")
+    bias: Literal["none", "all", "lora_only"] = Field(
+        "none", description="Which biases train with the adapter (peft bias): none, all, or lora_only."
+    )
+    modules_to_save: list[str] | None = Field(
+        None,
+        description="Modules trained in full and saved next to the adapter (peft modules_to_save), e.g. [lm_head, "
+        "embed_tokens] when new tokens were added.",
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -280,8 +288,16 @@ class ModelSpec(_Strict):
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter settings for lora / qlora.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="Dtype the base weights are loaded in for training and evaluation. 'auto' = bfloat16 where the "
-        "hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else float32.",
+        description="Dtype the base weights are loaded in for training and evaluation. 'auto' = measured on the "
+        "machine: bfloat16 on a CUDA GPU that supports it; on a CPU bfloat16 only when its matmul runs at least 1.5x "
+        "as fast as float32 there (a short timing per dtype, recorded with the run), else float32. An explicit "
+        "bfloat16/float16 that the CPU runs more than 1.25x slower than float32 stops the training with the "
+        "measured slowdown (see allow_slow_dtype).",
+    )
+    allow_slow_dtype: bool = Field(
+        False,
+        description="Run an explicit dtype even where the hardware computes it far slower than float32 (e.g. "
+        "bfloat16 on a CPU without AVX512-BF16, often ~50x slower). Off: such a spec stops before training.",
     )
     trust_remote_code: bool = Field(
         False, description="Allow model code from the hub. Off by default: only enable for repositories you trust."
@@ -289,7 +305,25 @@ class ModelSpec(_Strict):
 
 
 class TrainingSpec(_Strict):
-    max_steps: int = Field(60, gt=0, description="Optimizer steps for the adapter (trl SFTConfig.max_steps).")
+    max_steps: int | None = Field(
+        60,
+        gt=0,
+        description="Optimizer steps for the adapter (trl SFTConfig.max_steps). Left out when num_train_epochs is "
+        "given (giving both is an error).",
+    )
+    num_train_epochs: float | None = Field(
+        None,
+        gt=0,
+        description="Passes over the training split instead of a fixed max_steps: the step count follows the data "
+        "as new drops arrive (steps = ceil(epochs x rows / effective batch)).",
+    )
+    max_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="Time budget of the training itself: after runtime.calibration_steps timed steps, the step "
+        "count is capped to what fits (logged, and stored as budget_steps); the learning-rate schedule is "
+        "rescaled to end there. Needs runtime.calibration_steps > 0.",
+    )
     per_device_train_batch_size: int = Field(8, gt=0, description="Examples per device per step.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Steps to accumulate before an optimizer update.")
     learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
@@ -297,7 +331,35 @@ class TrainingSpec(_Strict):
         "linear", description="Learning-rate schedule."
     )
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps used for warm-up.")
+    warmup_steps: int | None = Field(
+        None, ge=0, description="Warm-up steps; when given it replaces warmup_ratio (trl warmup_steps)."
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = no clipping).")
+    optim: Literal[
+        "adamw_torch",
+        "adamw_torch_fused",
+        "adafactor",
+        "sgd",
+        "adamw_8bit",
+        "paged_adamw_8bit",
+        "paged_adamw_32bit",
+        "paged_lion_8bit",
+    ] = Field(
+        "adamw_torch",
+        description="Optimizer (transformers' optim names). The 8-bit and paged ones (bitsandbytes) need CUDA: "
+        "on a CPU the run stops before training and names the alternative.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute activations in the backward pass: less memory, ~30% more compute. Off by default "
+        "(trl turns it on by default; with small models and batches it only costs time).",
+    )
+    nan_guard: bool = Field(
+        True,
+        description="Stop with an error when the training loss becomes NaN/inf or diverges (above 4x the lowest "
+        "loss seen and above the first loss) instead of finishing a broken run.",
+    )
     max_length: int = Field(512, gt=0, description="Longest tokenised example; longer ones are truncated.")
     packing: bool = Field(False, description="Pack several examples into one sequence (trl packing, bfd strategy).")
     padding_free: bool = Field(
@@ -340,8 +402,20 @@ class TrainingSpec(_Strict):
         "batch is per_device_train_batch_size x gradient_accumulation_steps x num_processes.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_replace_steps(cls, data: Any) -> Any:
+        """``num_train_epochs`` given without ``max_steps``: the default step count does not apply."""
+        if isinstance(data, dict) and data.get("num_train_epochs") is not None and "max_steps" not in data:
+            return {**data, "max_steps": None}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> TrainingSpec:
+        if self.max_steps is not None and self.num_train_epochs is not None:
+            raise ValueError("give max_steps or num_train_epochs, not both (set max_steps: null to train by epochs)")
+        if self.max_steps is None and self.num_train_epochs is None:
+            raise ValueError("needs max_steps or num_train_epochs")
         if self.early_stopping_patience and not self.eval_steps:
             raise ValueError("early_stopping_patience needs eval_steps > 0 (validation loss is what it watches)")
         return self
@@ -404,6 +478,12 @@ class SweepSpec(_Strict):
     enabled: bool = Field(False, description="Run an Optuna search before training the adapter.")
     n_trials: int = Field(4, gt=0, description="Trials per sweep (completed trials in storage count toward it).")
     max_steps: int = Field(10, gt=0, description="Training steps per trial.")
+    max_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="Time budget of the whole sweep: each trial gets an equal share (training.max_minutes of the "
+        "trial), turned into its step count by the calibration.",
+    )
     pruner: Literal["median", "none"] = Field("median", description="Optuna pruner for unpromising trials.")
     seed: int = Field(0, description="Sampler seed (TPE).")
     search_space: dict[str, SearchParam] = Field(
@@ -499,6 +579,8 @@ class PipelineSpec(_Strict):
         c = self.cleaning
         if c.min_tokens is not None and c.max_tokens is not None and c.min_tokens > c.max_tokens:
             raise ValueError("cleaning.min_tokens must be <= cleaning.max_tokens")
+        if (self.training.max_minutes or self.sweep.max_minutes) and not self.runtime.calibration_steps:
+            raise ValueError("training.max_minutes / sweep.max_minutes need runtime.calibration_steps > 0")
         if self.training.num_processes > 1 and self.runtime.launcher != "accelerate":
             raise ValueError("training.num_processes > 1 needs runtime.launcher: accelerate")
         return self

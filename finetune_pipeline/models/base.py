@@ -115,24 +115,15 @@ def quiet_progress_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def fast_bf16() -> bool:
-    """True where bfloat16 matmuls run natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX."""
-    import torch
+def resolve_dtype(name: str, allow_slow: bool = True) -> str:
+    """The spec's ``model.dtype`` with 'auto' resolved for this machine from measured matmul speeds
+    (``models.hardware.choose_dtype``; cached per process). Training checks an explicit dtype with
+    ``allow_slow=spec.allow_slow_dtype`` first (``hardware.SlowDtypeError`` names the slowdown and the fix)."""
+    if name == "float32":
+        return name
+    from finetune_pipeline.models.hardware import choose_dtype
 
-    if torch.cuda.is_available():
-        return bool(torch.cuda.is_bf16_supported())
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
-
-
-def resolve_dtype(name: str) -> str:
-    """The spec's ``model.dtype`` with 'auto' resolved for this machine."""
-    if name == "auto":
-        return "bfloat16" if fast_bf16() else "float32"
-    return name
+    return choose_dtype(name, allow_slow=allow_slow).dtype
 
 
 def torch_dtype(name: str) -> Any:

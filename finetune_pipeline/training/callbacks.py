@@ -7,6 +7,7 @@ inside functions that train, as ``sft.setup`` does.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -59,13 +60,29 @@ class MarkComplete(TrainerCallback):
 
 class Calibrate(TrainerCallback):
     """Times the first ``steps`` steps after a warm-up step, then logs the run's estimated time before the long part
-    starts. Writes ``seconds_per_step`` and ``estimated_seconds`` into ``sink``."""
+    starts. Writes ``seconds_per_step`` and ``estimated_seconds`` into ``sink``.
 
-    def __init__(self, steps: int, max_steps: int, log: LogFn, sink: dict[str, float]) -> None:
+    With a time budget (``training.max_minutes``) it turns the budget into a step count there and then: the steps
+    that fit in what is left of the budget at the measured pace (``budget_steps`` in ``sink``). When that is fewer
+    than planned, training stops at that step and the learning-rate schedule is rescaled to end there (a linear or
+    cosine decay still reaches its end instead of being cut off mid-way)."""
+
+    def __init__(
+        self,
+        steps: int,
+        max_steps: int,
+        log: LogFn,
+        sink: dict[str, float],
+        budget_seconds: float | None = None,
+        progress: Progress | None = None,
+    ) -> None:
         self.steps = steps
         self.max_steps = max_steps
         self.log = log
         self.sink = sink
+        self.budget_seconds = budget_seconds
+        self.progress = progress
+        self.stop_at: int | None = None
         self.t_begin = 0.0
         self.t_first = 0.0
         self.first_step = -1
@@ -89,3 +106,115 @@ class Calibrate(TrainerCallback):
                 f"{self.sink['estimated_seconds']:.0f} s for the run's {self.max_steps - self.first_step} steps "
                 f"({remaining} to go, evaluation not included)"
             )
+            if self.budget_seconds is not None:
+                self._apply_budget(args, state, per_step, elapsed, kw.get("lr_scheduler"))
+        if self.stop_at is not None and state.global_step >= self.stop_at:
+            control.should_training_stop = True
+
+    def _apply_budget(self, args: Any, state: Any, per_step: float, elapsed: float, scheduler: Any) -> None:
+        fit = budget_steps(self.budget_seconds or 0.0, elapsed, per_step, state.global_step, self.max_steps)
+        self.sink["budget_steps"] = fit
+        minutes = (self.budget_seconds or 0.0) / 60
+        if fit >= self.max_steps:
+            self.log(f"time budget {minutes:g} min: all {self.max_steps} steps fit")
+            return
+        self.stop_at = fit
+        self.sink["estimated_seconds"] = elapsed + per_step * (fit - state.global_step)
+        if self.progress is not None:
+            self.progress.max_steps = fit
+        self.log(
+            f"time budget {minutes:g} min: {fit} of the planned {self.max_steps} steps fit at {per_step:.2f} s/step; "
+            f"training stops at step {fit} (learning-rate schedule rescaled to end there)"
+        )
+        if scheduler is not None:
+            rescale_schedule(scheduler, args, fit)
+
+
+def budget_steps(budget_seconds: float, elapsed: float, per_step: float, done: int, planned: int) -> int:
+    """Steps that fit in a time budget: those done plus what the rest of the budget buys at ``per_step``
+    (at least one more than done, at most ``planned``)."""
+    more = int((budget_seconds - elapsed) // per_step) if per_step > 0 else planned
+    return max(done + 1, min(planned, done + more))
+
+
+def rescale_schedule(scheduler: Any, args: Any, total_steps: int) -> None:
+    """Point a LambdaLR learning-rate schedule at a new total step count (same type and warm-up)."""
+    import torch
+    from transformers import get_scheduler
+
+    warm = min(int(args.get_warmup_steps(total_steps)), total_steps)
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    fresh = get_scheduler(args.lr_scheduler_type, probe, num_warmup_steps=warm, num_training_steps=total_steps)
+    if hasattr(scheduler, "lr_lambdas") and hasattr(fresh, "lr_lambdas"):
+        scheduler.lr_lambdas = [fresh.lr_lambdas[0]] * len(scheduler.lr_lambdas)
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN / inf or diverged: the run stops instead of finishing broken."""
+
+
+def diverged(losses: list[float], factor: float = 4.0) -> str | None:
+    """Why a loss curve counts as broken (None when it does not): the last loss is NaN / inf, or it is above the
+    first loss and more than ``factor`` x the lowest loss seen."""
+    if not losses:
+        return None
+    last = losses[-1]
+    if not math.isfinite(last):
+        return f"the training loss became {last}"
+    if len(losses) >= 3 and last > losses[0] and last > factor * min(losses):
+        return f"the training loss diverged: {last:.4f}, above the first ({losses[0]:.4f}) and > {factor:g}x the lowest ({min(losses):.4f})"
+    return None
+
+
+class NanGuard(TrainerCallback):
+    """Stops the run with ``TrainingDiverged`` when the logged training loss turns NaN / inf or diverges."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+            why = diverged(self.losses)
+            if why is not None:
+                raise TrainingDiverged(
+                    f"step {state.global_step}: {why}. Lower training.learning_rate, keep training.max_grad_norm on "
+                    "(e.g. 1.0), or check the data; the run is stopped instead of saving a broken model"
+                )
+
+
+class KeepBest(TrainerCallback):
+    """Keeps a copy of the trainable weights at the best validation loss so far (on the CPU; for LoRA only the
+    adapter); ``restore`` puts them back at the end of the run. No extra checkpoints on disk."""
+
+    def __init__(self) -> None:
+        self.best_loss = math.inf
+        self.best_step: int | None = None
+        self.state: dict[str, Any] = {}
+        self.model: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        self.model = model
+
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kw: Any
+    ) -> None:
+        loss = (metrics or {}).get("eval_loss")
+        model = kw.get("model") or self.model
+        if loss is None or model is None or not math.isfinite(loss) or loss >= self.best_loss:
+            return
+        self.best_loss, self.best_step = float(loss), int(state.global_step)
+        self.state = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+    def restore(self, model: Any, last_step: int) -> int | None:
+        """Load the best weights into ``model`` (when the best is not the last step); the step kept."""
+        import torch
+
+        if self.best_step is None:
+            return None
+        if self.best_step != last_step:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in self.state:
+                        p.copy_(self.state[n].to(p.device))
+        return self.best_step

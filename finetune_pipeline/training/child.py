@@ -39,6 +39,14 @@ def cost_metadata(res: Any) -> dict[str, Any]:
         "dtype": res.dtype,
         "device": res.device,
         "num_processes": res.num_processes,
+        "planned_steps": res.planned_steps,
+        "budget_steps": res.budget_steps,
+        "best_step": res.best_step,
+        "estimated_peak_memory_mb": round(res.memory_estimate_mb.get("total_mb", 0.0), 1),
+        "memory_estimate_error": round(res.peak_memory_mb / res.memory_estimate_mb["total_mb"] - 1, 3)
+        if res.memory_estimate_mb.get("total_mb")
+        else None,
+        **{k: v for k, v in res.dtype_choice.items() if k != "dtype"},
     }
 
 
@@ -77,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                     "eos_rate": res.eos_rate,
                     "chat_template": res.chat_template_source,
                     "eos_token": res.eos_token,
+                    "end_of_turn_share_failing": res.eot_contract.get("share_failing"),
                 }
             )
     return 0

@@ -7,6 +7,7 @@ The base model's quantization config lives with the model loading (``models.base
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from finetune_pipeline.spec import LoraSpec, RuntimeSpec, TrainingSpec
@@ -23,6 +24,8 @@ def lora_config(lora: LoraSpec) -> Any:
         target_modules=lora.target_modules,
         use_dora=lora.use_dora,
         use_rslora=lora.use_rslora,
+        bias=lora.bias,
+        modules_to_save=lora.modules_to_save,
         task_type="CAUSAL_LM",
     )
 
@@ -36,27 +39,32 @@ def sft_config(
     dtype: str,
     do_eval: bool,
     saving: bool,
+    steps: int | None = None,
 ) -> Any:
     """trl ``SFTConfig`` for one run.
 
     ``output_dir``: where the trainer writes checkpoints; ``use_cuda``: train on the GPU; ``dtype``: the resolved
     weight dtype (bf16 / fp16 autocast only on CUDA: on CPU the weights are already in that dtype and autocast
     would only add casts); ``do_eval``: evaluate every ``training.eval_steps``; ``saving``: checkpoint every
-    ``runtime.save_steps``.
+    ``runtime.save_steps``; ``steps``: the run's planned step count (from ``max_steps`` or ``num_train_epochs``,
+    see ``sft.planned_steps``). NaN losses are logged as they are (``logging_nan_inf_filter`` off) so that the
+    guard sees them.
     """
     from trl import SFTConfig
 
     t, rt = training, runtime
     return SFTConfig(
         output_dir=output_dir,
-        max_steps=t.max_steps,
+        max_steps=steps or t.max_steps or 1,
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=int(round(t.warmup_ratio * t.max_steps)),
+        warmup_steps=warmup_steps(t, steps or t.max_steps or 1),
         weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
         # trl does not truncate in padding-free mode without packing: rows are bounded by cleaning.max_tokens instead
         max_length=None if (t.padding_free and not t.packing) else t.max_length,
         packing=t.packing,
@@ -77,8 +85,36 @@ def sft_config(
         use_cpu=not use_cuda,
         bf16=dtype == "bfloat16" and use_cuda,
         fp16=dtype == "float16" and use_cuda,
-        gradient_checkpointing=False,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        logging_nan_inf_filter=False,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
+
+
+CUDA_ONLY_OPTIM = {"adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "paged_lion_8bit"}
+
+
+def check_optim(optim: str, use_cuda: bool) -> None:
+    """The 8-bit and paged optimizers (bitsandbytes) run on CUDA only: stop early on a CPU, naming the fix."""
+    if optim in CUDA_ONLY_OPTIM and not use_cuda:
+        raise ValueError(
+            f"training.optim: {optim} (bitsandbytes' paged / 8-bit optimizer) needs a CUDA GPU and none is "
+            "available here; use adamw_torch (or adafactor for less optimizer memory)"
+        )
+
+
+def planned_steps(t: TrainingSpec, rows: int) -> int:
+    """Optimizer steps of a run: ``max_steps``, or ``num_train_epochs`` passes over ``rows`` training rows at the
+    effective batch (per-device batch x accumulation x processes), rounded up."""
+    if t.max_steps is not None:
+        return t.max_steps
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_processes
+    return max(1, math.ceil(float(t.num_train_epochs or 1) * math.ceil(rows / per_step)))
+
+
+def warmup_steps(t: TrainingSpec, steps: int) -> int:
+    """``warmup_steps`` when given, else ``warmup_ratio`` of the run's steps."""
+    return min(steps, t.warmup_steps) if t.warmup_steps is not None else int(round(t.warmup_ratio * steps))

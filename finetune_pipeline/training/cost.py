@@ -78,3 +78,67 @@ def peak_memory_mb(device: str) -> float:
         return torch.cuda.max_memory_allocated() / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def current_rss_mb() -> float:
+    """Resident set size of this process now (Linux /proc; the peak so far elsewhere)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_memory_mb("cpu")
+
+
+def estimate_memory(
+    model: Any, model_spec: Any, training: Any, dtype: str, device: str, seq_len: float
+) -> dict[str, float]:
+    """Estimated peak memory of a training run in MB, by part, computed before training starts.
+
+    weights: the loaded model's parameters and buffers as they are (quantised ones at their packed size);
+    gradients and optimizer: per trainable parameter (AdamW keeps two float32 moments, 8-bit AdamW two bytes,
+    Adafactor ~factored, SGD none); activations: what the backward pass keeps per token and layer of a llama-style
+    block (norm inputs, q/k/v, attention output, the MLP's gate/up/activation products: ~8h + 2kv + 5i values, or
+    only each layer's input with gradient checkpointing) for ``per_device_train_batch_size`` rows of ``seq_len``
+    tokens, plus the float32 copy of each adapted layer's input peft makes under half-precision weights, plus the
+    loss's float32 logits over the vocabulary; runtime (CPU only): the process's memory outside the
+    model (libraries, allocator) measured now, as the peak resident set size counts it too."""
+    b = _BYTES.get(dtype, 4)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights += sum(x.numel() * x.element_size() for x in model.buffers())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in trainable)
+    grads = sum(p.numel() * p.element_size() for p in trainable)
+    per_param = {"adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_lion_8bit": 1, "sgd": 0, "adafactor": 1}
+    optimizer = n_train * per_param.get(training.optim, 8) + (4 * n_train if b != 4 and device == "cpu" else 0)
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    h = int(getattr(cfg, "hidden_size", 0) or 0)
+    inter = int(getattr(cfg, "intermediate_size", 4 * h) or 4 * h)
+    layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
+    heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
+    kv = h // heads * int(getattr(cfg, "num_key_value_heads", heads) or heads)
+    vocab = int(getattr(cfg, "vocab_size", 0) or 0)
+    tokens = training.per_device_train_batch_size * seq_len
+    per_layer = h if training.gradient_checkpointing else 8 * h + 2 * kv + 5 * inter
+    act = tokens * layers * per_layer * b + (
+        tokens * (8 * h + 2 * kv + 5 * inter) * b if training.gradient_checkpointing else 0
+    )
+    # peft runs the adapter in float32: with half-precision weights each adapted layer keeps a float32 copy of its input
+    lora_in = sum(int(m.in_features) for n, m in model.named_modules() if n.endswith("lora_A.default"))
+    act += tokens * lora_in * 4 if b != 4 else 0
+    answer_share = 1.0 if not training.assistant_only_loss and not training.completion_only_loss else 0.35
+    logits = tokens * answer_share * vocab * 4 * 3  # logits, their softmax and its gradient, float32
+    parts = {
+        "weights_mb": weights / 2**20,
+        "gradients_mb": grads / 2**20,
+        "optimizer_mb": optimizer / 2**20,
+        "activations_mb": (act + logits) / 2**20,
+    }
+    if device == "cpu":
+        parts["runtime_mb"] = max(0.0, current_rss_mb() - weights / 2**20)
+    parts["total_mb"] = sum(parts.values())
+    return parts

@@ -95,6 +95,12 @@ class TrainResult(Record):
     eos_samples: list[dict[str, Any]] = []
     reproducibility: dict[str, Any] = {}
     num_processes: int = 1
+    planned_steps: int = 0  # from max_steps or num_train_epochs, before any time budget
+    budget_steps: int | None = None  # the step count training.max_minutes allowed (None: no budget, or it fit)
+    dtype_choice: dict[str, Any] = {}  # requested dtype, the one used, why, and the matmul GFLOP/s measured per dtype
+    eot_contract: dict[str, Any] = {}  # the end-of-turn check on the tokenised training rows
+    best_step: int | None = None  # the step whose weights were kept (best validation loss), when validating
+    memory_estimate_mb: dict[str, float] = {}  # estimated peak before training, by part
 
 
 @dataclass
@@ -117,6 +123,11 @@ class Session:
     has_eval: bool
     peak: Any = None  # cost.MatmulPeak when measured
     calib: dict[str, float] = field(default_factory=dict)
+    steps: int = 0  # the planned step count (max_steps, or from num_train_epochs)
+    dtype_choice: Any = None  # hardware.DtypeChoice
+    contract: Any = None  # contract.ContractReport
+    keep_best: Any = None  # callbacks.KeepBest when validating during training
+    memory: dict[str, float] = field(default_factory=dict)
 
     @property
     def device(self) -> str:
@@ -137,6 +148,7 @@ class Fitted:
     cpu_seconds: float
     eval_loss: float
     stopped_early: bool
+    best_step: int | None = None
 
 
 def train(req: TrainRequest, log: LogFn = print, extra_callbacks: list[Any] | None = None) -> TrainResult:
@@ -151,28 +163,36 @@ def setup(req: TrainRequest, log: LogFn = print, extra_callbacks: list[Any] | No
     import torch
     from transformers import PrinterCallback, set_seed
 
-    from finetune_pipeline.models.base import load_tokenizer, resolve_dtype
-    from finetune_pipeline.training import cost
+    from finetune_pipeline.models.base import load_tokenizer
+    from finetune_pipeline.models.hardware import choose_dtype
+    from finetune_pipeline.training import contract, cost
     from finetune_pipeline.training.chat import resolve_chat_template
-    from finetune_pipeline.training.configs import sft_config
+    from finetune_pipeline.training.configs import check_optim, planned_steps, sft_config, warmup_steps
     from finetune_pipeline.training.trainer import RecordingSFTTrainer
 
     t, rt = req.training, req.runtime
     use_cuda = torch.cuda.is_available()
-    dtype = resolve_dtype(req.model.dtype)
+    check_optim(t.optim, use_cuda)
+    choice = choose_dtype(req.model.dtype, req.model.allow_slow_dtype)  # stops here on a dtype the CPU cannot run
+    dtype = choice.dtype
+    speeds = ", ".join(f"{k} {v:.1f}" for k, v in choice.gflops.items())
+    log(f"dtype {dtype} ({choice.reason})" + (f"; matmul GFLOP/s measured here: {speeds}" if speeds else ""))
     set_seed(t.seed)
     tok = load_tokenizer(req.base_path, req.model.trust_remote_code)
     spec_dir = Path(req.spec_dir) if req.spec_dir else None
     chat = resolve_chat_template(tok, t.chat_template, spec_dir, need_markers=t.assistant_only_loss)
     tok.chat_template = chat.template
-    model = _model(req)
+    model = _model(req, dtype)
     init = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     device = "cuda" if use_cuda else "cpu"
+    train_ds = _dataset(req.train_messages, t.assistant_only_loss)
+    steps = planned_steps(t, len(req.train_messages))
     log(
         f"training {req.model.method} in {dtype} on {device}: {trainable:,} trainable of {total:,} parameters, "
-        f"{t.max_steps} steps"
+        f"{steps} steps"
+        + (f" ({t.num_train_epochs:g} epochs of {len(req.train_messages)} rows)" if t.num_train_epochs else "")
     )
     peak = cost.measure_matmul_peak(dtype, device) if req.measure_cost else None
     if peak is not None:
@@ -183,15 +203,31 @@ def setup(req: TrainRequest, log: LogFn = print, extra_callbacks: list[Any] | No
     eval_ds = _dataset(req.eval_messages[: t.max_eval_samples], t.assistant_only_loss) if req.eval_messages else None
     do_eval = eval_ds is not None and t.eval_steps > 0
     saving = bool(req.checkpoint_dir and rt.save_steps)
-    cfg = sft_config(t, rt, output_dir=str(ckpt_dir), use_cuda=use_cuda, dtype=dtype, do_eval=do_eval, saving=saving)
-    progress, calib, callbacks = _callbacks(t, rt, log)
+    cfg = sft_config(
+        t, rt, output_dir=str(ckpt_dir), use_cuda=use_cuda, dtype=dtype, do_eval=do_eval, saving=saving, steps=steps
+    )
+    progress, calib, callbacks, keep_best = _callbacks(t, rt, log, steps, do_eval)
     trainer = RecordingSFTTrainer(
         model=model,
         args=cfg,
-        train_dataset=_dataset(req.train_messages, t.assistant_only_loss),
+        train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tok,
         callbacks=[*callbacks, *(extra_callbacks or [])],
+    )
+    if t.packing and t.num_train_epochs:  # epochs count packed sequences
+        steps = planned_steps(t, len(trainer.train_dataset))
+        trainer.args.max_steps, progress.max_steps = steps, steps
+        trainer.args.warmup_steps = warmup_steps(t, steps)
+    report = contract.check_trainer_dataset(trainer, tok, len(req.train_messages), t.packing)
+    log(f"end-of-turn check on the tokenised training rows: {report.message()}")
+    if not report.passed:
+        raise contract.EndOfTurnContractError(f"training stopped before its first step: {report.message()}")
+    memory = cost.estimate_memory(trainer.model, req.model, t, dtype, device, _batch_tokens(trainer.train_dataset, t))
+    log(
+        f"estimated peak memory {memory['total_mb']:.0f} MB ("
+        + ", ".join(f"{k.removesuffix('_mb')} {v:.0f}" for k, v in memory.items() if k != "total_mb")
+        + " MB)"
     )
     session = Session(
         req,
@@ -210,6 +246,11 @@ def setup(req: TrainRequest, log: LogFn = print, extra_callbacks: list[Any] | No
         has_eval=eval_ds is not None,
         peak=peak,
         calib=calib,
+        steps=steps,
+        dtype_choice=choice,
+        contract=report,
+        keep_best=keep_best,
+        memory=memory,
     )
     if req.save_outputs:
         out.mkdir(parents=True, exist_ok=True)
@@ -219,12 +260,13 @@ def setup(req: TrainRequest, log: LogFn = print, extra_callbacks: list[Any] | No
 
 
 def fit(session: Session) -> Fitted:
-    """Train to ``training.max_steps`` (resuming from the last complete checkpoint), then the validation loss."""
+    """Train the planned steps (resuming from the last complete checkpoint), then keep the best validation
+    checkpoint's weights when validating during training, and the validation loss."""
     trainer, resume, log, t = session.trainer, session.resume, session.log, session.req.training
     if resume is not None:
         log(f"resuming from {resume.name}: global step, optimizer, scheduler, RNG and data position restored")
     t0, c0 = time.perf_counter(), time.process_time()
-    if resume is not None and session.resumed_from >= t.max_steps:
+    if resume is not None and session.resumed_from >= session.steps:
         _load_final_checkpoint(trainer, resume, session.req.model.method)  # killed after its last step
         log(f"{resume.name} is the last step: loaded its weights, nothing left to train")
     else:
@@ -234,17 +276,26 @@ def fit(session: Session) -> Fitted:
     # tokens of this session: the state restored from a checkpoint already counts the steps before it
     tokens = int(trainer.state.num_input_tokens_seen) - _tokens_at(resume)
     eval_history = session.progress.eval_history
+    best_step = None
     if not session.has_eval:
         eval_loss = math.nan
-    elif eval_history and eval_history[-1][0] == steps:
-        eval_loss = eval_history[-1][1]  # the trainer just evaluated at the last step
     else:
-        eval_loss = float(trainer.evaluate()["eval_loss"])
-        log(f"final eval_loss {eval_loss:.4f}")
-    stopped_early = bool(t.early_stopping_patience) and steps < t.max_steps
+        if eval_history and eval_history[-1][0] == steps:
+            eval_loss = eval_history[-1][1]  # the trainer just evaluated at the last step
+        else:
+            eval_loss = float(trainer.evaluate()["eval_loss"])  # KeepBest sees this evaluation too
+            log(f"final eval_loss {eval_loss:.4f}")
+        keep = session.keep_best
+        if keep is not None and keep.best_step is not None:
+            best_step = keep.restore(trainer.model, steps)
+            eval_loss = keep.best_loss
+            if best_step != steps:
+                log(f"kept the weights of step {best_step}: best validation loss {keep.best_loss:.4f}")
+    budget = session.calib.get("budget_steps")
+    stopped_early = bool(t.early_stopping_patience) and steps < (budget or session.steps)
     if stopped_early:
         log(f"early stopping at step {steps}: validation loss stopped improving")
-    return Fitted(steps, tokens, wall, cpu_s, eval_loss, stopped_early)
+    return Fitted(steps, tokens, wall, cpu_s, eval_loss, stopped_early, best_step)
 
 
 def finalize(session: Session, fitted: Fitted) -> TrainResult:
@@ -289,6 +340,12 @@ def finalize(session: Session, fitted: Fitted) -> TrainResult:
         eos_token=str(tok.eos_token),
         eos_rate=None if math.isnan(eos_rate) else eos_rate,
         eos_samples=eos_samples,
+        planned_steps=session.steps,
+        budget_steps=None if session.calib.get("budget_steps") is None else int(session.calib["budget_steps"]),
+        dtype_choice=session.dtype_choice.as_metadata() if session.dtype_choice else {},
+        eot_contract=session.contract.as_metadata() if session.contract else {},
+        best_step=fitted.best_step,
+        memory_estimate_mb=session.memory,
         reproducibility={
             "seeds": repro.seeds(req.training.seed),
             "libraries": repro.library_versions(),
@@ -305,30 +362,52 @@ def finalize(session: Session, fitted: Fitted) -> TrainResult:
     return result
 
 
-def _callbacks(t: TrainingSpec, rt: RuntimeSpec, log: LogFn) -> tuple[Any, dict[str, float], list[Any]]:
-    """Progress (the loss curves), the checkpoint completion marker, the calibration (writing its estimate into
-    the returned dict) and early stopping."""
+def _callbacks(
+    t: TrainingSpec, rt: RuntimeSpec, log: LogFn, steps: int, do_eval: bool
+) -> tuple[Any, dict[str, float], list[Any], Any]:
+    """Progress (the loss curves), the checkpoint completion marker, the calibration (its estimate and the time
+    budget's step count written into the returned dict), the NaN / divergence guard, the best-checkpoint keeper and
+    early stopping."""
     from transformers import EarlyStoppingCallback
 
-    from finetune_pipeline.training.callbacks import Calibrate, MarkComplete, Progress
+    from finetune_pipeline.training.callbacks import Calibrate, KeepBest, MarkComplete, NanGuard, Progress
 
-    progress, calib = Progress(t.max_steps, log), {}
+    progress, calib = Progress(steps, log), {}
     callbacks: list[Any] = [progress, MarkComplete()]
-    if rt.calibration_steps and t.max_steps > rt.calibration_steps + 1:
-        callbacks.append(Calibrate(rt.calibration_steps, t.max_steps, log, calib))
+    n_calib = min(rt.calibration_steps, steps - 2)
+    if n_calib >= 1:
+        budget = t.max_minutes * 60 if t.max_minutes else None
+        callbacks.append(Calibrate(n_calib, steps, log, calib, budget_seconds=budget, progress=progress))
+    elif t.max_minutes:
+        log(f"training.max_minutes: {steps} steps are too few to calibrate (needs 3): the budget is not applied")
+    if t.nan_guard:
+        callbacks.append(NanGuard())
+    keep_best = KeepBest() if do_eval else None
+    if keep_best is not None:
+        callbacks.append(keep_best)
     if t.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold))
-    return progress, calib, callbacks
+    return progress, calib, callbacks, keep_best
 
 
-def _model(req: TrainRequest) -> Any:
-    """The base model, with a fresh adapter for lora / qlora (initialised reproducibly from the training seed)."""
+def _batch_tokens(ds: Any, t: TrainingSpec) -> float:
+    """Padded length of a training batch: the longest row of each group of per_device_train_batch_size rows, the
+    largest over the data (the peak comes from the longest batch)."""
+    lengths = [len(r) for r in ds["input_ids"]] if len(ds) else [0]
+    if t.packing or t.padding_free:
+        return sum(sorted(lengths)[-t.per_device_train_batch_size :]) / t.per_device_train_batch_size
+    return float(max(lengths))
+
+
+def _model(req: TrainRequest, dtype: str) -> Any:
+    """The base model in the chosen dtype, with a fresh adapter for lora / qlora (initialised reproducibly from the
+    training seed)."""
     from transformers import set_seed
 
     from finetune_pipeline.models.base import load_model
     from finetune_pipeline.training.configs import lora_config
 
-    model = load_model(req.base_path, req.model, for_training=True)
+    model = load_model(req.base_path, req.model.model_copy(update={"dtype": dtype}), for_training=True)
     if req.model.method in ("lora", "qlora"):
         from peft import get_peft_model
 

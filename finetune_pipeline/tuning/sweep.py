@@ -45,11 +45,19 @@ class TrialReport:
 
 
 def trial_training(training: TrainingSpec, sweep: SweepSpec) -> TrainingSpec:
-    """The training settings of every trial: ``sweep.max_steps`` steps, validation twice (feeds the pruner).
-    The spec's own max_steps / eval_steps do not reach a trial."""
+    """The training settings of every trial: ``sweep.max_steps`` steps, validation twice (feeds the pruner), and
+    an equal share of ``sweep.max_minutes`` as the trial's time budget. The spec's own max_steps / num_train_epochs /
+    max_minutes / eval_steps do not reach a trial."""
     every = max(1, sweep.max_steps // 2)
+    minutes = sweep.max_minutes / sweep.n_trials if sweep.max_minutes else None
     return TrainingSpec.model_validate(
-        {**training.model_dump(mode="json"), "max_steps": sweep.max_steps, "eval_steps": every}
+        {
+            **training.model_dump(mode="json"),
+            "max_steps": sweep.max_steps,
+            "num_train_epochs": None,
+            "max_minutes": minutes,
+            "eval_steps": every,
+        }
     )
 
 

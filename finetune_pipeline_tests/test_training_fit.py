@@ -1,0 +1,414 @@
+"""Issue 12: training that fits the machine. Tier 1: the dtype rule over measured speeds, the step plan, the time
+budget, the divergence rule, the end-of-turn rule, the spec fields. Tier 2: real trl runs on the tiny model (epochs,
+time budget, NaN stop, best checkpoint, the end-of-turn contract, the memory estimate in a child process)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from finetune_pipeline.models.hardware import DtypeChoice, SlowDtypeError, decide_dtype
+from finetune_pipeline.spec import ModelSpec, RuntimeSpec, TrainingSpec
+from finetune_pipeline.training.callbacks import budget_steps, diverged
+from finetune_pipeline.training.configs import planned_steps, warmup_steps
+from finetune_pipeline.training.contract import check_rows, loss_spans
+from finetune_pipeline_tests.conftest import REPO, chat_row, make_spec
+
+AVX512_BF16 = {"float32": 200.0, "bfloat16": 860.0, "float16": 30.0}
+AVX2_ONLY = {"float32": 38.0, "bfloat16": 0.8, "float16": 0.7}
+ROWS = [json.dumps(chat_row(i)["messages"]) for i in range(48)]
+RT = RuntimeSpec(logging_steps=1, calibration_steps=0)
+LORA = ModelSpec(lora={"r": 4, "alpha": 8, "dropout": 0.0})
+TRAIN = TrainingSpec(max_steps=6, per_device_train_batch_size=4, learning_rate=5e-3, max_length=128)
+
+
+# ---- tier 1: the dtype rule (pure function of measured speeds) -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("requested", "speeds", "allow", "expected"),
+    [
+        ("auto", AVX512_BF16, False, "bfloat16"),  # bf16 4x faster: taken
+        ("auto", AVX2_ONLY, False, "float32"),  # bf16 50x slower: never by default
+        ("auto", {"float32": 100.0, "bfloat16": 120.0}, False, "float32"),  # a marginal gain is not worth bf16
+        ("bfloat16", AVX512_BF16, False, "bfloat16"),  # native: as asked
+        ("bfloat16", AVX2_ONLY, True, "bfloat16"),  # slow but explicitly allowed
+        ("float32", AVX2_ONLY, False, "float32"),
+    ],
+    ids=["auto-fast-bf16", "auto-avx2", "auto-marginal", "bf16-native", "bf16-allowed", "fp32"],
+)
+def test_dtype_rule(requested: str, speeds: dict, allow: bool, expected: str) -> None:
+    choice = decide_dtype(requested, speeds, "cpu", allow_slow=allow)
+    assert choice.dtype == expected and choice.gflops == speeds
+
+
+@pytest.mark.parametrize("requested", ["bfloat16", "float16"])
+def test_slow_explicit_dtype_is_refused_with_the_measured_slowdown(requested: str) -> None:
+    with pytest.raises(SlowDtypeError) as err:
+        decide_dtype(requested, AVX2_ONLY, "cpu")
+    msg = str(err.value)
+    slowdown = AVX2_ONLY["float32"] / AVX2_ONLY[requested]
+    assert f"{slowdown:.0f}x slower" in msg and "model.dtype" in msg
+    assert "model.dtype: auto" in msg and "allow_slow_dtype: true" in msg
+
+
+@pytest.mark.parametrize(
+    ("requested", "bf16", "expected"),
+    [("auto", True, "bfloat16"), ("auto", False, "float32"), ("float16", False, "float16")],
+)
+def test_dtype_rule_on_cuda(requested: str, bf16: bool, expected: str) -> None:
+    assert decide_dtype(requested, {}, "cuda", cuda_bf16=bf16).dtype == expected
+
+
+def test_bf16_on_a_gpu_without_it_is_refused() -> None:
+    with pytest.raises(SlowDtypeError, match="not supported natively by this GPU"):
+        decide_dtype("bfloat16", {}, "cuda", cuda_bf16=False)
+
+
+def test_real_measurement_picks_a_measured_dtype() -> None:
+    """The measurement itself, on this machine: every candidate timed, quickly, and the choice follows the rule."""
+    import time
+
+    from finetune_pipeline.models import hardware
+
+    hardware._CACHE.clear()
+    t0 = time.perf_counter()
+    choice = hardware.choose_dtype("auto")
+    assert time.perf_counter() - t0 < 10
+    assert set(choice.gflops) == {"float32", "bfloat16"} and all(v > 0 for v in choice.gflops.values())
+    assert choice == decide_dtype("auto", choice.gflops, "cpu")
+    assert isinstance(choice, DtypeChoice) and choice.as_metadata()["dtype_requested"] == "auto"
+
+
+# ---- tier 1: steps, epochs, budget, divergence, the end-of-turn rule, the spec ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "rows", "steps"),
+    [
+        ({"max_steps": 7}, 100, 7),
+        ({"num_train_epochs": 1}, 40, 10),  # 40 rows / batch 4
+        ({"num_train_epochs": 2, "gradient_accumulation_steps": 2}, 41, 12),  # ceil(41 / 8) = 6 per epoch
+        ({"num_train_epochs": 0.5}, 40, 5),
+    ],
+    ids=["max_steps", "one-epoch", "epochs-accumulation", "half-epoch"],
+)
+def test_planned_steps(fields: dict, rows: int, steps: int) -> None:
+    t = TrainingSpec(per_device_train_batch_size=4, **fields)
+    assert planned_steps(t, rows) == steps
+
+
+def test_warmup_steps_replace_the_ratio() -> None:
+    assert warmup_steps(TrainingSpec(warmup_ratio=0.1), 50) == 5
+    assert warmup_steps(TrainingSpec(warmup_steps=3), 50) == 3
+    assert warmup_steps(TrainingSpec(warmup_steps=80), 50) == 50
+
+
+@pytest.mark.parametrize(
+    ("budget", "elapsed", "per_step", "done", "planned", "expected"),
+    [(600, 60, 10, 4, 100, 58), (600, 60, 1, 4, 100, 100), (10, 60, 10, 4, 100, 5)],
+    ids=["budget-binds", "everything-fits", "over-budget-already"],
+)
+def test_budget_steps(budget: float, elapsed: float, per_step: float, done: int, planned: int, expected: int) -> None:
+    assert budget_steps(budget, elapsed, per_step, done, planned) == expected
+
+
+@pytest.mark.parametrize(
+    ("losses", "broken"),
+    [([2.0, 1.5, math.nan], True), ([2.0, 1.0, math.inf], True), ([2.0, 0.4, 2.5], True), ([2.0, 1.0, 1.2], False)],
+    ids=["nan", "inf", "diverged", "noisy-but-fine"],
+)
+def test_divergence_rule(losses: list[float], broken: bool) -> None:
+    assert (diverged(losses) is not None) == broken
+
+
+EOS = 2
+
+
+@pytest.mark.parametrize(
+    ("ids", "labels", "ok"),
+    [
+        ([5, 6, 7, EOS], [-100, -100, 7, EOS], True),
+        ([5, 6, 7, EOS, 9], [-100, -100, 7, EOS, 9], True),  # a whitespace token after EOS (ChatML's newline)
+        ([5, 6, 7, EOS], [-100, -100, 7, -100], False),  # EOS outside the loss mask
+        ([5, 6, 7, 8], [-100, -100, 7, 8], False),  # truncated: no EOS at all
+        ([5, 6, 7, EOS], [-100] * 4, False),  # all-masked
+        ([5, 7, EOS, 6, 7, 8], [-100, 7, EOS, -100, 7, 8], False),  # the second trained turn misses its EOS
+    ],
+    ids=["eos-in-mask", "newline-after-eos", "eos-masked", "no-eos", "all-masked", "second-turn"],
+)
+def test_end_of_turn_rule(ids: list[int], labels: list[int], ok: bool) -> None:
+    rep = check_rows([(ids, labels)], EOS, "</s>", whitespace_ids={9})
+    assert rep.passed == ok and rep.share_failing == (0.0 if ok else 1.0)
+    if not ok:
+        assert rep.example is not None and "1 of 1 training rows (100.0%)" in rep.message()
+
+
+def test_loss_spans() -> None:
+    assert loss_spans([-100, 1, 2, -100, 3]) == [(1, 3), (4, 5)]
+
+
+@pytest.mark.parametrize(
+    ("training", "problem"),
+    [
+        ({"max_steps": 10, "num_train_epochs": 2}, "not both"),
+        ({"max_steps": None}, "needs max_steps or num_train_epochs"),
+    ],
+    ids=["both", "neither"],
+)
+def test_spec_steps_or_epochs(training: dict, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        TrainingSpec(**training)
+
+
+def test_spec_epochs_alone_and_budget_needs_calibration() -> None:
+    t = TrainingSpec(num_train_epochs=2)
+    assert t.max_steps is None and t.num_train_epochs == 2
+    spec = make_spec(training={"num_train_epochs": 2})
+    assert spec.with_overrides({"learning_rate": 1e-4}).training.num_train_epochs == 2  # round trip stays valid
+    with pytest.raises(ValueError, match="calibration_steps"):
+        make_spec(training={"max_minutes": 5}, runtime={"calibration_steps": 0})
+
+
+def test_sweep_trials_get_a_share_of_the_sweep_budget() -> None:
+    from finetune_pipeline.tuning.sweep import trial_training
+
+    spec = make_spec(
+        training={"num_train_epochs": 3, "max_minutes": 30},
+        sweep={"max_minutes": 6, "n_trials": 3, "max_steps": 4},
+    )
+    t = trial_training(spec.training, spec.sweep)
+    assert (t.max_steps, t.num_train_epochs, t.max_minutes, t.eval_steps) == (4, None, 2.0, 2)
+
+
+def test_knobs_reach_trl_and_peft() -> None:
+    from finetune_pipeline.training.configs import check_optim, lora_config, sft_config
+
+    t = TrainingSpec(max_steps=10, gradient_checkpointing=True, optim="adafactor", max_grad_norm=0.5, warmup_steps=2)
+    cfg = sft_config(t, RT, output_dir="x", use_cuda=False, dtype="float32", do_eval=False, saving=False, steps=10)
+    assert (cfg.gradient_checkpointing, cfg.optim, cfg.max_grad_norm, cfg.warmup_steps) == (True, "adafactor", 0.5, 2)
+    assert cfg.logging_nan_inf_filter is False  # the NaN guard must see NaN losses
+    lc = lora_config(LORA.lora.model_copy(update={"bias": "lora_only", "modules_to_save": ["lm_head"]}))
+    assert lc.bias == "lora_only" and set(lc.modules_to_save) == {"lm_head"}
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        check_optim("paged_adamw_8bit", use_cuda=False)
+    check_optim("paged_adamw_8bit", use_cuda=True)
+
+
+# ---- tier 2: real runs on the tiny model -----------------------------------------------------------------------
+
+
+def request(base: Path, training: TrainingSpec, train: list, val: list, out: Path, **kw: Any) -> Any:
+    from finetune_pipeline.training.sft import TrainRequest
+
+    return TrainRequest(
+        base_path=str(base),
+        model=kw.pop("model", LORA),
+        training=training,
+        runtime=kw.pop("runtime", RT),
+        train_messages=train,
+        eval_messages=val,
+        output_dir=out,
+        **kw,
+    )
+
+
+def test_epochs_set_the_step_count(tiny_model: Path, tmp_path: Path) -> None:
+    from finetune_pipeline.training.sft import train
+
+    t = TRAIN.model_copy(update={"max_steps": None, "num_train_epochs": 2.0})
+    res = train(request(tiny_model, t, ROWS[:12], [], tmp_path / "e", save=False), log=lambda m: None)
+    assert res.planned_steps == res.steps == 6  # 2 epochs x ceil(12 / 4)
+
+
+def test_time_budget_caps_the_steps_and_says_so(tiny_model: Path, tmp_path: Path) -> None:
+    from finetune_pipeline.training.sft import train
+
+    lines: list[str] = []
+    t = TRAIN.model_copy(update={"max_steps": 40, "max_minutes": 0.0001})  # 6 ms: only the calibration fits
+    res = train(
+        request(
+            tiny_model,
+            t,
+            ROWS[:40],
+            [],
+            tmp_path / "b",
+            runtime=RuntimeSpec(logging_steps=1, calibration_steps=2),
+            save=False,
+        ),
+        log=lines.append,
+    )
+    assert res.planned_steps == 40 and res.budget_steps == res.steps == 4  # 1 warm-up + 2 timed + 1
+    assert any("time budget" in m and "training stops at step 4" in m for m in lines)
+
+
+def test_nan_loss_stops_the_run(tiny_model: Path, tmp_path: Path) -> None:
+    from finetune_pipeline.training.callbacks import TrainingDiverged
+    from finetune_pipeline.training.sft import train
+
+    t = TRAIN.model_copy(update={"max_steps": 12, "learning_rate": math.inf, "max_grad_norm": 0.0, "warmup_ratio": 0.0})
+    with pytest.raises(TrainingDiverged, match="learning_rate"):
+        train(request(tiny_model, t, ROWS[:40], [], tmp_path / "n", save=False), log=lambda m: None)
+    assert not (tmp_path / "n" / "adapter_model.safetensors").exists()
+
+
+def test_best_validation_checkpoint_is_kept(tiny_model: Path, tmp_path: Path) -> None:
+    """Validation every 2 steps; after step 6 the adapter is knocked off course (its weights scrambled, as a bad
+    update would): the kept adapter is the best evaluated one, not the last, and it is what was saved."""
+    import torch
+    from transformers import TrainerCallback
+
+    from finetune_pipeline.training.sft import train
+
+    class Scramble(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+            if state.global_step == 6:
+                g = torch.Generator().manual_seed(0)
+                with torch.no_grad():
+                    for n, p in model.named_parameters():
+                        if "lora_" in n:
+                            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 3.0)
+
+    t = TRAIN.model_copy(update={"max_steps": 10, "eval_steps": 2, "nan_guard": False})
+    res = train(
+        request(tiny_model, t, ROWS[:40], ROWS[40:44], tmp_path / "k"), log=lambda m: None, extra_callbacks=[Scramble()]
+    )
+    best_step, best_loss = min(res.eval_history, key=lambda x: x[1])
+    assert best_step <= 6 and res.steps == 10, res.eval_history
+    assert res.best_step == best_step and res.eval_loss == pytest.approx(best_loss)
+    dtype = res.dtype_choice["dtype"]
+    assert _eval_loss(tiny_model, tmp_path / "k", ROWS[40:44], t, dtype) == pytest.approx(best_loss, rel=1e-3)
+
+
+def _eval_loss(base: Path, adapter: Path, rows: list[str], t: TrainingSpec, dtype: str) -> float:
+    """Validation loss of the saved adapter, recomputed with trl's evaluation in the dtype it was trained in."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from finetune_pipeline.models.base import load_tokenizer
+    from finetune_pipeline.training.sft import _dataset
+
+    base_model = AutoModelForCausalLM.from_pretrained(str(base), dtype=getattr(torch, dtype))
+    model = PeftModel.from_pretrained(base_model, str(adapter))
+    tok = load_tokenizer(str(adapter))
+    cfg = SFTConfig(
+        output_dir=str(adapter / "ev"),
+        use_cpu=True,
+        report_to=[],
+        per_device_eval_batch_size=t.per_device_train_batch_size,
+        max_length=t.max_length,
+        assistant_only_loss=True,
+    )
+    ds = _dataset(rows, True)
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, eval_dataset=ds, processing_class=tok)
+    return float(trainer.evaluate()["eval_loss"])
+
+
+BROKEN_TEMPLATE = (  # ChatML whose generation block leaves out <|im_end|>: the model would never learn to stop
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{ message['content'] }}{% endgeneration %}{{ '<|im_end|>\\n' }}{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_broken_template_fails_the_end_of_turn_check_before_training(tiny_model: Path, tmp_path: Path) -> None:
+    from finetune_pipeline.training.contract import EndOfTurnContractError
+    from finetune_pipeline.training.sft import train
+
+    tpl = tmp_path / "broken.jinja"
+    tpl.write_text(BROKEN_TEMPLATE)
+    t = TRAIN.model_copy(update={"chat_template": str(tpl)})
+    lines: list[str] = []
+    with pytest.raises(EndOfTurnContractError, match=r"12 of 12 training rows \(100.0%\)"):
+        train(request(tiny_model, t, ROWS[:12], [], tmp_path / "x", save=False), log=lines.append)
+    assert not any(m.startswith("step ") for m in lines), "no training step ran"
+
+
+def test_truncated_answers_fail_the_check(tiny_model: Path, tmp_path: Path) -> None:
+    from finetune_pipeline.models.base import load_tokenizer
+    from finetune_pipeline.training.chat import CHATML_SMOL
+    from finetune_pipeline.training.contract import check_messages
+
+    tok = load_tokenizer(str(tiny_model))
+    ok = check_messages(tok, CHATML_SMOL, ROWS[:8], TRAIN)
+    assert ok.passed and ok.rows == 8
+    cut = check_messages(tok, CHATML_SMOL, ROWS[:8], TRAIN.model_copy(update={"max_length": 40}))
+    assert not cut.passed and cut.share_failing == 1.0 and cut.example is not None
+
+
+@pytest.mark.parametrize("assistant_only", [True, False], ids=["assistant-mask", "completion-mask"])
+def test_contract_tokenisation_matches_trl(assistant_only: bool, tiny_model: Path, tmp_path: Path) -> None:
+    """The rows the Dagster check tokenises are the rows trl trains on (same ids, same labels)."""
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from finetune_pipeline.models.base import load_tokenizer
+    from finetune_pipeline.training.chat import CHATML_SMOL
+    from finetune_pipeline.training.contract import tokenize_rows
+    from finetune_pipeline.training.sft import _dataset
+
+    tok = load_tokenizer(str(tiny_model))
+    tok.chat_template = CHATML_SMOL
+    t = TRAIN.model_copy(update={"assistant_only_loss": assistant_only})
+    cfg = SFTConfig(
+        output_dir=str(tmp_path / "o"),
+        use_cpu=True,
+        report_to=[],
+        max_length=t.max_length,
+        assistant_only_loss=assistant_only,
+        completion_only_loss=None if assistant_only else True,
+    )
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(str(tiny_model)),
+        args=cfg,
+        train_dataset=_dataset(ROWS[:6], assistant_only),
+        processing_class=tok,
+    )
+    theirs = [(list(r["input_ids"]), list(r["labels"])) for r in trainer.train_dataset]
+    assert tokenize_rows(tok, CHATML_SMOL, ROWS[:6], t) == theirs
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_memory_estimate_within_25_percent(method: str, tiny_model: Path, tmp_path: Path) -> None:
+    """Estimated before training vs the child process's measured peak resident set size (CPU)."""
+    from finetune_pipeline.training.sft import TrainResult
+
+    req = request(
+        tiny_model,
+        TRAIN.model_copy(update={"max_steps": 3}),
+        ROWS[:24],
+        [],
+        tmp_path / "out",
+        model=ModelSpec(method=method, lora={"r": 4, "alpha": 8}),
+    )
+    req.save(tmp_path / "request.json")
+    subprocess.run(
+        [sys.executable, "-m", "finetune_pipeline.training.child", str(tmp_path / "request.json")],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    res = TrainResult.load(tmp_path / "out" / "train_result.json")
+    est = res.memory_estimate_mb["total_mb"]
+    assert set(res.memory_estimate_mb) >= {"weights_mb", "gradients_mb", "optimizer_mb", "activations_mb"}
+    assert abs(res.peak_memory_mb / est - 1) <= 0.25, (res.peak_memory_mb, res.memory_estimate_mb)
+
+
+def test_measured_speeds_are_kept_per_machine(tmp_path: Path) -> None:
+    """Every process on one machine decides from the same measurement (the file), measured once."""
+    from finetune_pipeline.models import hardware
+
+    first = hardware.dtype_speeds("cpu", ("float32",), cache_dir=tmp_path)
+    files = list(tmp_path.glob("dtype_speeds-cpu-*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text()) == first
+    files[0].write_text(json.dumps({"float32": 1.0}))  # a later process reads the stored figure, not a new timing
+    assert hardware.dtype_speeds("cpu", ("float32",), cache_dir=tmp_path) == {"float32": 1.0}
