@@ -374,7 +374,12 @@ class RuntimeSpec(_Strict):
     launcher: Literal["python", "accelerate"] = Field(
         "python",
         description="How the training child process starts: 'python' (one process) or 'accelerate' "
-        "(accelerate launch with num_processes, e.g. one per GPU).",
+        "(accelerate launch with training.num_processes, e.g. one per GPU).",
+    )
+    accelerate_config: str | None = Field(
+        None,
+        description="With launcher: accelerate, accelerate's own config file (FSDP, DeepSpeed, mixed precision), "
+        "relative to the spec file; default: ACCELERATE_CONFIG_FILE or accelerate's default config, if present.",
     )
 
 

@@ -17,6 +17,7 @@ from finetune_pipeline.stages.adapter import AdapterOutcome, train_adapter
 from finetune_pipeline.stages.base import provision_base
 from finetune_pipeline.stages.sweep import sweep
 
+TRAINING_POOL = "finetune_training"  # Dagster concurrency pool: its slots (dagster.yaml) bound concurrent training
 BASE, SWEEP, ADAPTER = "finetune_pipeline.stages.base", "finetune_pipeline.stages.sweep", adapter_stage.CODE
 
 
@@ -52,6 +53,7 @@ def sweep_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
         group_name=spec.name,
         code_version=code_version(SWEEP),
         kinds={"optuna", "mlflow"},
+        pool=TRAINING_POOL,
     )
     def hyperparameter_sweep(
         context: dg.AssetExecutionContext, state: StateStore, mlflow_tracking: MlflowTracking, optuna: OptunaStorage
@@ -96,6 +98,7 @@ def adapter_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
         group_name=spec.name,
         code_version=code_version(*ADAPTER),
         kinds={"pytorch", "peft", "mlflow"},
+        pool=TRAINING_POOL,
         check_specs=[
             dg.AssetCheckSpec(
                 "generations_end",

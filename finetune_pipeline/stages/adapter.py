@@ -88,7 +88,9 @@ def train_adapter(
             eos_max_new_tokens=tuned.evaluation.max_new_tokens,
         )
         req.save(layout.train_request(key))
-        cmd = child_command(tuned.runtime, tuned.training.num_processes)
+        cmd = child_command(
+            tuned.runtime, tuned.training.num_processes, request=layout.train_request(key), spec_dir=spec.base_dir
+        )
         log(f"training child: {' '.join(cmd)} (request {layout.train_request(key)})")
         reported = launch(cmd, {"request": str(layout.train_request(key))})
         result = TrainResult.load(work / RESULT_FILE)
