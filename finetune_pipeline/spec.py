@@ -347,6 +347,21 @@ class TrainingSpec(_Strict):
         return self
 
 
+class K8sSpec(_Strict):
+    """Where the training child runs with ``runtime.launcher: k8s`` (dagster-k8s' Pipes client starts a pod)."""
+
+    image: str = Field(
+        description="Container image with this project installed (the same version as the Dagster code)."
+    )
+    namespace: str = Field("default", description="Kubernetes namespace of the training pod.")
+    state_pvc: str = Field(
+        description="PersistentVolumeClaim holding the state root (FINETUNE_HOME); it is mounted in the pod at the "
+        "same path, so the request, checkpoints and adapter are where the Dagster side expects them."
+    )
+    gpus: int = Field(0, ge=0, description="nvidia.com/gpu limit of the training container (0 = CPU only).")
+    service_account: str | None = Field(None, description="Service account of the pod (default: the namespace's).")
+
+
 class RuntimeSpec(_Strict):
     """How a training run is launched and observed. None of it changes what is learned, so none of it is part of
     the adapter's cache key: changing it never retrains."""
@@ -371,11 +386,12 @@ class RuntimeSpec(_Strict):
         description="Check on the adapter: share of sampled validation prompts whose tuned generation reaches EOS.",
     )
     eos_check_samples: int = Field(8, ge=0, description="Validation prompts generated for the EOS check (0 = off).")
-    launcher: Literal["python", "accelerate"] = Field(
+    launcher: Literal["python", "accelerate", "k8s"] = Field(
         "python",
-        description="How the training child process starts: 'python' (one process) or 'accelerate' "
-        "(accelerate launch with training.num_processes, e.g. one per GPU).",
+        description="How the training child process starts: 'python' (one process), 'accelerate' (accelerate "
+        "launch with training.num_processes, e.g. one per GPU) or 'k8s' (a pod through dagster-k8s, see k8s).",
     )
+    k8s: K8sSpec | None = Field(None, description="The training pod, with launcher: k8s.")
     accelerate_config: str | None = Field(
         None,
         description="With launcher: accelerate, accelerate's own config file (FSDP, DeepSpeed, mixed precision), "
@@ -504,8 +520,10 @@ class PipelineSpec(_Strict):
         c = self.cleaning
         if c.min_tokens is not None and c.max_tokens is not None and c.min_tokens > c.max_tokens:
             raise ValueError("cleaning.min_tokens must be <= cleaning.max_tokens")
-        if self.training.num_processes > 1 and self.runtime.launcher != "accelerate":
-            raise ValueError("training.num_processes > 1 needs runtime.launcher: accelerate")
+        if self.training.num_processes > 1 and self.runtime.launcher == "python":
+            raise ValueError("training.num_processes > 1 needs runtime.launcher: accelerate (or k8s)")
+        if self.runtime.launcher == "k8s" and self.runtime.k8s is None:
+            raise ValueError("runtime.launcher: k8s needs runtime.k8s (image, state_pvc)")
         return self
 
     def with_overrides(self, params: dict[str, Any]) -> PipelineSpec:

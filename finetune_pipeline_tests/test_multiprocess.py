@@ -135,3 +135,40 @@ def test_training_steps_share_one_pool_limited_by_the_instance(tmp_path: Path) -
     shipped = yaml.safe_load((REPO / "dagster.yaml").read_text())["concurrency"]
     with dg.instance_for_test(temp_dir=str(tmp_path), overrides={"concurrency": shipped}) as instance:
         assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+
+
+def test_the_same_request_runs_in_a_kubernetes_pod(tmp_path: Path, no_accelerate_config: Path) -> None:
+    """launcher: k8s gives dagster-k8s' Pipes client the child's command, the request path on the mounted state
+    volume, and the environment; the pod body is built by dagster-k8s itself (no cluster needed for that)."""
+    from dagster_k8s.pipes import build_pod_body
+
+    from finetune_pipeline.spec import parse_spec
+    from finetune_pipeline.training.launch import child_launch
+
+    text = (
+        "name: p\nsource: {incoming_dir: in}\nregistry: {model_name: m}\ntraining: {num_processes: 2}\n"
+        "runtime: {launcher: k8s, k8s: {image: 'registry.local/finetune:1', namespace: ml, state_pvc: ft-state, gpus: 2}}\n"
+    )
+    spec = parse_spec(text).spec
+    state = tmp_path / "state"
+    request = state / "pipelines" / "p" / "adapters" / "k.partial" / "request.json"
+    how = child_launch(spec.runtime, spec.training.num_processes, request, state)
+    assert how.extras == {"request": str(request)} and how.k8s is not None
+    assert how.command[:3] == ["python", "-m", "accelerate.commands.launch"] and how.command[-1] == str(request)
+    pod = build_pod_body("ft-train", how.k8s["image"], how.command, how.k8s["env"], None, how.k8s["base_pod_spec"])
+    c = pod.spec.containers[0]
+    assert c.image == "registry.local/finetune:1" and c.command == how.command
+    env = {e.name: e.value for e in c.env}
+    assert env["FINETUNE_HOME"] == str(state) and env["PYTHONUNBUFFERED"] == "1"
+    assert c.volume_mounts[0].mount_path == str(state) and c.resources.limits == {"nvidia.com/gpu": "2"}
+    assert pod.spec.volumes[0].persistent_volume_claim.claim_name == "ft-state"
+    assert pod.spec.restart_policy == "Never" and how.k8s["namespace"] == "ml"
+    one = child_launch(spec.runtime, 1, request, state)
+    assert one.command == ["python", "-m", CHILD_MODULE, str(request)]
+
+
+def test_k8s_launcher_needs_its_pod_settings() -> None:
+    from finetune_pipeline.spec import SpecError, parse_spec
+
+    with pytest.raises(SpecError, match="runtime.launcher: k8s needs runtime.k8s"):
+        parse_spec("name: p\nsource: {incoming_dir: in}\nregistry: {model_name: m}\nruntime: {launcher: k8s}\n")

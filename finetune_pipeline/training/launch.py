@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from finetune_pipeline.spec import RuntimeSpec
 
@@ -56,3 +58,42 @@ def child_command(
     else:
         cmd += (["--multi_gpu"] if num_processes > 1 else []) + ["--num_machines", "1", "--dynamo_backend", "no"]
     return cmd + tail
+
+
+@dataclass(frozen=True)
+class ChildLaunch:
+    """Everything needed to start the training child: the command, the Pipes extras, and for ``launcher: k8s`` the
+    pod (image, namespace, environment, pod spec for dagster-k8s' ``PipesK8sClient.run``)."""
+
+    command: list[str]
+    extras: dict[str, str]
+    k8s: dict[str, Any] | None = None
+
+
+def child_launch(
+    runtime: RuntimeSpec, num_processes: int, request: Path, state_root: Path, spec_dir: Path | None = None
+) -> ChildLaunch:
+    """How the adapter's training child is started for this runtime; the request file travels by path, so the
+    pod mounts the state root (``runtime.k8s.state_pvc``) at the same path."""
+    extras = {"request": str(request)}
+    if runtime.launcher != "k8s":
+        return ChildLaunch(child_command(runtime, num_processes, request, spec_dir=spec_dir), extras)
+    k = runtime.k8s
+    if k is None:
+        raise ValueError("runtime.launcher: k8s needs runtime.k8s (image, state_pvc)")
+    inner = runtime.model_copy(update={"launcher": "accelerate" if num_processes > 1 else "python"})
+    command = child_command(inner, num_processes, request, python="python")
+    container: dict[str, Any] = {
+        "volume_mounts": [{"name": "finetune-state", "mount_path": str(state_root)}],
+        **({"resources": {"limits": {"nvidia.com/gpu": str(k.gpus)}}} if k.gpus else {}),
+    }
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": [{"name": "finetune-state", "persistent_volume_claim": {"claim_name": k.state_pvc}}],
+        "restart_policy": "Never",
+        **({"service_account_name": k.service_account} if k.service_account else {}),
+    }
+    env = {"PYTHONUNBUFFERED": "1", "FINETUNE_HOME": str(state_root)}
+    return ChildLaunch(
+        command, extras, {"image": k.image, "namespace": k.namespace, "env": env, "base_pod_spec": pod_spec}
+    )
