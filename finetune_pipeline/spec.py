@@ -425,6 +425,21 @@ class SweepSpec(_Strict):
     enabled: bool = Field(False, description="Run an Optuna search before training the adapter.")
     n_trials: int = Field(4, gt=0, description="Trials per sweep (completed trials in storage count toward it).")
     max_steps: int = Field(10, gt=0, description="Training steps per trial.")
+    eval_steps: int = Field(
+        0,
+        ge=0,
+        description="Each trial reports its validation loss every N steps (the pruner decides on these); "
+        "0 = twice per trial (max_steps // 2).",
+    )
+    parallel_trials: int = Field(
+        1,
+        gt=0,
+        description="Trials trained at once, each in its own child process, sharing the study's storage "
+        "(on one machine: mind its memory and cores).",
+    )
+    timeout_minutes: float | None = Field(
+        None, gt=0, description="Wall-time budget: no new trial starts after this (trials already running finish)."
+    )
     pruner: Literal["median", "none"] = Field("median", description="Optuna pruner for unpromising trials.")
     seed: int = Field(0, description="Sampler seed (TPE).")
     search_space: dict[str, SearchParam] = Field(

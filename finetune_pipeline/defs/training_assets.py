@@ -66,6 +66,7 @@ def sweep_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
             optuna.uri_for(state),
             target,
             lineage(context, spec, SWEEP),
+            launch=pipes_launch(context),
             log=logger(context),
         )
         rec = out.record
@@ -79,6 +80,8 @@ def sweep_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
                 "study": rec.study,
                 "trials": dg.MetadataValue.json(rec.trials),
                 "reused": out.reused,
+                "trial_steps": out.trial_steps,
+                **{name: png_markdown(png, name.replace("_", " ")) for name, png in out.plots.items()},
                 **mlflow_link(target, out.experiment, rec.mlflow_run_id),
             },
             data_version=dg.DataVersion(out.data_version),
