@@ -6,7 +6,8 @@ TORCH_INDEX ?=
 
 # All state (Dagster, MLflow, Optuna, datasets, adapters, models) lives under one root; move it with FINETUNE_HOME.
 export FINETUNE_HOME        ?= $(CURDIR)/.finetune
-export DAGSTER_HOME         ?= $(CURDIR)
+# FINETUNE_POSTGRES_URL=postgresql://USER:PASSWORD@HOST:PORT moves Dagster, MLflow and Optuna to PostgreSQL.
+export DAGSTER_HOME         ?= $(if $(FINETUNE_POSTGRES_URL),$(CURDIR)/deploy/postgres,$(CURDIR))
 export FINETUNE_DAGSTER_DIR ?= $(FINETUNE_HOME)/dagster
 
 .PHONY: setup demo test dev mlflow-ui validate bench-data bench-train clean-state
@@ -31,14 +32,14 @@ test: setup  ## the test suite (three tiers; the end-to-end tier drives the real
 	$(BIN)/python -m pytest -q
 
 validate: setup
-	$(BIN)/dagster definitions validate -m finetune_pipeline.definitions
+	eval "$$($(BIN)/finetune-pipeline env)" && $(BIN)/dagster definitions validate -m finetune_pipeline.definitions
 
 dev: setup  ## Dagster UI on http://127.0.0.1:3000 (daemon included: sensor and schedule run)
 	mkdir -p $(FINETUNE_DAGSTER_DIR)
-	$(BIN)/dagster dev -h 127.0.0.1 -p 3000
+	eval "$$($(BIN)/finetune-pipeline env)" && $(BIN)/dagster dev -h 127.0.0.1 -p 3000
 
 mlflow-ui: setup  ## MLflow UI on http://127.0.0.1:5000
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(FINETUNE_HOME)/mlflow/mlflow.db -h 127.0.0.1 -p 5000
+	eval "$$($(BIN)/finetune-pipeline env)" && $(BIN)/mlflow ui --backend-store-uri "$$FINETUNE_MLFLOW_BACKEND_URI" -h 127.0.0.1 -p 5000
 
 bench-data: setup  ## data layer on 1M generated rows vs the per-row loop and datasketch (writes .finetune/bench/data_bench.json)
 	$(BIN)/python bench/data_bench.py --rows $(or $(ROWS),1000000)

@@ -11,26 +11,57 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from finetune_pipeline.layout import StateLayout
-from finetune_pipeline.paths import STATE_ENV, state_root
+from finetune_pipeline.paths import DATABASES, STATE_ENV, postgres_profile, state_root
+
+POSTGRES_DAGSTER_HOME = Path("deploy") / "postgres"  # the instance config of the PostgreSQL profile
 
 
 def dagster_env() -> dict[str, str]:
-    """DAGSTER_HOME (folder of dagster.yaml) and the state root Dagster writes to, derived from FINETUNE_HOME."""
+    """DAGSTER_HOME (folder of dagster.yaml) and the state root Dagster writes to, derived from FINETUNE_HOME;
+    with FINETUNE_POSTGRES_URL, the PostgreSQL instance config and the URL of Dagster's database."""
     root = state_root()
-    home = os.environ.get("DAGSTER_HOME") or str(Path.cwd())
+    pg = postgres_profile()
+    home = os.environ.get("DAGSTER_HOME") or str(Path.cwd() / POSTGRES_DAGSTER_HOME if pg else Path.cwd())
     if not (Path(home) / "dagster.yaml").exists():
         raise SystemExit(f"no dagster.yaml in {home}: run from the repository root or set DAGSTER_HOME")
-    return {
+    env = {
         STATE_ENV: str(root),
         "DAGSTER_HOME": home,
         "FINETUNE_DAGSTER_DIR": os.environ.get("FINETUNE_DAGSTER_DIR") or str(StateLayout(root).dagster),
     }
+    if pg is not None:
+        env["FINETUNE_DAGSTER_POSTGRES_URL"] = pg.url("dagster")
+    mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI") or (pg.url("mlflow") if pg else None)
+    env["FINETUNE_MLFLOW_BACKEND_URI"] = mlflow_uri or f"sqlite:///{StateLayout(root).mlflow_db}"  # for `mlflow ui`
+    return env
+
+
+def postgres_init() -> list[str]:
+    """Create the profile's databases on the FINETUNE_POSTGRES_URL server where missing; returns those created."""
+    import psycopg2
+
+    pg = postgres_profile()
+    if pg is None:
+        raise SystemExit("set FINETUNE_POSTGRES_URL=postgresql://USER:PASSWORD@HOST:PORT first")
+    created = []
+    conn = psycopg2.connect(pg.database_url("postgres"))
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        for db in DATABASES.values():
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,))
+            if cur.fetchone() is None:
+                cur.execute(f'CREATE DATABASE "{db}"')
+                created.append(db)
+    conn.close()
+    print(f"databases {sorted(DATABASES.values())} ready ({', '.join(created) or 'none'} created)")
+    return created
 
 
 def _apply_env() -> dict[str, str]:
@@ -126,9 +157,8 @@ def _summary(pipeline: str) -> None:
 def lineage(model_uri: str) -> None:
     from finetune_pipeline.tracking.mlflow_store import configure, trace
 
-    _apply_env()
-    layout = StateLayout(state_root())
-    configure(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{layout.mlflow_db}", layout.mlflow_artifacts)
+    env = _apply_env()
+    configure(env["FINETUNE_MLFLOW_BACKEND_URI"], None)
     print(json.dumps(trace(model_uri), indent=2))
 
 
@@ -144,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     li = sub.add_parser("lineage", help="trace a registered model back to its runs and data")
     li.add_argument("model_uri")
     sub.add_parser("env", help="print shell exports for DAGSTER_HOME and the state root")
+    sub.add_parser("postgres-init", help="create the PostgreSQL profile's databases (FINETUNE_POSTGRES_URL)")
     a = ap.parse_args(argv)
     if a.cmd == "demo":
         demo(a.pipeline)
@@ -151,9 +182,11 @@ def main(argv: list[str] | None = None) -> None:
         register_drops(a.pipeline)
     elif a.cmd == "lineage":
         lineage(a.model_uri)
+    elif a.cmd == "postgres-init":
+        postgres_init()
     else:
         for k, v in dagster_env().items():
-            print(f"export {k}={v}")
+            print(f"export {k}={shlex.quote(v)}")
 
 
 if __name__ == "__main__":

@@ -54,3 +54,33 @@ def token_histogram(lengths: dict[str, np.ndarray], max_length: int) -> bytes:
     ax.set_ylabel("rows")
     ax.legend()
     return _png(fig)
+
+
+def study_plots(study_name: str, storage_uri: str) -> dict[str, bytes]:
+    """The sweep's optimisation history (each finished trial's value and the best so far) and, with two or more
+    completed trials, Optuna's parameter importances (fANOVA)."""
+    import optuna
+
+    study = optuna.load_study(study_name=study_name, storage=storage_uri)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    out: dict[str, bytes] = {}
+    if not done:
+        return out
+    fig, ax = _figure((5.5, 3))
+    xs, ys = [t.number for t in done], [float(t.value) for t in done]  # type: ignore[arg-type]
+    ax.scatter(xs, ys, label="trial")
+    ax.step(xs, np.minimum.accumulate(ys), where="post", color="red", label="best so far")
+    pruned = [t.number for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    for n in pruned:
+        ax.axvline(n, color="grey", alpha=0.3)
+    ax.set_xlabel("trial (grey: pruned)")
+    ax.set_ylabel("validation loss")
+    ax.legend()
+    out["optimisation_history"] = _png(fig)
+    if len(done) >= 2 and len({tuple(sorted(t.params.items())) for t in done}) >= 2:
+        imp = optuna.importance.get_param_importances(study)
+        fig, ax = _figure((5, 0.5 + 0.4 * len(imp)))
+        ax.barh(list(imp)[::-1], list(imp.values())[::-1])
+        ax.set_xlabel("importance (fANOVA)")
+        out["param_importances"] = _png(fig)
+    return out

@@ -421,6 +421,21 @@ class TrainingSpec(_Strict):
         return self
 
 
+class K8sSpec(_Strict):
+    """Where the training child runs with ``runtime.launcher: k8s`` (dagster-k8s' Pipes client starts a pod)."""
+
+    image: str = Field(
+        description="Container image with this project installed (the same version as the Dagster code)."
+    )
+    namespace: str = Field("default", description="Kubernetes namespace of the training pod.")
+    state_pvc: str = Field(
+        description="PersistentVolumeClaim holding the state root (FINETUNE_HOME); it is mounted in the pod at the "
+        "same path, so the request, checkpoints and adapter are where the Dagster side expects them."
+    )
+    gpus: int = Field(0, ge=0, description="nvidia.com/gpu limit of the training container (0 = CPU only).")
+    service_account: str | None = Field(None, description="Service account of the pod (default: the namespace's).")
+
+
 class RuntimeSpec(_Strict):
     """How a training run is launched and observed. None of it changes what is learned, so none of it is part of
     the adapter's cache key: changing it never retrains."""
@@ -445,10 +460,16 @@ class RuntimeSpec(_Strict):
         description="Check on the adapter: share of sampled validation prompts whose tuned generation reaches EOS.",
     )
     eos_check_samples: int = Field(8, ge=0, description="Validation prompts generated for the EOS check (0 = off).")
-    launcher: Literal["python", "accelerate"] = Field(
+    launcher: Literal["python", "accelerate", "k8s"] = Field(
         "python",
-        description="How the training child process starts: 'python' (one process) or 'accelerate' "
-        "(accelerate launch with num_processes, e.g. one per GPU).",
+        description="How the training child process starts: 'python' (one process), 'accelerate' (accelerate "
+        "launch with training.num_processes, e.g. one per GPU) or 'k8s' (a pod through dagster-k8s, see k8s).",
+    )
+    k8s: K8sSpec | None = Field(None, description="The training pod, with launcher: k8s.")
+    accelerate_config: str | None = Field(
+        None,
+        description="With launcher: accelerate, accelerate's own config file (FSDP, DeepSpeed, mixed precision), "
+        "relative to the spec file; default: ACCELERATE_CONFIG_FILE or accelerate's default config, if present.",
     )
 
 
@@ -481,9 +502,22 @@ class SweepSpec(_Strict):
     max_minutes: float | None = Field(
         None,
         gt=0,
-        description="Time budget of the whole sweep: each trial gets an equal share (training.max_minutes of the "
-        "trial), turned into its step count by the calibration.",
+        description="Wall-time budget of the whole sweep: each trial gets an equal share (times parallel_trials) as "
+        "its training.max_minutes, turned into its step count by the calibration, and no new trial starts after it.",
     )
+    eval_steps: int = Field(
+        0,
+        ge=0,
+        description="Each trial reports its validation loss every N steps (the pruner decides on these); "
+        "0 = twice per trial (max_steps // 2).",
+    )
+    parallel_trials: int = Field(
+        1,
+        gt=0,
+        description="Trials trained at once, each in its own child process, sharing the study's storage "
+        "(on one machine: mind its memory and cores).",
+    )
+
     pruner: Literal["median", "none"] = Field("median", description="Optuna pruner for unpromising trials.")
     seed: int = Field(0, description="Sampler seed (TPE).")
     search_space: dict[str, SearchParam] = Field(
@@ -581,8 +615,10 @@ class PipelineSpec(_Strict):
             raise ValueError("cleaning.min_tokens must be <= cleaning.max_tokens")
         if (self.training.max_minutes or self.sweep.max_minutes) and not self.runtime.calibration_steps:
             raise ValueError("training.max_minutes / sweep.max_minutes need runtime.calibration_steps > 0")
-        if self.training.num_processes > 1 and self.runtime.launcher != "accelerate":
-            raise ValueError("training.num_processes > 1 needs runtime.launcher: accelerate")
+        if self.training.num_processes > 1 and self.runtime.launcher == "python":
+            raise ValueError("training.num_processes > 1 needs runtime.launcher: accelerate (or k8s)")
+        if self.runtime.launcher == "k8s" and self.runtime.k8s is None:
+            raise ValueError("runtime.launcher: k8s needs runtime.k8s (image, state_pvc)")
         return self
 
     def with_overrides(self, params: dict[str, Any]) -> PipelineSpec:

@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 
 from finetune_pipeline.spec import RuntimeSpec, SpecError, parse_spec
-from finetune_pipeline.training.launch import CHILD_MODULE, child_command
 
 BASE = "name: p\nsource: {incoming_dir: in}\nregistry: {model_name: m}\n"
 
@@ -45,13 +44,6 @@ def test_moved_fields_say_where_they_went() -> None:
     assert (
         "evaluation.min_improvement_over_base: moved: this setting is now registry.min_improvement_over_base" in joined
     )
-
-
-def test_launcher_commands() -> None:
-    assert child_command(RuntimeSpec(), python="py") == ["py", "-m", CHILD_MODULE]
-    cmd = child_command(RuntimeSpec(launcher="accelerate"), num_processes=4, python="py")
-    assert cmd[:3] == ["py", "-m", "accelerate.commands.launch"]
-    assert cmd[cmd.index("--num_processes") + 1] == "4" and "--multi_gpu" in cmd and cmd[-2:] == ["-m", CHILD_MODULE]
 
 
 def test_chat_template_auto_and_errors(tiny_model: Path, tmp_path: Path) -> None:

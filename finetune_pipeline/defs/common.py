@@ -12,6 +12,7 @@ import pandas as pd
 from finetune_pipeline.keys import code_version
 from finetune_pipeline.spec import LoadedSpec
 from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
+from finetune_pipeline.training.launch import ChildLaunch
 
 
 def key(spec: LoadedSpec, name: str) -> dg.AssetKey:
@@ -39,12 +40,19 @@ def logger(context: dg.AssetExecutionContext) -> Callable[[str], None]:
     return lambda msg: context.log.info(msg)
 
 
-def pipes_launch(context: dg.AssetExecutionContext) -> Callable[[list[str], dict[str, str]], dict[str, Any]]:
-    """Runs a child process through Dagster Pipes (its logs stream into the run) and returns what it reported."""
+def pipes_launch(context: dg.AssetExecutionContext) -> Callable[[ChildLaunch], dict[str, Any]]:
+    """Runs the training child through Dagster Pipes (its logs stream into the run) and returns what it reported:
+    a local subprocess, or a Kubernetes pod through dagster-k8s' Pipes client (``runtime.launcher: k8s``)."""
 
-    def launch(command: list[str], extras: dict[str, str]) -> dict[str, Any]:
-        client = dg.PipesSubprocessClient(env={"PYTHONUNBUFFERED": "1"})
-        reported = client.run(command=command, context=context, extras=extras).get_materialize_result()
+    def launch(how: ChildLaunch) -> dict[str, Any]:
+        if how.k8s is not None:
+            from dagster_k8s import PipesK8sClient
+
+            run = PipesK8sClient().run(context=context, extras=how.extras, command=how.command, **how.k8s)
+        else:
+            client = dg.PipesSubprocessClient(env={"PYTHONUNBUFFERED": "1"})
+            run = client.run(command=how.command, context=context, extras=how.extras)
+        reported = run.get_materialize_result()
         return {k: getattr(v, "value", v) for k, v in (reported.metadata or {}).items()}
 
     return launch

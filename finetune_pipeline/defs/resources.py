@@ -30,28 +30,34 @@ class StateStore(dg.ConfigurableResource):
 
 
 class MlflowTracking(dg.ConfigurableResource):
-    """MLflow tracking + registry. Empty tracking_uri = SQLite under the state root."""
+    """MLflow tracking + registry. Empty tracking_uri = the PostgreSQL profile's database, else SQLite under the state
+    root; empty artifact_root = FINETUNE_ARTIFACT_URI, else a folder under the state root."""
 
     tracking_uri: str = ""
     artifact_root: str = ""
     ui_url: str = "http://127.0.0.1:5000"
 
     def target(self, state: StateStore) -> TrackingTarget:
-        layout = state.layout()
+        """Explicit settings first, then the PostgreSQL profile (FINETUNE_POSTGRES_URL, read now, never stored),
+        then SQLite and artifacts under the state root."""
+        layout, pg = state.layout(), paths.postgres_profile()
+        default_uri = pg.url("mlflow") if pg else f"sqlite:///{layout.mlflow_db}"
         return TrackingTarget(
-            tracking_uri=self.tracking_uri or f"sqlite:///{layout.mlflow_db}",
-            artifact_root=Path(self.artifact_root) if self.artifact_root else layout.mlflow_artifacts,
+            tracking_uri=self.tracking_uri or default_uri,
+            artifact_root=self.artifact_root or paths.artifact_uri() or str(layout.mlflow_artifacts),
             ui_url=self.ui_url,
         )
 
 
 class OptunaStorage(dg.ConfigurableResource):
-    """Optuna RDB storage. Empty = SQLite under the state root; a shared database lets trials run on many workers."""
+    """Optuna RDB storage. Empty = the PostgreSQL profile's database, else SQLite under the state root; a shared
+    database lets trials run on many workers."""
 
     storage_uri: str = ""
 
     def uri_for(self, state: StateStore) -> str:
-        return self.storage_uri or f"sqlite:///{state.layout().optuna_db}"
+        pg = paths.postgres_profile()
+        return self.storage_uri or (pg.url("optuna") if pg else f"sqlite:///{state.layout().optuna_db}")
 
 
 def _env(name: str) -> dg.EnvVar | str:

@@ -17,6 +17,7 @@ from finetune_pipeline.stages.adapter import AdapterOutcome, train_adapter
 from finetune_pipeline.stages.base import provision_base
 from finetune_pipeline.stages.sweep import sweep
 
+TRAINING_POOL = "finetune_training"  # Dagster concurrency pool: its slots (dagster.yaml) bound concurrent training
 BASE, SWEEP, ADAPTER = "finetune_pipeline.stages.base", "finetune_pipeline.stages.sweep", adapter_stage.CODE
 
 
@@ -52,6 +53,7 @@ def sweep_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
         group_name=spec.name,
         code_version=code_version(SWEEP),
         kinds={"optuna", "mlflow"},
+        pool=TRAINING_POOL,
     )
     def hyperparameter_sweep(
         context: dg.AssetExecutionContext, state: StateStore, mlflow_tracking: MlflowTracking, optuna: OptunaStorage
@@ -64,6 +66,7 @@ def sweep_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
             optuna.uri_for(state),
             target,
             lineage(context, spec, SWEEP),
+            launch=pipes_launch(context),
             log=logger(context),
         )
         rec = out.record
@@ -77,6 +80,8 @@ def sweep_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
                 "study": rec.study,
                 "trials": dg.MetadataValue.json(rec.trials),
                 "reused": out.reused,
+                "trial_steps": out.trial_steps,
+                **{name: png_markdown(png, name.replace("_", " ")) for name, png in out.plots.items()},
                 **mlflow_link(target, out.experiment, rec.mlflow_run_id),
             },
             data_version=dg.DataVersion(out.data_version),
@@ -96,6 +101,7 @@ def adapter_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
         group_name=spec.name,
         code_version=code_version(*ADAPTER),
         kinds={"pytorch", "peft", "mlflow"},
+        pool=TRAINING_POOL,
         check_specs=[
             dg.AssetCheckSpec(
                 "generations_end",

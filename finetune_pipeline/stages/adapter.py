@@ -15,12 +15,12 @@ from finetune_pipeline.stages.datasets import log_splits
 from finetune_pipeline.stages.sweep import finished_sweep
 from finetune_pipeline.tracking import mlflow_store
 from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
-from finetune_pipeline.training.launch import CHILD_MODULE, PID_FILE, child_command
+from finetune_pipeline.training.launch import CHILD_MODULE, PID_FILE, ChildLaunch, child_launch
 from finetune_pipeline.training.sft import RESULT_FILE, TrainRequest, TrainResult
 
 LogFn = Callable[[str], None]
-# Starts the training child and waits for it: (command, extras for the child) -> the metadata the child reported.
-Launch = Callable[[list[str], dict[str, str]], dict[str, Any]]
+# Starts the training child and waits for it -> the metadata the child reported (through Dagster Pipes).
+Launch = Callable[[ChildLaunch], dict[str, Any]]
 CODE = (__name__, CHILD_MODULE)  # what an adapter's key and the asset's code version hash
 
 
@@ -88,9 +88,11 @@ def train_adapter(
             eos_max_new_tokens=tuned.evaluation.max_new_tokens,
         )
         req.save(layout.train_request(key))
-        cmd = child_command(tuned.runtime, tuned.training.num_processes)
-        log(f"training child: {' '.join(cmd)} (request {layout.train_request(key)})")
-        reported = launch(cmd, {"request": str(layout.train_request(key))})
+        how = child_launch(
+            tuned.runtime, tuned.training.num_processes, layout.train_request(key), layout.state.root, spec.base_dir
+        )
+        log(f"training child: {' '.join(how.command)} (request {layout.train_request(key)})")
+        reported = launch(how)
         result = TrainResult.load(work / RESULT_FILE)
         rec = AdapterRecord(
             adapter_key=key,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from finetune_pipeline import keys
 from finetune_pipeline.hashing import short_hash
@@ -12,6 +13,7 @@ from finetune_pipeline.spec import LoadedSpec
 from finetune_pipeline.stages.datasets import log_splits
 from finetune_pipeline.tracking import mlflow_store
 from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
+from finetune_pipeline.training.launch import ChildLaunch
 
 LogFn = Callable[[str], None]
 CODE = __name__  # the study depends on this module and the training code it reaches
@@ -23,6 +25,8 @@ class SweepOutcome:
     reused: bool
     trials_run_now: int
     experiment: str
+    plots: dict[str, bytes]  # optimisation history, parameter importances (PNG)
+    trial_steps: int = 0
 
     @property
     def data_version(self) -> str:
@@ -48,16 +52,19 @@ def sweep(
     storage_uri: str,
     tracking: TrackingTarget,
     lineage: Lineage,
+    launch: Callable[[ChildLaunch], dict[str, Any]] | None = None,
     log: LogFn = print,
 ) -> SweepOutcome:
-    """Run (or reuse) the study; trials already in the storage count toward sweep.n_trials."""
-    from finetune_pipeline.tuning.sweep import TrialReport, run_sweep
+    """Run (or reuse) the study; trials already in the storage count toward sweep.n_trials. Each trial trains in a
+    child process started by ``launch`` (the asset passes its Dagster Pipes launch; default: a plain subprocess)."""
+    from finetune_pipeline.plots import study_plots
+    from finetune_pipeline.tuning.sweep import TrialReport, run_sweep, subprocess_launch
 
     exp = mlflow_store.experiment_for(tracking, spec.name)
     done = finished_sweep(layout, spec)
     if done is not None:
         log(f"sweep {done.study} already finished for this data (MLflow run {done.mlflow_run_id}): reusing it")
-        return SweepOutcome(done, True, 0, exp)
+        return SweepOutcome(done, True, 0, exp, study_plots(done.study, storage_uri))
     manifest, base, frames = layout.read_manifest(), layout.read_base(), layout.read_split_frames()
     name = current_study(layout, spec)
 
@@ -77,6 +84,7 @@ def sweep(
             work_dir=layout.sweep,
             log=log,
             on_trial=on_trial,
+            launch=launch or subprocess_launch,
         )
         mlflow_store.log_metrics({"best_eval_loss": res.best_value})
         mlflow_store.log_params({f"best.{p}": v for p, v in res.best_params.items()})
@@ -92,4 +100,4 @@ def sweep(
         trials=res.trials,
     )
     rec.save(layout.sweep_record)
-    return SweepOutcome(rec, False, res.n_run_now, exp)
+    return SweepOutcome(rec, False, res.n_run_now, exp, study_plots(rec.study, storage_uri), res.trial_steps)

@@ -48,31 +48,37 @@ class TrackingTarget:
     """Where runs and models are recorded, and the UI that shows them (from the Dagster resource)."""
 
     tracking_uri: str
-    artifact_root: Path | None
+    artifact_root: str | None  # a local folder or a URI (s3://..., file://...)
     ui_url: str = "http://127.0.0.1:5000"
 
     def run_url(self, experiment: str, run_id: str) -> str:
         return f"{self.ui_url.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
 
 
-def configure(tracking_uri: str, artifact_root: Path | None) -> None:
+def configure(tracking_uri: str, artifact_root: str | Path | None) -> None:
     import mlflow
 
     if tracking_uri.startswith("sqlite:///"):
         Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    if artifact_root is not None:
-        artifact_root.mkdir(parents=True, exist_ok=True)
+    if artifact_root is not None and "://" not in str(artifact_root):
+        Path(artifact_root).mkdir(parents=True, exist_ok=True)
 
 
-def experiment_id(name: str, artifact_root: Path | None) -> str:
+def experiment_id(name: str, artifact_root: str | Path | None) -> str:
+    """The pipeline's experiment, created on first use with its artifacts under ``artifact_root/name``."""
     import mlflow
 
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return str(exp.experiment_id)
-    loc = (artifact_root / name).as_uri() if artifact_root is not None else None
+    if artifact_root is None:
+        loc = None
+    elif "://" in str(artifact_root):
+        loc = f"{str(artifact_root).rstrip('/')}/{name}"
+    else:
+        loc = (Path(artifact_root).resolve() / name).as_uri()
     return str(mlflow.create_experiment(name, artifact_location=loc))
 
 

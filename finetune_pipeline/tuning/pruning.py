@@ -14,13 +14,20 @@ from transformers import TrainerCallback
 
 
 class PruneOnEval(TrainerCallback):
+    """Reports each validation loss to the trial (its storage is shared, so the pruner compares with the other
+    trials, in this process or another) and stops the run when the pruner says so."""
+
     def __init__(self, trial: optuna.Trial) -> None:
         self.trial = trial
+        self.history: list[tuple[int, float]] = []  # (step, validation loss) reported so far
+        self.last_step = 0
 
     def on_evaluate(
         self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None = None, **kw: Any
     ) -> None:
         if metrics and "eval_loss" in metrics:
+            self.last_step = int(state.global_step)
+            self.history.append((self.last_step, float(metrics["eval_loss"])))
             self.trial.report(float(metrics["eval_loss"]), state.global_step)
             if self.trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at step {state.global_step}")

@@ -8,14 +8,19 @@ reports every finished trial through ``on_trial`` and imports no tracking librar
 
 from __future__ import annotations
 
-import math
+import sys
+import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from finetune_pipeline.spec import PipelineSpec, SearchParam, SweepSpec, TrainingSpec
-from finetune_pipeline.training.sft import TrainRequest, train
+from finetune_pipeline.training.launch import ChildLaunch
+from finetune_pipeline.training.sft import TrainRequest
+from finetune_pipeline.tuning.trials import CHILD_MODULE as TRIAL_CHILD
+from finetune_pipeline.tuning.trials import TrialOutcome, TrialRequest, outcome_path
 
 LogFn = Callable[[str], None]
 
@@ -29,6 +34,7 @@ class SweepResult:
     n_pruned: int
     n_run_now: int
     trials: list[dict[str, Any]]
+    trial_steps: int = 0  # training steps all trials of the study spent (pruned ones stop early)
 
 
 @dataclass(frozen=True)
@@ -45,11 +51,11 @@ class TrialReport:
 
 
 def trial_training(training: TrainingSpec, sweep: SweepSpec) -> TrainingSpec:
-    """The training settings of every trial: ``sweep.max_steps`` steps, validation twice (feeds the pruner), and
-    an equal share of ``sweep.max_minutes`` as the trial's time budget. The spec's own max_steps / num_train_epochs /
-    max_minutes / eval_steps do not reach a trial."""
-    every = max(1, sweep.max_steps // 2)
-    minutes = sweep.max_minutes / sweep.n_trials if sweep.max_minutes else None
+    """The training settings of every trial: ``sweep.max_steps`` steps, validation every ``sweep.eval_steps`` (default
+    twice; feeds the pruner), and an equal share of ``sweep.max_minutes`` (times the trials running at once) as the
+    trial's time budget. The spec's own max_steps / num_train_epochs / max_minutes / eval_steps do not reach a trial."""
+    every = sweep.eval_steps or max(1, sweep.max_steps // 2)
+    minutes = sweep.max_minutes * sweep.parallel_trials / sweep.n_trials if sweep.max_minutes else None
     return TrainingSpec.model_validate(
         {
             **training.model_dump(mode="json"),
@@ -61,12 +67,21 @@ def trial_training(training: TrainingSpec, sweep: SweepSpec) -> TrainingSpec:
     )
 
 
-def suggest(trial: Any, name: str, p: SearchParam) -> Any:
-    if p.type == "categorical":
-        return trial.suggest_categorical(name, p.choices)
-    if p.type == "int":
-        return trial.suggest_int(name, int(p.low), int(p.high), log=p.log)  # type: ignore[arg-type]
-    return trial.suggest_float(name, float(p.low), float(p.high), log=p.log)  # type: ignore[arg-type]
+def make_pruner(kind: str) -> Any:
+    """The study's pruner; parent and trial children build the same one (Optuna does not store it)."""
+    import optuna
+
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    return optuna.pruners.NopPruner()
+
+
+def subprocess_launch(how: ChildLaunch) -> dict[str, Any]:
+    """Runs a child as a plain subprocess (library callers without Dagster); the asset passes its Pipes launch."""
+    import subprocess
+
+    subprocess.run(how.command, check=False)
+    return {}
 
 
 def run_sweep(
@@ -80,66 +95,90 @@ def run_sweep(
     work_dir: Path,
     log: LogFn = print,
     on_trial: Callable[[TrialReport], None] | None = None,
+    launch: Callable[[ChildLaunch], dict[str, Any]] = subprocess_launch,
 ) -> SweepResult:
-    import optuna
+    """Run the study's missing trials, ``sweep.parallel_trials`` at a time, each in its own child process.
 
-    from finetune_pipeline.tuning.pruning import PruneOnEval
+    Trials already finished in the storage count toward ``sweep.n_trials``; trials left RUNNING by a sweep that was
+    killed are marked FAIL and their parameters are tried again."""
+    import optuna
 
     sweep = spec.sweep
     if storage_uri.startswith("sqlite:///"):
         Path(storage_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    pruner = (
-        optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
-        if sweep.pruner == "median"
-        else optuna.pruners.NopPruner()
-    )
     study = optuna.create_study(
         study_name=study_name,
         storage=storage_uri,
         direction="minimize",
-        sampler=optuna.samplers.TPESampler(seed=sweep.seed),
-        pruner=pruner,
+        sampler=optuna.samplers.TPESampler(seed=sweep.seed, constant_liar=sweep.parallel_trials > 1),
+        pruner=make_pruner(sweep.pruner),
         load_if_exists=True,
     )
-    finished = [
-        t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    ]
-    remaining = max(0, sweep.n_trials - len(finished))
-    log(f"study {study_name}: {len(finished)} trial(s) already done, running {remaining}")
+    _retry_interrupted(study, log)
+    done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    remaining = max(0, sweep.n_trials - len(study.get_trials(states=done_states)))
+    log(
+        f"study {study_name}: {sweep.n_trials - remaining} trial(s) already done, running {remaining}, "
+        f"{sweep.parallel_trials} at a time"
+    )
     report = on_trial or (lambda r: None)
 
-    def objective(trial: Any) -> float:
-        params = {k: suggest(trial, k, p) for k, p in sweep.search_space.items()}
-        log(f"trial {trial.number}: {params}")
+    def start(trial: Any) -> tuple[Any, TrialOutcome]:
+        params = {k: trial.params[k] for k in sweep.search_space}
         trial_spec = spec.with_overrides(params)
-        req = TrainRequest(
-            base_path=base_path,
-            model=trial_spec.model,
-            training=trial_training(trial_spec.training, sweep),
-            runtime=spec.runtime,
-            train_messages=train_messages,
-            eval_messages=val_messages,
-            output_dir=work_dir / f"trial-{trial.number}",
-            save=False,
+        folder = work_dir / f"trial-{trial.number}"
+        req = TrialRequest(
+            study_name=study_name,
+            storage_uri=storage_uri,
+            trial_id=trial._trial_id,
+            number=trial.number,
+            params=params,
+            pruner=sweep.pruner,
+            train=TrainRequest(
+                base_path=base_path,
+                model=trial_spec.model,
+                training=trial_training(trial_spec.training, sweep),
+                runtime=spec.runtime,
+                train_messages=train_messages,
+                eval_messages=val_messages,
+                output_dir=folder,
+                save=False,
+            ),
         )
-        try:
-            res = train(req, log=lambda m: log(f"trial {trial.number}: {m}"), extra_callbacks=[PruneOnEval(trial)])
-        except optuna.TrialPruned:
-            log(f"trial {trial.number}: pruned")
-            report(TrialReport(trial.number, params, "PRUNED"))
-            raise
-        except Exception:
-            report(TrialReport(trial.number, params, "FAIL"))
-            raise
-        if math.isnan(res.eval_loss):
-            report(TrialReport(trial.number, params, "FAIL", None, res.tokens_per_second, res.loss_history))
-            raise ValueError("trial produced no validation loss: the validation split is empty")
-        report(TrialReport(trial.number, params, "COMPLETE", res.eval_loss, res.tokens_per_second, res.loss_history))
-        return res.eval_loss
+        path = req.save(folder / "trial_request.json")
+        outcome_path(path).unlink(missing_ok=True)
+        launch(ChildLaunch([sys.executable, "-m", TRIAL_CHILD, str(path)], {"request": str(path)}))
+        if not outcome_path(path).exists():
+            return trial, TrialOutcome(
+                number=trial.number, state="FAIL", error="the trial child ended without an outcome"
+            )
+        return trial, TrialOutcome.load(outcome_path(path))
 
-    if remaining:
-        study.optimize(objective, n_trials=remaining, gc_after_trial=True)
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    with ThreadPoolExecutor(max_workers=sweep.parallel_trials) as pool:
+        pending: set[Any] = set()
+        asked = 0
+        deadline = time.monotonic() + 60 * sweep.max_minutes if sweep.max_minutes else None
+        while (asked < remaining and not _past(deadline)) or pending:
+            while asked < remaining and len(pending) < sweep.parallel_trials and not _past(deadline):
+                trial = study.ask({k: _distribution(p) for k, p in sweep.search_space.items()})
+                log(f"trial {trial.number}: {trial.params}")
+                pending.add(pool.submit(start, trial))
+                asked += 1
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in finished:
+                trial, out = f.result()
+                _tell(study, trial, out, log)
+                report(
+                    TrialReport(
+                        trial.number,
+                        dict(trial.params),
+                        out.state,
+                        out.eval_loss,
+                        out.tokens_per_second,
+                        out.loss_history,
+                    )
+                )
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise RuntimeError(f"sweep {study_name}: no trial completed; see the trial logs above")
     trials = [
@@ -152,6 +191,48 @@ def run_sweep(
         best_value=float(study.best_value),
         n_complete=len(complete),
         n_pruned=sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials),
-        n_run_now=remaining,
+        n_run_now=asked,
         trials=trials,
+        trial_steps=sum(int(t.user_attrs.get("steps", 0)) for t in study.trials),
     )
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def _retry_interrupted(study: Any, log: LogFn) -> None:
+    """Trials a killed sweep left RUNNING are marked FAIL, and their parameters queued to be tried again."""
+    import optuna
+
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(t.params, skip_if_exists=False)
+        log(
+            f"trial {t.number} was interrupted (left running by an earlier sweep): marked failed, parameters queued again"
+        )
+
+
+def _tell(study: Any, trial: Any, out: TrialOutcome, log: LogFn) -> None:
+    import optuna
+
+    trial.set_user_attr("steps", out.steps)
+    if out.state == "COMPLETE":
+        study.tell(trial, out.eval_loss)
+        log(f"trial {trial.number}: eval_loss {out.eval_loss:.4f} after {out.steps} steps")
+    elif out.state == "PRUNED":
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        log(f"trial {trial.number}: pruned at step {out.steps}")
+    else:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        log(f"trial {trial.number}: failed: {out.error}")
+
+
+def _distribution(p: SearchParam) -> Any:
+    import optuna
+
+    if p.type == "categorical":
+        return optuna.distributions.CategoricalDistribution(p.choices)  # type: ignore[arg-type]
+    if p.type == "int":
+        return optuna.distributions.IntDistribution(int(p.low), int(p.high), log=p.log)  # type: ignore[arg-type]
+    return optuna.distributions.FloatDistribution(float(p.low), float(p.high), log=p.log)  # type: ignore[arg-type]

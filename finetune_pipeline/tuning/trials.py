@@ -1,0 +1,85 @@
+"""One sweep trial as its own child process: the request it reads, what it leaves behind, and the code it runs.
+
+The parent (``sweep.run_sweep``) asks Optuna for a trial, writes a ``TrialRequest`` and starts
+``python -m finetune_pipeline.tuning.trial_child REQUEST`` (through Dagster Pipes, like the adapter). The child loads
+the study from the shared storage, reports every validation loss to its trial (the pruner decides there, across
+processes) and writes a ``TrialOutcome``; the parent then tells the study. No tracking library here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from finetune_pipeline.layout import Record
+from finetune_pipeline.training.sft import TrainRequest
+
+CHILD_MODULE = "finetune_pipeline.tuning.trial_child"
+OUTCOME_FILE = "trial_outcome.json"
+
+
+class TrialRequest(Record):
+    """What a trial child needs: where the study lives, which trial it is, and what to train."""
+
+    study_name: str
+    storage_uri: str
+    trial_id: int  # Optuna's id of the trial in the storage (not its number)
+    number: int
+    params: dict[str, object]
+    pruner: str  # sweep.pruner: the child builds the same pruner (Optuna does not store it with the study)
+    train: TrainRequest
+
+
+class TrialOutcome(Record):
+    """What a trial child leaves in its folder: how the trial ended, its validation loss and curves."""
+
+    number: int
+    state: Literal["COMPLETE", "PRUNED", "FAIL"]
+    eval_loss: float | None = None
+    tokens_per_second: float | None = None
+    steps: int = 0
+    loss_history: list[tuple[int, float]] = []
+    error: str = ""
+    started: float = 0.0  # wall clock (time.time()) when training began and ended in the child
+    ended: float = 0.0
+
+
+def run_trial(req: TrialRequest, log: Callable[[str], None] = print) -> TrialOutcome:
+    """Train one trial, reporting validation losses to its Optuna trial; pruned when the study's pruner says so."""
+    import optuna
+
+    from finetune_pipeline.training.sft import train
+    from finetune_pipeline.tuning.pruning import PruneOnEval
+    from finetune_pipeline.tuning.sweep import make_pruner
+
+    study = optuna.load_study(study_name=req.study_name, storage=req.storage_uri, pruner=make_pruner(req.pruner))
+    trial = optuna.trial.Trial(study, req.trial_id)
+    prune = PruneOnEval(trial)
+    started = time.time()
+    try:
+        res = train(req.train, log=log, extra_callbacks=[prune])
+    except optuna.TrialPruned as exc:
+        log(f"pruned: {exc}")
+        return TrialOutcome(
+            number=req.number, state="PRUNED", steps=prune.last_step, started=started, ended=time.time()
+        )
+    if math.isnan(res.eval_loss):
+        msg = "the trial produced no validation loss: the validation split is empty"
+        return TrialOutcome(number=req.number, state="FAIL", error=msg, steps=res.steps)
+    return TrialOutcome(
+        number=req.number,
+        state="COMPLETE",
+        eval_loss=res.eval_loss,
+        tokens_per_second=res.tokens_per_second,
+        steps=res.steps,
+        loss_history=res.loss_history,
+        started=started,
+        ended=time.time(),
+    )
+
+
+def outcome_path(request: Path) -> Path:
+    return request.with_name(OUTCOME_FILE)

@@ -1,0 +1,82 @@
+"""Tier 2: the sweep's trials train in child processes sharing one Optuna storage (SQLite in a temp folder):
+several at once, pruned from their own reports, and a killed sweep resumes with its finished trials kept."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finetune_pipeline_tests.conftest import chat_row, make_spec
+
+ROWS = [json.dumps(chat_row(i)["messages"]) for i in range(40)]
+LORA = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
+TRAIN = {"per_device_train_batch_size": 4, "learning_rate": 5e-3, "max_length": 96, "seed": 3}
+RUNTIME = {"logging_steps": 1, "save_steps": 0, "calibration_steps": 0, "eos_check_samples": 0}
+
+
+def _sweep(tmp_path: Path, tiny_model: Path, study: str, **sweep):  # type: ignore[no-untyped-def]
+    from finetune_pipeline.tuning.sweep import run_sweep
+
+    space = {"learning_rate": {"type": "categorical", "choices": [5e-3, 2e-3, 1e-9]}}
+    settings = {"enabled": True, "max_steps": 4, "eval_steps": 1, "search_space": space, **sweep}
+    spec = make_spec(model=LORA, training=TRAIN, runtime=RUNTIME, sweep=settings)
+    reports: list = []
+    res = run_sweep(
+        study_name=study,
+        base_path=str(tiny_model),
+        spec=spec,
+        train_messages=ROWS[:32],
+        val_messages=ROWS[32:],
+        storage_uri=f"sqlite:///{tmp_path / 'optuna.db'}",
+        work_dir=tmp_path / "sweep",
+        log=lambda m: None,
+        on_trial=reports.append,
+    )
+    return res, reports
+
+
+def _study(tmp_path: Path, name: str):  # type: ignore[no-untyped-def]
+    import optuna
+
+    return optuna.create_study(study_name=name, storage=f"sqlite:///{tmp_path / 'optuna.db'}", load_if_exists=True)
+
+
+def test_parallel_trials_run_at_once_in_child_processes(tmp_path: Path, tiny_model: Path) -> None:
+    from finetune_pipeline.tuning.trials import OUTCOME_FILE, TrialOutcome
+
+    res, reports = _sweep(tmp_path, tiny_model, "par", n_trials=3, parallel_trials=2, pruner="none")
+    assert res.n_complete == 3 and res.n_run_now == 3 and len(reports) == 3
+    outs = [TrialOutcome.load(tmp_path / "sweep" / f"trial-{n}" / OUTCOME_FILE) for n in range(3)]
+    assert all(o.state == "COMPLETE" and o.steps == 4 for o in outs)
+    a, b = outs[0], outs[1]  # the first two started together
+    assert a.started < b.ended and b.started < a.ended, "two trials should have trained at the same time"
+    assert res.trial_steps == 12
+
+
+def test_the_pruner_stops_a_bad_trial_from_its_own_reports(tmp_path: Path, tiny_model: Path) -> None:
+    study = _study(tmp_path, "prune")
+    for lr in (5e-3, 2e-3, 1e-9):  # two good trials first, then one that cannot learn
+        study.enqueue_trial({"learning_rate": lr})
+    res, reports = _sweep(tmp_path, tiny_model, "prune", n_trials=3, parallel_trials=1, pruner="median")
+    assert [r.state for r in reports] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert res.n_pruned == 1 and res.trial_steps < 3 * 4  # the pruned trial stopped before its last step
+    assert res.best_params["learning_rate"] != pytest.approx(1e-9)
+
+
+def test_a_killed_sweep_resumes_keeping_finished_trials_and_retrying_the_interrupted(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    import optuna
+
+    first, _ = _sweep(tmp_path, tiny_model, "resume", n_trials=1, pruner="none")
+    study = _study(tmp_path, "resume")
+    study.enqueue_trial({"learning_rate": 2e-3})
+    lr = optuna.distributions.CategoricalDistribution([5e-3, 2e-3, 1e-9])
+    killed = study.ask({"learning_rate": lr})  # what a sweep killed mid-trial leaves: a RUNNING trial
+    assert killed.params == {"learning_rate": 2e-3}
+    res, reports = _sweep(tmp_path, tiny_model, "resume", n_trials=2, pruner="none")
+    states = {t.number: t.state for t in study.trials}
+    assert states[0] == optuna.trial.TrialState.COMPLETE  # kept, not re-run
+    assert states[killed.number] == optuna.trial.TrialState.FAIL  # marked failed ...
+    assert [(r.params, r.state) for r in reports] == [({"learning_rate": 2e-3}, "COMPLETE")]  # ... and retried
+    assert res.n_complete == 2 and res.n_run_now == 1 and first.n_complete == 1
