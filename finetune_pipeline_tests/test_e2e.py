@@ -50,8 +50,9 @@ def make_world(root: Path, tiny_model: Path, spec: str = SPEC) -> dict:
         (incoming / f"drop{i}.jsonl").write_text("".join(lines[:160]))
     (root / "specs").mkdir()
     (root / "specs" / "mini.yaml").write_text(spec.format(incoming=incoming, model=tiny_model))
+    # MLflow's own variables are not inherited: mlflow.set_tracking_uri in an earlier in-process test exports one
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
         "FINETUNE_HOME": str(root / "state"),
         "FINETUNE_SPECS": str(root / "specs"),
         "DAGSTER_HOME": str(REPO),
@@ -129,6 +130,7 @@ def mlflow_at(world: dict) -> Iterator[None]:
 
     uri = f"sqlite:///{world['root'] / 'state' / 'mlflow' / 'mlflow.db'}"
     before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
@@ -136,6 +138,11 @@ def mlflow_at(world: dict) -> Iterator[None]:
     finally:
         mlflow.set_tracking_uri(before[0])
         mlflow.set_registry_uri(before[1])
+        for k, v in saved.items():  # set_tracking_uri also exports the URI to the environment: put it back
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def latest(instance: dg.DagsterInstance, name: str) -> dict:
