@@ -204,10 +204,27 @@ class CleaningSpec(_Strict):
 class DedupSpec(_Strict):
     near: bool = Field(True, description="Remove near-duplicates (MinHash LSH) within and across drops.")
     near_threshold: float = Field(
-        0.8, gt=0, le=1, description="Word n-gram Jaccard similarity at or above which two rows are near-duplicates."
+        0.8,
+        gt=0,
+        le=1,
+        description="Word n-gram Jaccard similarity at or above which two rows are near-duplicates: the prompt side "
+        "and the answer side are compared separately (boilerplate excluded) and both must reach it.",
     )
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
     ngram: int = Field(3, ge=1, le=10, description="Word n-gram (shingle) size.")
+    boilerplate_share: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="Shingles found in more than this share of the rows (a shared system prompt, context, schema or "
+        "few-shot header) are ignored when comparing rows; 1 = compare everything.",
+    )
+    conflicts: Literal["keep_all", "keep_first", "quarantine"] = Field(
+        "keep_all",
+        description="Rows whose prompts are equal or near-equal (near_threshold) but whose answers differ are label "
+        "conflicts, always reported: keep_all keeps them, keep_first keeps the earliest, quarantine removes all of "
+        "them (reason 'conflict').",
+    )
 
 
 class SplitSpec(_Strict):

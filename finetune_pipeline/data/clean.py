@@ -105,7 +105,8 @@ def clean_file(
     timings["parse"] = time.perf_counter() - t0
     rejects: list[Reject] = list(read.rejects)
     frames: list[pd.DataFrame] = []
-    texts: list[pa.Array] = []
+    prompts: list[pa.Array] = []
+    finals: list[pa.Array] = []
     answers: list[pa.Array] = []
     t0 = time.perf_counter()
     pairs = [(t, f) for t, f in zip(read.tables, read.table_formats, strict=True) if t.num_rows]
@@ -136,19 +137,21 @@ def clean_file(
             if col:  # absent columns are added once, after the concat (object columns of None concat slowly)
                 f[name] = table.column(col).take(pa.array(ok)).to_numpy(zero_copy_only=False)
         frames.append(f)
-        texts.append(res.frame_text)
+        prompts.append(res.prompt_text)
+        finals.append(res.answer_text)
         answers.append(res.assistant_text)
     base_cols = ["messages", "content_hash", "n_messages", "chars", "source_line"]
     kept = pd.concat(frames, ignore_index=True) if frames else _empty(base_cols)
     for name in ("id", "label", "timestamp"):
         if name not in kept:
             kept[name] = None
-    text = pa.concat_arrays(texts) if texts else pa.array([], pa.string())
+    prompt = pa.concat_arrays(prompts) if prompts else pa.array([], pa.string())
+    final = pa.concat_arrays(finals) if finals else pa.array([], pa.string())
     answer = pa.concat_arrays(answers) if answers else pa.array([], pa.string())
     if len(set(read.table_formats)) > 1 and len(kept):  # a mixed file: rows back in file order
         order = np.argsort(kept["source_line"].to_numpy(), kind="stable")
         kept = kept.iloc[order].reset_index(drop=True)
-        text, answer = text.take(pa.array(order)), answer.take(pa.array(order))
+        prompt, final, answer = (x.take(pa.array(order)) for x in (prompt, final, answer))
     timings["normalise"] = time.perf_counter() - t0
 
     drop_mask = np.zeros(len(kept), bool)
@@ -232,8 +235,15 @@ def clean_file(
     if spec.dedup.near and alive.sum() > 1:
         t0 = time.perf_counter()
         live = np.flatnonzero(alive)
-        sub = text.take(pa.array(live)) if len(live) < len(kept) else text
-        nd = dedup.near_duplicates(dedup.shingle(sub, spec.dedup.ngram), spec.dedup.near_threshold, spec.dedup.num_perm)
+        pick = pa.array(live)
+        sides = dedup.side_shingles(
+            prompt.take(pick) if len(live) < len(kept) else prompt,
+            final.take(pick) if len(live) < len(kept) else final,
+            spec.dedup.ngram,
+        )
+        nd = dedup.near_duplicates(
+            sides, spec.dedup.near_threshold, spec.dedup.num_perm, boilerplate_share=spec.dedup.boilerplate_share
+        )
         if len(nd.row):
             rows, matched = live[nd.row], live[nd.matched]
             dups.append(

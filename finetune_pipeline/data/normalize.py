@@ -239,7 +239,8 @@ class Normalised:
     frame: (
         pd.DataFrame
     )  # one row per valid record: messages, content_hash, n_messages, chars, _key, _pos (input position)
-    frame_text: pa.Array  # per valid row: all message contents joined (for near-duplicate shingles)
+    prompt_text: pa.Array  # per valid row: every message's content but the last, joined (near-dedup prompt side)
+    answer_text: pa.Array  # per valid row: the final message's content (near-dedup answer side)
     assistant_text: pa.Array  # per valid row: the assistant turns joined (for the quality score)
     reject_rows: np.ndarray  # positions in the input table
     reject_reasons: np.ndarray
@@ -440,9 +441,23 @@ def normalise(
     assistant_text = pc.binary_join(
         pa.ListArray.from_arrays(pa.array(_sub_offsets(ok_counts, is_assist)), c_ok.filter(pa.array(is_assist))), "\n"
     )
-    text = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), c_ok), "\n")
+    not_last = np.ones(len(c_ok), bool)
+    not_last[offsets[1:][ok_counts > 0] - 1] = False
+    prompt_text = pc.binary_join(
+        pa.ListArray.from_arrays(pa.array(_sub_offsets(ok_counts, not_last)), c_ok.filter(pa.array(not_last))), "\n"
+    )
+    answer_text = c_ok.take(pa.array(np.maximum(offsets[1:] - 1, 0))) if len(c_ok) else c_ok
     bad = np.flatnonzero(~ok)
-    return Normalised(frame, text, assistant_text, bad, reason[bad].astype(str), [detail[int(r)] for r in bad], moved)
+    return Normalised(
+        frame,
+        prompt_text,
+        answer_text,
+        assistant_text,
+        bad,
+        reason[bad].astype(str),
+        [detail[int(r)] for r in bad],
+        moved,
+    )
 
 
 def _sub_offsets(counts: np.ndarray, mask: np.ndarray) -> np.ndarray:
