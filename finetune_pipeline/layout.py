@@ -214,6 +214,14 @@ class PipelineLayout:
         return self.splits / "test_train_leaks.parquet"
 
     @property
+    def conflicts(self) -> Path:
+        return self.splits / "conflicts.parquet"
+
+    @property
+    def conflict_quarantine(self) -> Path:
+        return self.splits / "conflict_quarantine.parquet"
+
+    @property
     def token_stats(self) -> Path:
         return self.splits / "token_stats.json"
 

@@ -112,24 +112,6 @@ def _subset(sh: Shingles, rows: np.ndarray) -> Shingles:
     return Shingles(sh.hashes[starts + np.arange(offsets[-1])], offsets)
 
 
-def _shared_counts(sh: Shingles) -> np.ndarray:
-    """Per row: how many of its shingles also occur elsewhere in the batch (an upper bound: hashes are
-    truncated to make room for the row number, which can only add collisions).
-
-    One plain sort of (hash | row) keys instead of an argsort or a hash table: much faster on large batches."""
-    n = len(sh.offsets) - 1
-    row_bits = max(1, int(n - 1).bit_length())
-    rows = np.repeat(np.arange(n, dtype=np.uint64), sh.sizes)
-    keys = np.sort(((sh.hashes >> np.uint64(row_bits)) << np.uint64(row_bits)) | rows)
-    h = keys >> np.uint64(row_bits)
-    same = h[1:] == h[:-1]
-    dup = np.zeros(len(keys), bool)
-    dup[1:] |= same
-    dup[:-1] |= same
-    owner = (keys & np.uint64((1 << row_bits) - 1)).astype(np.int64)
-    return np.bincount(owner[dup], minlength=n)
-
-
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     if len(a) == 0 and len(b) == 0:
         return 1.0
@@ -187,55 +169,83 @@ def _side(sides: Shingles, which: int) -> Shingles:
     return _subset(sides, np.arange(n) * 2 + which)
 
 
-def _document_frequency(sh: Shingles) -> tuple[np.ndarray, np.ndarray, int]:
-    """Distinct truncated hashes and in how many entries each occurs (one sort of (hash | entry) keys)."""
-    n = len(sh.offsets) - 1
-    row_bits = max(1, int(n - 1).bit_length())
-    rows = np.repeat(np.arange(n, dtype=np.uint64), sh.sizes)
-    keys = np.unique(((sh.hashes >> np.uint64(row_bits)) << np.uint64(row_bits)) | rows)  # one per (hash, entry)
+@dataclass
+class SideStats:
+    """Per side entry, over distinct shingles that are not boilerplate: how many it has and how many of them also
+    occur in another entry; and the boilerplate shingles (hashes truncated by ``row_bits``)."""
+
+    sizes: np.ndarray
+    shared: np.ndarray
+    boilerplate: np.ndarray
+    row_bits: int
+
+
+def side_stats(sides: Shingles, share: float, min_rows: int = BOILERPLATE_MIN_ROWS) -> SideStats:
+    """One plain sort of (hash | entry) keys gives every shingle's document frequency, hence the boilerplate
+    (shingles in more than ``share`` of the rows and in at least ``min_rows`` rows) and the exact pre-filter's
+    counts. A shingle repeated inside one entry counts twice (an upper bound, like the hash truncation that makes
+    room for the entry number: both can only add candidates, never lose one)."""
+    n_entries = len(sides.offsets) - 1
+    row_bits = max(1, int(n_entries - 1).bit_length())
+    entry = np.repeat(np.arange(n_entries, dtype=np.uint64), sides.sizes)
+    keys = np.sort(((sides.hashes >> np.uint64(row_bits)) << np.uint64(row_bits)) | entry)
     h = keys >> np.uint64(row_bits)
-    start = np.flatnonzero(np.concatenate([[True], h[1:] != h[:-1]]))
-    df = np.diff(np.concatenate([start, [len(h)]]))
-    return h[start] << np.uint64(row_bits), df, row_bits
+    owner = (keys & np.uint64((1 << row_bits) - 1)).astype(np.int64)
+    same = h[1:] == h[:-1]
+    dup = np.zeros(len(keys), bool)
+    dup[1:] |= same
+    dup[:-1] |= same
+    cutoff = max(share * (n_entries // 2), min_rows - 1) if share < 1 else np.inf
+    start = np.flatnonzero(np.concatenate([[True], ~same])) if len(keys) else np.zeros(0, np.int64)
+    df = np.diff(np.append(start, len(keys)))
+    boiler_group = df > cutoff
+    if not boiler_group.any():  # the usual case: nothing to drop
+        return SideStats(sides.sizes, np.bincount(owner[dup], minlength=n_entries), np.zeros(0, np.uint64), row_bits)
+    keep = ~np.repeat(boiler_group, df)
+    return SideStats(
+        sizes=np.bincount(owner[keep], minlength=n_entries),
+        shared=np.bincount(owner[keep & dup], minlength=n_entries),
+        boilerplate=h[start][boiler_group] << np.uint64(row_bits),
+        row_bits=row_bits,
+    )
 
 
-def remove_boilerplate(sides: Shingles, share: float, min_rows: int = BOILERPLATE_MIN_ROWS) -> tuple[Shingles, int]:
-    """Drop shingles that occur in more than ``share`` of the rows (and in at least ``min_rows`` rows): a shared
-    system prompt, retrieved context, schema or few-shot header says nothing about what distinguishes a row.
-    Returns the remaining shingles and how many distinct shingles were boilerplate."""
-    n_rows = (len(sides.offsets) - 1) // 2
-    if n_rows == 0 or len(sides.hashes) == 0 or share >= 1:
-        return sides, 0
-    cutoff = max(share * n_rows, min_rows - 1)
-    hashes, df, row_bits = _document_frequency(sides)
-    boiler = hashes[df > cutoff]
-    if len(boiler) == 0:
-        return sides, 0
-    truncated = (sides.hashes >> np.uint64(row_bits)) << np.uint64(row_bits)
-    keep = ~pd.Series(truncated).isin(boiler).to_numpy()  # hash-table lookup: no second sort
-    rows = np.repeat(np.arange(len(sides.offsets) - 1), sides.sizes)[keep]
+def remove_boilerplate(sides: Shingles, stats: SideStats) -> Shingles:
+    """Drop the boilerplate shingles: a shared system prompt, retrieved context, schema or few-shot header says
+    nothing about what distinguishes a row."""
+    if len(stats.boilerplate) == 0:
+        return sides
+    bits = np.uint64(stats.row_bits)
+    keep = ~pd.Series((sides.hashes >> bits) << bits).isin(stats.boilerplate).to_numpy()  # hash table: no sort
+    entry = np.repeat(np.arange(len(sides.offsets) - 1), sides.sizes)[keep]
     offsets = np.zeros(len(sides.offsets), np.int64)
-    np.cumsum(np.bincount(rows, minlength=len(sides.offsets) - 1), out=offsets[1:])
-    return Shingles(sides.hashes[keep], offsets), int(len(boiler))
+    np.cumsum(np.bincount(entry, minlength=len(sides.offsets) - 1), out=offsets[1:])
+    return Shingles(sides.hashes[keep], offsets)
 
 
-def _with_sentinels(sides: Shingles) -> Shingles:
+def _with_sentinels(sides: Shingles, stats: SideStats) -> Shingles:
     """Give every empty side one sentinel shingle, so that two rows with nothing distinctive on a side (no prompt,
-    or a prompt made only of boilerplate) compare as equal on that side."""
+    or a prompt made only of boilerplate) compare as equal on that side; ``stats`` counts updated in place."""
     sizes = sides.sizes
     empty = np.flatnonzero(sizes == 0)
     if len(empty) == 0:
         return sides
-    values = np.where(empty % 2 == 0, _EMPTY_PROMPT, _EMPTY_ANSWER).astype(np.uint64)
+    side = empty % 2
+    values = np.where(side == 0, _EMPTY_PROMPT, _EMPTY_ANSWER).astype(np.uint64)
     hashes = np.insert(sides.hashes, sides.offsets[empty], values)
     add = np.zeros(len(sizes), np.int64)
     add[empty] = 1
     offsets = np.zeros(len(sides.offsets), np.int64)
     np.cumsum(sizes + add, out=offsets[1:])
+    stats.sizes = stats.sizes + add
+    many = np.bincount(side, minlength=2) >= 2
+    stats.shared = stats.shared + add * many[np.arange(len(sizes)) % 2]
     return Shingles(hashes, offsets)
 
 
-def _candidate_pairs(sh: Shingles, rows: np.ndarray, threshold: float, num_perm: int) -> np.ndarray:
+def _candidate_pairs(
+    sh: Shingles, rows: np.ndarray, threshold: float, num_perm: int, sizes: np.ndarray, shared: np.ndarray
+) -> np.ndarray:
     """Pairs (earlier, later) of positions in ``sh`` whose shingle sets may reach the threshold: the exact
     pre-filter, then rensa MinHash LSH over the survivors, then the flagged rows banded again here.
 
@@ -246,9 +256,8 @@ def _candidate_pairs(sh: Shingles, rows: np.ndarray, threshold: float, num_perm:
     none = np.zeros((0, 2), np.int64)
     if len(rows) < 2:
         return none
-    sub = _subset(sh, rows)
-    sizes = sub.sizes
-    n_shared = _shared_counts(sub)
+    sub = sh if len(rows) == len(sh.offsets) - 1 else _subset(sh, rows)
+    sizes, n_shared = sizes[rows], shared[rows]
     survivors = np.flatnonzero((sizes > 0) & (n_shared >= threshold * sizes - 1e-9))
     if len(survivors) < 2:
         return none
@@ -331,14 +340,19 @@ def near_duplicates(
     out = NearDuplicates(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), 0)
     if n < 2 or len(sides.hashes) == 0:
         return out
-    distinct, n_boiler = remove_boilerplate(sides, boilerplate_share)
-    informative = distinct.sizes[0::2] > 0  # rows with a distinctive prompt (conflicts need one)
-    distinct = _with_sentinels(distinct)
-    everyone = np.arange(n)
-    pairs = [_candidate_pairs(_rows_of(distinct), everyone, threshold, num_perm)]
+    stats = side_stats(sides, boilerplate_share)
+    distinct = remove_boilerplate(sides, stats)
+    informative = stats.sizes[0::2] > 0  # rows with a distinctive prompt (conflicts need one)
+    distinct = _with_sentinels(distinct, stats)
+    row_sizes, row_shared = stats.sizes[0::2] + stats.sizes[1::2], stats.shared[0::2] + stats.shared[1::2]
+    pairs = [_candidate_pairs(_rows_of(distinct), np.arange(n), threshold, num_perm, row_sizes, row_shared)]
     if conflicts:
         prompts = _side(distinct, 0)
-        pairs.append(_candidate_pairs(prompts, np.flatnonzero(informative), threshold, num_perm))
+        pairs.append(
+            _candidate_pairs(
+                prompts, np.flatnonzero(informative), threshold, num_perm, stats.sizes[0::2], stats.shared[0::2]
+            )
+        )
     cand = np.concatenate(pairs)
     if len(cand):
         cand = np.unique(cand, axis=0)
@@ -374,5 +388,5 @@ def near_duplicates(
         prompt_similarity=sims[hit, 0],
         answer_similarity=sims[hit, 1],
         conflicts=conf,
-        boilerplate_shingles=n_boiler,
+        boilerplate_shingles=len(stats.boilerplate),
     )

@@ -161,6 +161,7 @@ def dataset_splits_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
     checks = {
         "no_split_overlap": "No row (by content or id) is in two splits.",
         "no_test_leak": "No test row is an exact or near duplicate (dedup.near_threshold) of a train row.",
+        "rows_accounted": "Every cleaned row is in a split, a cross-drop duplicate or the conflict quarantine.",
     }
 
     @dg.asset(
@@ -169,7 +170,8 @@ def dataset_splits_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
         group_name=spec.name,
         code_version=code_version("finetune_pipeline.stages.splits"),
         kinds={"pandas", "parquet"},
-        check_specs=[dg.AssetCheckSpec(n, asset=k, blocking=True, description=d) for n, d in checks.items()],
+        check_specs=[dg.AssetCheckSpec(n, asset=k, blocking=True, description=d) for n, d in checks.items()]
+        + [dg.AssetCheckSpec("label_conflicts", asset=k, description=CONFLICTS_CHECK)],
     )
     def dataset_splits(context: dg.AssetExecutionContext, state: StateStore) -> dg.MaterializeResult:
         """All cleaned drops combined and deduplicated across drops, split into train/validation/test by row id."""
@@ -188,6 +190,10 @@ def dataset_splits_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
                 "split_method": spec.spec.split.method,
                 "label_mix": dg.MetadataValue.json(rec.label_mix()),
                 "overlap": dg.MetadataValue.json(rec.overlaps),
+                "label_conflicts": len(rec.result.conflicts),
+                "conflicts": table(rec.result.conflicts, QUARANTINE_PREVIEW_ROWS),
+                "conflict_quarantined": len(rec.result.conflict_quarantine),
+                "boilerplate_shingles": rec.result.boilerplate_shingles,
                 "path": dg.MetadataValue.path(str(layout.splits)),
                 "dagster/row_count": sum(len(frames[s]) for s in SPLITS),
             },
@@ -198,9 +204,36 @@ def dataset_splits_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
     return dataset_splits
 
 
+CONFLICTS_CHECK = (
+    "Warns when rows with equal or near-equal prompts have different answers (label conflicts, dedup.conflicts)."
+)
+
+
 def splits_checks(rec: SplitsRecord, spec: LoadedSpec) -> list[dg.AssetCheckResult]:
-    leaks = rec.result.leaks
+    leaks, conf = rec.result.leaks, rec.result.conflicts
+    policy = spec.spec.dedup.conflicts
     return [
+        dg.AssetCheckResult(
+            check_name="rows_accounted",
+            passed=rec.accounted,
+            metadata={
+                "rows_in": rec.result.rows_in,
+                "in_splits": sum(rec.manifest.counts.values()),
+                "cross_drop_duplicates": len(rec.result.cross_drop_duplicates),
+                "conflict_quarantined": len(rec.result.conflict_quarantine),
+            },
+        ),
+        dg.AssetCheckResult(
+            check_name="label_conflicts",
+            passed=conf.empty,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"count": len(conf), "share": round(rec.result.conflict_share, 4), "policy": policy},
+            description=None
+            if conf.empty
+            else f"{len(conf)} rows ({rec.result.conflict_share:.1%} of rows involved) have the same or a near-same "
+            f"prompt as another row with a different answer (dedup.conflicts={policy}): see the conflicts table; fix "
+            "the labels, or set dedup.conflicts to keep_first or quarantine",
+        ),
         dg.AssetCheckResult(check_name="no_split_overlap", passed=rec.exact_overlap == 0, metadata=dict(rec.overlaps)),
         dg.AssetCheckResult(
             check_name="no_test_leak",

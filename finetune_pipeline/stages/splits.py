@@ -34,6 +34,13 @@ class SplitsRecord:
         return self.overlaps["train_test_content_overlap"] == 0 and self.result.leaks.empty
 
     @property
+    def accounted(self) -> bool:
+        """Every cleaned row is in a split, a cross-drop duplicate or the conflict quarantine."""
+        r = self.result
+        in_splits = sum(len(f) for f in r.frames.values())
+        return r.rows_in == in_splits + len(r.cross_drop_duplicates) + len(r.conflict_quarantine)
+
+    @property
     def near_cross_drop(self) -> int:
         return int((self.result.cross_drop_duplicates["kind"] == "near").sum())
 
@@ -62,6 +69,8 @@ def build_dataset_splits(
         write_parquet_atomic(res.frames[s], layout.split(s))
     write_parquet_atomic(res.cross_drop_duplicates, layout.cross_drop_duplicates)
     write_parquet_atomic(res.leaks, layout.test_train_leaks)
+    write_parquet_atomic(res.conflicts, layout.conflicts)
+    write_parquet_atomic(res.conflict_quarantine, layout.conflict_quarantine)
     manifest = SplitsManifest(
         drops=res.drops,
         digests=res.digests,
@@ -73,7 +82,9 @@ def build_dataset_splits(
     rec = SplitsRecord(manifest, res, overlap_report(res.frames), missing)
     log(
         f"splits {manifest.counts} from {len(res.drops)} drop(s); "
-        f"{len(res.cross_drop_duplicates)} cross-drop duplicates removed ({rec.near_cross_drop} near)"
+        f"{len(res.cross_drop_duplicates)} cross-drop duplicates removed ({rec.near_cross_drop} near); "
+        f"{len(res.conflicts)} label conflicts ({res.conflict_share:.1%} of rows, dedup.conflicts="
+        f"{spec.spec.dedup.conflicts}: {len(res.conflict_quarantine)} rows quarantined)"
     )
     return rec
 
