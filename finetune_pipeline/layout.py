@@ -214,6 +214,10 @@ class PipelineLayout:
         return self.splits / "test_train_leaks.parquet"
 
     @property
+    def readiness(self) -> Path:
+        return self.splits / "readiness.json"
+
+    @property
     def conflicts(self) -> Path:
         return self.splits / "conflicts.parquet"
 

@@ -239,6 +239,14 @@ class SplitSpec(_Strict):
     salt: str = Field(
         "split-v1", description="Salt of the per-row hash that fixes each row's split; change it to reshuffle."
     )
+    min_train_rows: int | None = Field(
+        None,
+        ge=1,
+        description="Blocking (data_readiness): training does not start with fewer training rows. None = off.",
+    )
+    min_test_rows: int | None = Field(
+        None, ge=1, description="Blocking (data_readiness): training does not start with fewer test rows. None = off."
+    )
 
     @model_validator(mode="after")
     def _fractions(self) -> SplitSpec:

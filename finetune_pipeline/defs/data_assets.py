@@ -12,6 +12,7 @@ from finetune_pipeline.keys import code_version
 from finetune_pipeline.layout import SPLITS
 from finetune_pipeline.spec import LoadedSpec
 from finetune_pipeline.stages.ingest import DropRecord, ingest_drop, needs_tokenizer, store_raw
+from finetune_pipeline.stages.readiness import data_readiness
 from finetune_pipeline.stages.splits import SplitsRecord, build_dataset_splits, token_stats
 
 QUARANTINE_PREVIEW_ROWS = 200
@@ -299,5 +300,65 @@ def token_stats_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
     return token_stats_
 
 
+READINESS_CHECKS = {
+    "spec_minimums": ("The splits meet split.min_train_rows / split.min_test_rows (training waits otherwise).", True),
+    "enough_train_rows": ("At least 100 training rows (the guides: under 100 is too few to fine-tune).", False),
+    "test_resolves_gate": ("The evaluated test rows can resolve the promotion gate's margin.", False),
+    "label_balance": ("Largest / smallest label count in train is at most 10.", False),
+}
+
+
+def data_readiness_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
+    k = key(spec, "data_readiness")
+
+    @dg.asset(
+        key=k,
+        deps=[key(spec, "dataset_splits"), key(spec, "token_stats")],
+        group_name=spec.name,
+        code_version=code_version("finetune_pipeline.stages.readiness"),
+        kinds={"pandas"},
+        check_specs=[
+            dg.AssetCheckSpec(n, asset=k, description=d, blocking=b) for n, (d, b) in READINESS_CHECKS.items()
+        ],
+    )
+    def data_readiness_(context: dg.AssetExecutionContext, state: StateStore) -> dg.MaterializeResult:
+        """Is the data ready to fine-tune on? Rows per split against the guides' minimums, whether the test split can resolve the gate's margin, label balance, token budget and estimated time, and a verdict (fine-tune / collect more data / few-shot may be enough)."""
+        r = data_readiness(state.pipeline(spec.name), spec)
+        context.log.info(f"data readiness: {r.verdict}; " + "; ".join(r.reasons))
+        warn = dg.AssetCheckSeverity.WARN
+        checks = [
+            ("spec_minimums", not r.blocking, None, "; ".join(r.blocking) or None),
+            ("enough_train_rows", r.enough_train_rows, warn, r.reasons[0] if not r.enough_train_rows else None),
+            ("test_resolves_gate", r.test_resolves_gate, warn, next((x for x in r.reasons if "test rows" in x), None)),
+            ("label_balance", r.labels_balanced, warn, next((x for x in r.reasons if "labels" in x), None)),
+        ]
+        return dg.MaterializeResult(
+            metadata={
+                "verdict": r.verdict,
+                "readiness": dg.MetadataValue.json(r.as_dict()),
+                "detectable_difference": round(r.detectable, 4),
+                "rows_for_margin": r.rows_for_margin,
+            },
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name=name,
+                    passed=ok,
+                    severity=sev or dg.AssetCheckSeverity.ERROR,
+                    metadata={"verdict": r.verdict},
+                    description=None if ok else msg,
+                )
+                for name, ok, sev, msg in checks
+            ],
+        )
+
+    return data_readiness_
+
+
 def build_data_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
-    return [raw_dataset_asset(spec), cleaned_dataset_asset(spec), dataset_splits_asset(spec), token_stats_asset(spec)]
+    return [
+        raw_dataset_asset(spec),
+        cleaned_dataset_asset(spec),
+        dataset_splits_asset(spec),
+        token_stats_asset(spec),
+        data_readiness_asset(spec),
+    ]
