@@ -1,5 +1,4 @@
-"""Tier 1: data readiness (resolving power of the test split, guides' minimums, label balance, verdict); tier 2:
-the data_readiness asset's blocking check keeps the adapter from training when a spec minimum is not met."""
+"""Tier 1: data readiness: resolving power of the test split, the guides' minimums, label balance, verdict."""
 
 import math
 
