@@ -87,6 +87,27 @@ DEFAULT_ROLES: dict[str, str] = {
 _HOOK = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*")
 
 
+class LabelSpec(_Strict):
+    """How labels are normalised before the stratified split, the label checks and the label drift."""
+
+    strip: bool = Field(False, description="Trim spaces around each label (' Billing ' -> 'Billing').")
+    lowercase: bool = Field(False, description="Lower-case each label ('Billing' -> 'billing').")
+    mapping: dict[str, str] = Field(
+        default_factory=dict,
+        description="Labels renamed after strip/lowercase, e.g. {bill: billing, invoice: billing}; keys are matched "
+        "after the same strip/lowercase; a label mapped to '' counts as missing.",
+    )
+    unmapped: Literal["keep", "quarantine"] = Field(
+        "keep",
+        description="With a mapping: keep = labels not in it stay as they are; quarantine = rows whose label is "
+        "neither a mapping key nor a mapping value are quarantined (reason unknown_label).",
+    )
+
+    @property
+    def active(self) -> bool:
+        return self.strip or self.lowercase or bool(self.mapping)
+
+
 class SourceSpec(_Strict):
     incoming_dir: str = Field(
         description="Folder watched for new data files; each file becomes one partition of raw_dataset. "
@@ -105,6 +126,11 @@ class SourceSpec(_Strict):
         "format its own fields show (for files that mix the formats above).",
     )
     columns: ColumnMap = Field(default_factory=ColumnMap, description="Field names in the files (column mapping).")
+    labels: LabelSpec = Field(
+        default_factory=LabelSpec,
+        description="Normalisation of the label column (columns.label) while cleaning, before the stratified split, "
+        "the label checks and the label drift: strip, lowercase, a mapping table; off by default.",
+    )
     json_records_key: str | None = Field(
         None,
         description="json files holding an object: the key of the list(s) of records (auto when the object has "
@@ -165,6 +191,12 @@ class SourceSpec(_Strict):
         if v is not None and (not v.strip() or "/" in v):
             raise ValueError("must be a file name such as '{name}.done' or '_SUCCESS'")
         return v
+
+    @model_validator(mode="after")
+    def _labels_need_column(self) -> SourceSpec:
+        if self.labels.active and not self.columns.label:
+            raise ValueError("labels (normalisation) needs columns.label (the label column)")
+        return self
 
     def role_map(self) -> dict[str, str]:
         """The default speaker aliases plus this spec's ``roles``, keys lower-cased."""

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from finetune_pipeline.data import dedup, normalize, quality
+from finetune_pipeline.data import dedup, labels, normalize, quality
 from finetune_pipeline.data.formats import RAW_PREVIEW_CHARS, FileProblem, Reject, read_file, safe_text
 from finetune_pipeline.spec import PipelineSpec
 
@@ -175,6 +175,16 @@ def clean_file(
                 ),
             )
         kept["timestamp"] = ts.dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ").where(ts.notna(), None)
+    if cols.label and src.labels.active:
+        kept["label"], unknown = labels.normalise_labels(kept["label"], src.labels)
+        reject_rows(
+            unknown,
+            "unknown_label",
+            lambda i: (
+                f"label {kept['label'].iat[i]!r} in '{cols.label}' is not in source.labels.mapping (source.labels.unmapped is "
+                "quarantine): add it to the mapping or set unmapped: keep"
+            ),
+        )
     if spec.split.method == "stratified":
         lab = kept["label"]
         reject_rows(
