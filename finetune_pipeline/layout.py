@@ -190,6 +190,10 @@ class PipelineLayout:
     def duplicates(self, drop: str) -> Path:
         return self.dir / "duplicates" / f"{drop}.parquet"
 
+    def pii(self, drop: str) -> Path:
+        """A drop's rows in which cleaning.pii found personal data or secrets (masked previews)."""
+        return self.dir / "pii" / f"{drop}.parquet"
+
     def drift(self, drop: str) -> Path:
         return self.dir / "drift" / f"{drop}.json"
 

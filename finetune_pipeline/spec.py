@@ -214,6 +214,36 @@ class QualitySpec(_Strict):
     )
 
 
+PiiKind = Literal["email", "phone", "card", "secret"]
+
+
+class PiiSpec(_Strict):
+    mode: Literal["off", "mask", "report"] = Field(
+        "off",
+        description="off; mask = replace each finding in the message text by [EMAIL] / [PHONE] / [CARD] / [SECRET] "
+        "before hashing and dedup (the cleaned rows, splits and previews never hold it); report = leave the text as "
+        "it is and only count and list the affected rows (previews masked).",
+    )
+    kinds: list[PiiKind] = Field(
+        default_factory=lambda: ["email", "phone", "card", "secret"],
+        description="What to look for: email addresses, phone numbers (libphonenumber), card numbers (Luhn-checked), "
+        "secrets (API keys, tokens, private keys: detect-secrets' patterns).",
+    )
+    phone_region: str = Field(
+        "US",
+        description="Region (ISO 3166 code) in which phone numbers written without a +country code are read.",
+    )
+
+    @field_validator("phone_region")
+    @classmethod
+    def _region(cls, v: str) -> str:
+        import phonenumbers
+
+        if v.upper() not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"unknown region {v!r}: use a two-letter ISO 3166 code such as US, GB, DE, IN")
+        return v.upper()
+
+
 class CleaningSpec(_Strict):
     normalize_whitespace: bool = Field(
         True, description="CRLF to LF, collapse runs of spaces/tabs, trim spaces around line breaks and the ends."
@@ -228,6 +258,11 @@ class CleaningSpec(_Strict):
         None, gt=0, description="Reject rows with more tokens (base model's tokenizer, chat template applied)."
     )
     quality: QualitySpec = Field(default_factory=QualitySpec, description="Quality score and its threshold.")
+    pii: PiiSpec = Field(
+        default_factory=PiiSpec,
+        description="Personal data and secrets in the messages: masked in place, or reported only; counts per kind "
+        "and the affected rows in cleaned_dataset's metadata. Off by default.",
+    )
     max_rejection_rate: float = Field(
         0.05, ge=0, le=1, description="Blocking check: fraction of a drop's rows that may be quarantined."
     )

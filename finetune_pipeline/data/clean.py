@@ -37,6 +37,7 @@ KEPT_COLUMNS = [
 ]
 QUARANTINE_COLUMNS = ["drop", "source_line", "reason", "detail", "raw"]
 DUPLICATE_COLUMNS = ["drop", "source_line", "row_id", "duplicate_of", "content_hash", "kind", "similarity"]
+PII_COLUMNS = ["drop", "source_line", "row_id", "kinds", "outcome", "preview"]
 
 
 @dataclass
@@ -51,6 +52,8 @@ class CleanResult:
     record_format: str = ""
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    pii: pd.DataFrame = field(default_factory=lambda: _empty(PII_COLUMNS))  # rows with personal data or secrets
+    pii_counts: dict[str, int] = field(default_factory=dict)  # findings per kind (cleaning.pii)
 
     @property
     def rejection_rate(self) -> float:
@@ -108,6 +111,7 @@ def clean_file(
     prompts: list[pa.Array] = []
     finals: list[pa.Array] = []
     answers: list[pa.Array] = []
+    pii_parts: list[pd.DataFrame] = []
     t0 = time.perf_counter()
     pairs = [(t, f) for t, f in zip(read.tables, read.table_formats, strict=True) if t.num_rows]
     tables = [t for t, _ in pairs]
@@ -137,6 +141,8 @@ def clean_file(
             if col:  # absent columns are added once, after the concat (object columns of None concat slowly)
                 f[name] = table.column(col).take(pa.array(ok)).to_numpy(zero_copy_only=False)
         frames.append(f)
+        if res.pii is not None and len(res.pii):
+            pii_parts.append(pd.DataFrame({"source_line": lines[res.pii["pos"].to_numpy()], "kind": res.pii["kind"]}))
         prompts.append(res.prompt_text)
         finals.append(res.answer_text)
         answers.append(res.assistant_text)
@@ -272,6 +278,8 @@ def clean_file(
             alive[rows] = False
         timings["near_dedup"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    pii_rows = kept[["source_line", "row_id", "messages"]] if pii_parts else None
+    quarantined = drop_mask.copy()
     kept = kept[KEPT_COLUMNS]
     if not alive.all():
         kept = kept[alive]
@@ -280,6 +288,9 @@ def clean_file(
         kept[c] = kept[c].to_numpy(dtype=object)
     timings["select"] = time.perf_counter() - t0
     duplicates = pd.concat(dups, ignore_index=True)[DUPLICATE_COLUMNS]
+    pii_table, pii_counts = _pii_report(pii_parts, pii_rows, alive, quarantined, drop, spec)
+    if spec.cleaning.pii.mode == "mask":  # the quarantine's previews must not hold what was masked
+        rejects = _scrub_rejects(rejects, spec)
     quarantine = (
         pd.DataFrame(
             [
@@ -309,7 +320,61 @@ def clean_file(
         record_format=read.record_format,
         notes=notes,
         timings=timings,
+        pii=pii_table,
+        pii_counts=pii_counts,
     )
+
+
+def _pii_report(
+    parts: list[pd.DataFrame],
+    rows: pd.DataFrame | None,
+    alive: np.ndarray,
+    quarantined: np.ndarray,
+    drop: str,
+    spec: PipelineSpec,
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The rows in which cleaning.pii found something (kinds with counts, what became of the row, a masked
+    preview) and the findings per kind."""
+    if not parts or rows is None:
+        return _empty(PII_COLUMNS), {}
+    from finetune_pipeline.data import pii
+
+    found = pd.concat(parts, ignore_index=True)
+    counts = {str(k): int(v) for k, v in found["kind"].value_counts().sort_index().items()}
+    per_row = found.groupby("source_line")["kind"].agg(
+        lambda k: ", ".join(f"{x}: {n}" for x, n in k.value_counts().sort_index().items())
+    )
+    idx = np.flatnonzero(rows["source_line"].isin(per_row.index).to_numpy())
+    outcome = np.where(alive[idx], "kept", np.where(quarantined[idx], "quarantined", "duplicate"))
+    messages = pa.array(rows["messages"].to_numpy()[idx].astype(str), pa.string())
+    if spec.cleaning.pii.mode == "report":  # the text is unchanged: mask the preview only
+        p = spec.cleaning.pii
+        messages = pii.scan(messages, list(p.kinds), True, p.phone_region).texts
+    lines = rows["source_line"].to_numpy()[idx]
+    table = pd.DataFrame(
+        {
+            "drop": drop,
+            "source_line": lines,
+            "row_id": rows["row_id"].to_numpy()[idx],
+            "kinds": per_row.reindex(lines).to_numpy(),
+            "outcome": outcome,
+            "preview": [m[:RAW_PREVIEW_CHARS] for m in messages.to_pylist()],
+        },
+        columns=PII_COLUMNS,
+    )
+    return table, counts
+
+
+def _scrub_rejects(rejects: list[Reject], spec: PipelineSpec) -> list[Reject]:
+    from finetune_pipeline.data import pii
+
+    if not rejects:
+        return rejects
+    p = spec.cleaning.pii
+    texts = pa.array([r.raw for r in rejects] + [r.detail for r in rejects], pa.string())
+    masked = pii.scan(texts, list(p.kinds), True, p.phone_region).texts.to_pylist()
+    n = len(rejects)
+    return [Reject(r.line, r.reason, masked[n + i], masked[i]) for i, r in enumerate(rejects)]
 
 
 def _duplicates_frame(

@@ -246,6 +246,7 @@ class Normalised:
     reject_reasons: np.ndarray
     reject_details: list[str]
     leading_moved: int = 0  # rows whose leading assistant turns were moved to context or dropped
+    pii: pd.DataFrame | None = None  # cleaning.pii findings: pos (input position), message, kind, start, end
 
 
 def _first_per_row(n: int, parent: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -338,6 +339,16 @@ def normalise(
     if cleaning.normalize_whitespace:
         content = normalise_whitespace(content)
     content = content.fill_null("")
+    pii_found = None
+    if cleaning.pii.mode != "off":
+        from finetune_pipeline.data import pii
+
+        found = pii.scan(content, list(cleaning.pii.kinds), cleaning.pii.mode == "mask", cleaning.pii.phone_region)
+        content, t = found.texts, found.table
+        msg = t["text"].to_numpy()
+        pii_found = pd.DataFrame(
+            {"pos": parent[msg], "message": pos[msg], "kind": t["kind"], "start": t["start"], "end": t["end"]}
+        )
     lengths = pc.utf8_length(content).to_numpy().astype(np.int64)
     reason = np.full(n, "", dtype=object)
     detail: dict[int, str] = {}
@@ -457,6 +468,7 @@ def normalise(
         reason[bad].astype(str),
         [detail[int(r)] for r in bad],
         moved,
+        None if pii_found is None else pii_found[ok[pii_found["pos"].to_numpy()]].reset_index(drop=True),
     )
 
 

@@ -67,6 +67,7 @@ class DropRecord:
     drift: DriftReport | None = None
     drift_warn_threshold: float = 0.0
     notes: list[str] = field(default_factory=list)
+    pii_mode: str = "off"
 
     @property
     def rejection_ok(self) -> bool:
@@ -102,6 +103,9 @@ def ingest_drop(layout: PipelineLayout, spec: LoadedSpec, drop: str, log: LogFn 
     res = clean_file(raw, drop, s, count_tokens=counter, source_name=source_name)
     write_parquet_atomic(res.quarantine, layout.quarantine(drop))
     write_parquet_atomic(res.duplicates, layout.duplicates(drop))
+    if s.cleaning.pii.mode != "off":
+        write_parquet_atomic(res.pii, layout.pii(drop))
+        log(f"cleaning.pii ({s.cleaning.pii.mode}): {res.pii_counts or 'nothing'} found in {len(res.pii)} rows")
     for note in res.notes:
         log(f"{Path(source_name).name if source_name else raw.name}: {note}")
     log(
@@ -131,4 +135,5 @@ def ingest_drop(layout: PipelineLayout, spec: LoadedSpec, drop: str, log: LogFn 
         drift=rep,
         drift_warn_threshold=s.drift.warn_threshold,
         notes=res.notes,
+        pii_mode=s.cleaning.pii.mode,
     )
