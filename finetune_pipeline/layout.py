@@ -39,6 +39,7 @@ class RawDropRecord(Record):
 
     drop: str
     source_file: str = Field(description="The file the user dropped (named in every message about it).")
+    source: str = Field("default", description="Name of the spec source (source.name / sources[].name) it came from.")
     stored_at: str
     bytes: int
     lines: int

@@ -48,6 +48,9 @@ MOVED_FIELDS: dict[tuple[str, str], str] = {
 }
 
 
+NO_SOURCE = "give either source (one source) or sources (a list of named sources), not both"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -109,6 +112,24 @@ class LabelSpec(_Strict):
 
 
 class SourceSpec(_Strict):
+    name: str = Field(
+        "default",
+        description="Name of the source (letters, digits, underscores): each drop remembers it, and the mix and the "
+        "metadata report per source. Must be unique among sources.",
+    )
+    weight: float = Field(
+        1.0,
+        gt=0,
+        le=100,
+        description="Share of this source's training rows in the training mix: 1 = as they are, 2 = each training "
+        "row twice (oversampled), 0.5 = half of them (a fixed hash-chosen subset). Applied after dedup and after the "
+        "splits are fixed: validation and test rows are never copied or dropped.",
+    )
+    max_rows: int | None = Field(
+        None,
+        ge=1,
+        description="Cap on this source's rows in the training mix (after weight); None = no cap.",
+    )
     incoming_dir: str = Field(
         description="Folder watched for new data files; each file becomes one partition of raw_dataset. "
         "Relative paths are resolved against the spec file's folder."
@@ -190,6 +211,13 @@ class SourceSpec(_Strict):
     def _marker(cls, v: str | None) -> str | None:
         if v is not None and (not v.strip() or "/" in v):
             raise ValueError("must be a file name such as '{name}.done' or '_SUCCESS'")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _source_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", v):
+            raise ValueError("must start with a letter and contain only letters, digits and underscores")
         return v
 
     @model_validator(mode="after")
@@ -562,7 +590,14 @@ class AutomationSpec(_Strict):
 class PipelineSpec(_Strict):
     name: str = Field(description="Pipeline name: asset key prefix and group (letters, digits, underscores).")
     description: str = Field("", description="What this pipeline fine-tunes for.")
-    source: SourceSpec = Field(description="Where data comes from and how it is shaped.")
+    source: SourceSpec | None = Field(
+        None, description="Where data comes from and how it is shaped (one source; or use sources for several)."
+    )
+    sources: list[SourceSpec] = Field(
+        default_factory=list,
+        description="Several sources instead of source: each with its own name, folder, glob, formats, column map, "
+        "label normalisation, and weight or max_rows in the training mix.",
+    )
     cleaning: CleaningSpec = Field(default_factory=CleaningSpec, description="Row validation and cleaning rules.")
     dedup: DedupSpec = Field(default_factory=DedupSpec, description="Exact and near-duplicate removal.")
     split: SplitSpec = Field(default_factory=SplitSpec, description="Train/validation/test split.")
@@ -582,18 +617,34 @@ class PipelineSpec(_Strict):
 
     @model_validator(mode="after")
     def _sweep_needs_validation(self) -> PipelineSpec:
+        if (self.source is None) == (not self.sources):
+            raise ValueError(NO_SOURCE)
+        names = [s.name for s in self.source_list()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sources: names must be unique (got {names}); give each source its own name")
         if self.sweep.enabled and self.split.validation_fraction == 0:
             raise ValueError("sweep.enabled scores trials on the validation split: set split.validation_fraction > 0")
-        if self.split.method == "stratified" and not self.source.columns.label:
-            raise ValueError("split.method stratified needs source.columns.label (the label column)")
-        if self.split.method == "temporal" and not self.source.columns.timestamp:
-            raise ValueError("split.method temporal needs source.columns.timestamp (the timestamp column)")
+        for src in self.source_list():
+            where = "source" if self.source is not None else f"sources[{src.name}]"
+            if self.split.method == "stratified" and not src.columns.label:
+                raise ValueError(f"split.method stratified needs {where}.columns.label (the label column)")
+            if self.split.method == "temporal" and not src.columns.timestamp:
+                raise ValueError(f"split.method temporal needs {where}.columns.timestamp (the timestamp column)")
         c = self.cleaning
         if c.min_tokens is not None and c.max_tokens is not None and c.min_tokens > c.max_tokens:
             raise ValueError("cleaning.min_tokens must be <= cleaning.max_tokens")
         if self.training.num_processes > 1 and self.runtime.launcher != "accelerate":
             raise ValueError("training.num_processes > 1 needs runtime.launcher: accelerate")
         return self
+
+    def source_list(self) -> list[SourceSpec]:
+        """Every source of the pipeline (``source`` alone, or the ``sources`` list)."""
+        return [self.source] if self.source is not None else list(self.sources)
+
+    def source_named(self, name: str | None) -> SourceSpec:
+        """The source of this name; the first source for None or a name no longer in the spec (older drops)."""
+        found = [s for s in self.source_list() if s.name == name]
+        return found[0] if found else self.source_list()[0]
 
     def with_overrides(self, params: dict[str, Any]) -> PipelineSpec:
         """The spec with sweep parameters applied (``{"learning_rate": 3e-4, "lora.r": 8}``), validated again:
@@ -649,7 +700,11 @@ class LoadedSpec(BaseModel):
 
     @property
     def incoming_dir(self) -> Path:
-        return self.resolve(self.spec.source.incoming_dir)
+        """The first source's folder (the only one for a single ``source``)."""
+        return self.resolve(self.spec.source_list()[0].incoming_dir)
+
+    def incoming_of(self, source: SourceSpec) -> Path:
+        return self.resolve(source.incoming_dir)
 
     @property
     def spec_hash(self) -> str:
@@ -763,10 +818,17 @@ def parse_spec(text: str, source: str = "<spec>", path: Path | None = None) -> L
     if not isinstance(data, dict):
         raise SpecError(source, [f"{source}: the spec must be a YAML mapping with at least name, source and registry"])
     problems = _duplicate_keys(node, source)
+    no_source = "source" not in data and "sources" not in data
+    if no_source:
+        problems.append(
+            f"{source}: source: required field is missing (one source; or sources: a list of named sources)"
+        )
     try:
         spec = PipelineSpec.model_validate(data)
     except ValidationError as exc:
         for err in exc.errors():
+            if no_source and NO_SOURCE in str(err["msg"]):
+                continue
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
             dotted = ".".join(str(p) for p in loc) or "<root>"
             line = _line_of(node, loc)

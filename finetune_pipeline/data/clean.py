@@ -20,13 +20,14 @@ import pyarrow as pa
 
 from finetune_pipeline.data import dedup, labels, normalize, quality
 from finetune_pipeline.data.formats import RAW_PREVIEW_CHARS, FileProblem, Reject, read_file, safe_text
-from finetune_pipeline.spec import PipelineSpec
+from finetune_pipeline.spec import PipelineSpec, SourceSpec
 
 KEPT_COLUMNS = [
     "row_id",
     "messages",
     "content_hash",
     "drop",
+    "source",
     "source_line",
     "label",
     "timestamp",
@@ -90,14 +91,18 @@ def clean_file(
     count_tokens: Any = None,
     *,
     source_name: str | None = None,
+    source: SourceSpec | None = None,
 ) -> CleanResult:
     """Parse and clean one drop file. Never raises for bad rows; each goes to the quarantine.
 
     ``source_name`` is the file the user dropped (``path`` is usually its stored copy): file-level messages name
-    it. ``count_tokens(list[str] messages JSON) -> np.ndarray`` enables cleaning.min_tokens / max_tokens."""
+    it. ``count_tokens(list[str] messages JSON) -> np.ndarray`` enables cleaning.min_tokens / max_tokens.
+    ``source``: the spec source the file came from (its formats, column map and labels; default the first); its
+    name is stored in every kept row's ``source`` column."""
     import time
 
-    src, cleaning, cols = spec.source, spec.cleaning, spec.source.columns
+    src = source or spec.source_list()[0]
+    cleaning, cols = spec.cleaning, src.columns
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     try:
@@ -237,6 +242,7 @@ def clean_file(
     row_id[given] = ids.to_numpy()[given]
     kept["row_id"] = row_id
     kept["drop"] = drop
+    kept["source"] = src.name
 
     t0 = time.perf_counter()
     key = (kept.pop("_key") if "_key" in kept else kept["content_hash"]).to_numpy()

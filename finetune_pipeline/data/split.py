@@ -38,6 +38,7 @@ CONFLICT_COLUMNS = [
 ]
 CONFLICT_QUARANTINE_COLUMNS = ["drop", "source_line", "row_id", "reason", "detail", "messages"]
 PREVIEW_CHARS = 200
+MIX_COLUMNS = ["source", "weight", "max_rows", "train_rows", "mixed_rows", "validation_rows", "test_rows"]
 
 
 def _unit(row_id: str, salt: str) -> float:
@@ -63,6 +64,8 @@ class SplitResult:
     conflicts: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=CONFLICT_COLUMNS))
     conflict_quarantine: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=CONFLICT_QUARANTINE_COLUMNS))
     rows_in: int = 0  # cleaned rows of all drops, before cross-drop dedup
+    train_pool: int = -1  # rows the split assigned to train, before the training mix (-1: no mix, = len(train))
+    mix: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=MIX_COLUMNS))  # per source
     boilerplate_shingles: int = 0  # distinct shingles ignored as boilerplate in the cross-drop comparison
 
     @property
@@ -125,9 +128,11 @@ def build_splits(
     spec: SplitSpec,
     drops: list[str] | None = None,
     dedup_spec: DedupSpec | None = None,
+    mix: dict[str, tuple[float, int | None]] | None = None,
 ) -> SplitResult:
     """``cleaned`` in drop-registration order (``drops`` names them); the first occurrence of a row wins across
-    drops, exact or near (when ``dedup_spec.near``)."""
+    drops, exact or near (when ``dedup_spec.near``). ``mix``: source name -> (weight, max_rows) for the training
+    mix (``mix_train``), applied after dedup and after the splits are fixed."""
     frames = [f for f in cleaned if not f.empty]
     if not frames:
         raise ValueError("no cleaned rows: materialize cleaned_dataset for at least one drop that passes its gates")
@@ -176,9 +181,14 @@ def build_splits(
     drops = list(drops) if drops is not None else list(dict.fromkeys(allrows["drop"]))
     split = assign_splits(kept, spec, drops)
     out = {s: kept[split == s].reset_index(drop=True) for s in SPLITS}
+    train_rows = np.flatnonzero(split == "train")
+    mix_table = pd.DataFrame(columns=MIX_COLUMNS)
+    if mix:  # after dedup and after the splits are fixed: only train rows are sampled
+        train_rows, mix_table = mix_train(kept, split, mix, spec.salt)
+        out["train"] = kept.iloc[train_rows].reset_index(drop=True)
     leaks = pd.DataFrame(columns=["test_row_id", "train_row_id", "similarity"])
-    if dedup_spec is not None and sides is not None:
-        leaks = test_train_leaks(kept, split, sides, dedup_spec)
+    if dedup_spec is not None and sides is not None:  # on the mixed training set (each distinct row once)
+        leaks = test_train_leaks(kept, split, sides, dedup_spec, train_rows=np.unique(train_rows))
     return SplitResult(
         frames=out,
         cross_drop_duplicates=pd.concat(dups, ignore_index=True)[DUPLICATE_COLUMNS].reset_index(drop=True),
@@ -188,7 +198,44 @@ def build_splits(
         conflict_quarantine=quarantined,
         rows_in=len(allrows),
         boilerplate_shingles=n_boiler,
+        train_pool=int((split == "train").sum()),
+        mix=mix_table,
     )
+
+
+def mix_train(
+    rows: pd.DataFrame, split: np.ndarray, mix: dict[str, tuple[float, int | None]], salt: str
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """The training mix: positions of ``rows`` (with repeats) for the train split, per source ``weight`` (1 = as
+    is, 2 = every row twice, 0.5 = a hash-chosen half) and ``max_rows`` (a cap). Only rows the split assigned to
+    train are ever chosen, so a validation or test row can never be copied into training. The choice is a pure
+    function of (salt, row id): the same rows stay in (or out of) the mix when new drops arrive."""
+    src = rows["source"].astype("string").fillna("").to_numpy() if "source" in rows else np.full(len(rows), "")
+    default = next(iter(mix))
+    src = np.where(np.isin(src, list(mix)), src, default)  # rows of a source no longer in the spec: the first's
+    picks, table = [], []
+    for name, (weight, cap) in mix.items():
+        mine = src == name
+        train = np.flatnonzero(mine & (split == "train"))
+        target = int(np.floor(len(train) * weight + 0.5))
+        if cap is not None:
+            target = min(target, cap)
+        order = train[np.argsort([_unit(r, f"{salt}:mix") for r in rows["row_id"].to_numpy()[train]], kind="stable")]
+        full, rest = divmod(target, len(train)) if len(train) else (0, 0)
+        picks += [np.repeat(train, full), order[:rest]]
+        table.append(
+            {
+                "source": name,
+                "weight": weight,
+                "max_rows": cap,
+                "train_rows": len(train),
+                "mixed_rows": target if len(train) else 0,
+                "validation_rows": int((mine & (split == "validation")).sum()),
+                "test_rows": int((mine & (split == "test")).sum()),
+            }
+        )
+    chosen = np.sort(np.concatenate(picks).astype(np.int64), kind="stable") if picks else np.zeros(0, np.int64)
+    return chosen, pd.DataFrame(table, columns=MIX_COLUMNS)
 
 
 def conflict_table(
@@ -245,9 +292,17 @@ def conflict_quarantine(rows: pd.DataFrame, drop_rows: np.ndarray, table: pd.Dat
     )
 
 
-def test_train_leaks(rows: pd.DataFrame, split: np.ndarray, sides: dedup.Shingles, spec: DedupSpec) -> pd.DataFrame:
-    """Test rows that are near-duplicates of a train row (both sides reach near_threshold, boilerplate excluded)."""
-    train, test = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
+def test_train_leaks(
+    rows: pd.DataFrame,
+    split: np.ndarray,
+    sides: dedup.Shingles,
+    spec: DedupSpec,
+    train_rows: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Test rows that are near-duplicates of a train row (both sides reach near_threshold, boilerplate excluded).
+    ``train_rows``: the distinct rows of the training mix (default: the rows the split assigned to train)."""
+    train = np.flatnonzero(split == "train") if train_rows is None else train_rows
+    test = np.flatnonzero(split == "test")
     order = np.concatenate([train, test])  # train first: every test row is compared with all train rows
     sub = dedup.side_subset(sides, order)
     is_test = np.zeros(len(order), bool)

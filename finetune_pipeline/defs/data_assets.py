@@ -199,6 +199,7 @@ def dataset_splits_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
                 "conflicts": table(rec.result.conflicts, QUARANTINE_PREVIEW_ROWS),
                 "conflict_quarantined": len(rec.result.conflict_quarantine),
                 "boilerplate_shingles": rec.result.boilerplate_shingles,
+                "training_mix": table(rec.result.mix),
                 "path": dg.MetadataValue.path(str(layout.splits)),
                 "dagster/row_count": sum(len(frames[s]) for s in SPLITS),
             },
