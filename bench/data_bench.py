@@ -3,9 +3,11 @@
 Measured in one run, each against its baseline:
   (a) parse + exact dedup: the guides' per-row loop (json.loads, md5 dedup, length filter) vs clean_file's
       parse + normalise + exact-dedup stages (which also validate and normalise every row);
-  (b) near dedup: datasketch MinHash + MinHashLSH row by row (128 permutations, word 3-grams) vs
-      finetune_pipeline.data.dedup (rensa signatures, exact pre-filter, verified candidates), per row, with
-      precision and recall on the planted near-duplicates of the same sample;
+  (b) near dedup: datasketch MinHash + MinHashLSH row by row (128 permutations, word 3-grams, whole row) vs
+      finetune_pipeline.data.dedup (prompt and answer sides, boilerplate excluded, rensa signatures, exact
+      pre-filter, verified candidates), per row, with precision and recall on the planted near-duplicates of the
+      same sample, per kind of planted edit; a planted copy whose answer's last word was replaced has the same
+      prompt and another answer: when that answer is short it is reported as a label conflict (kept), not removed;
   (c) end to end (parse, clean, exact + near dedup, split with the leak check, write Parquet) for all rows, in a
       fresh process, with its peak memory (ru_maxrss).
 
@@ -64,15 +66,23 @@ def baseline_loop(path: Path, max_chars: int = 20_000) -> tuple[float, int]:
     return time.perf_counter() - t, len(kept)
 
 
-def sample_texts(path: Path, n: int) -> list[str]:
+def sample_texts(path: Path, n: int) -> list[tuple[str, str]]:
+    """(prompt, answer) of the first n rows."""
     out = []
     with path.open() as f:
         for i, line in enumerate(f):
             if i >= n:
                 break
-            r = json.loads(line)
-            out.append("\n".join(m["content"] for m in r["messages"]))
+            m = json.loads(line)["messages"]
+            out.append(("\n".join(x["content"] for x in m[:-1]), m[-1]["content"]))
     return out
+
+
+def edit_kind(copy: tuple[str, str], src: tuple[str, str]) -> str:
+    """Which edit gen_rows planted (it does not record it): read back from the two rows."""
+    if copy[0] != src[0]:
+        return "question_first_word_dropped"
+    return "answer_word_appended" if len(copy[1].split()) > len(src[1].split()) else "answer_last_word_replaced"
 
 
 def _exact_first(texts: list[str]) -> np.ndarray:
@@ -104,12 +114,13 @@ def datasketch_near(texts: list[str]) -> tuple[float, set[int]]:
     return time.perf_counter() - t, dups
 
 
-def ours_near(texts: list[str]) -> tuple[float, set[int]]:
+def ours_near(pairs: list[tuple[str, str]], conflicts: bool = False) -> tuple[float, set[int], set[int]]:
     from finetune_pipeline.data import dedup
 
     t = time.perf_counter()
-    nd = dedup.near_duplicates(dedup.shingle(texts, 3), THRESHOLD, 128)
-    return time.perf_counter() - t, set(nd.row.tolist())
+    sides = dedup.side_shingles([p for p, _ in pairs], [a for _, a in pairs], 3)
+    nd = dedup.near_duplicates(sides, THRESHOLD, 128, conflicts=conflicts)
+    return time.perf_counter() - t, set(nd.row.tolist()), set(nd.conflicts["row"].tolist())
 
 
 def precision_recall(found: set[int], planted: set[int]) -> dict[str, float]:
@@ -151,6 +162,7 @@ def end_to_end(path: Path) -> dict:
         "near_duplicates": res.near_duplicates,
         "split_rows": {s: len(sres.frames[s]) for s in SPLITS},
         "test_train_leaks": len(sres.leaks),
+        "cross_drop_conflicts": len(getattr(sres, "conflicts", [])),
         "stages_s": {
             **{k: round(v, 2) for k, v in res.timings.items()},
             "write_cleaned": round(t2 - t1, 2),
@@ -195,13 +207,29 @@ def main() -> None:
         "speedup": round(base_s / ours_a, 2),
     }
 
-    texts = sample_texts(path, args.sample)
+    pairs = sample_texts(path, args.sample)
+    texts = [f"{p}\n{a}" for p, a in pairs]
     first = _exact_first(texts)
     uniq = [texts[i] for i in first]
+    uniq_pairs = [pairs[i] for i in first]
     firsts = set(first.tolist())
-    planted = {int(np.searchsorted(first, i)) for i, _ in truth["near"] if i < args.sample and i in firsts}
+    kind = {
+        int(np.searchsorted(first, i)): edit_kind(pairs[i], pairs[src])
+        for i, src in truth["near"]
+        if i < args.sample and i in firsts
+    }
+    planted = set(kind)
     ds_s, ds_found = datasketch_near(uniq)
-    our_s, our_found = ours_near(uniq)
+    our_s, our_found, _ = ours_near(uniq_pairs)
+    _, our_found_c, our_conflicts = ours_near(uniq_pairs, conflicts=True)
+    by_kind = {
+        k: {
+            "planted": sum(1 for v in kind.values() if v == k),
+            "near_duplicate": sum(1 for i, v in kind.items() if v == k and i in our_found_c),
+            "conflict": sum(1 for i, v in kind.items() if v == k and i in our_conflicts),
+        }
+        for k in sorted(set(kind.values()))
+    }
     per_row_full_us = st["near_dedup"] / max(1, e2e["kept"] + e2e["near_duplicates"]) * 1e6
     b = {
         "sample_rows": len(uniq),
@@ -212,6 +240,8 @@ def main() -> None:
         "speedup_vs_full_run": round((ds_s / len(uniq) * 1e6) / per_row_full_us, 1),
         "datasketch": precision_recall(ds_found, planted),
         "ours": precision_recall(our_found, planted),
+        "ours_near_or_conflict": precision_recall(our_found_c | our_conflicts, planted),
+        "ours_by_planted_edit": by_kind,
     }
     planted_full = len(truth["near"])
     c = {**e2e, "planted_near_in_file": planted_full, "file_mb": round(size_mb)}

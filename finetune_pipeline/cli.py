@@ -90,21 +90,24 @@ def register_drops(pipeline: str | None = None) -> dict[str, list[str]]:
             continue
         name = f"{spec.name}_drops"
         known = set(instance.get_dynamic_partitions(name))
-        src = spec.spec.source
-        # Two looks, settle_seconds apart (at least 1 s): a file still being written changes in between.
-        first = scan_incoming(spec.incoming_dir, src.file_glob, 0, {}, known, **completion_rules(src))
-        time.sleep(max(1.0, src.settle_seconds))
-        scan = scan_incoming(
-            spec.incoming_dir, src.file_glob, src.settle_seconds, first.seen, known, **completion_rules(src)
-        )
-        keys = [d.key for d in scan.ready]
-        if keys:
-            instance.add_dynamic_partitions(name, keys)
-        added[spec.name] = keys
-        for d in scan.ready:
-            print(f"{spec.name}: registered drop {d.key} <- {d.path.name}")
-        if scan.waiting:
-            print(f"{spec.name}: {len(scan.waiting)} file(s) not finished, not registered: {scan.waiting_summary(20)}")
+        added[spec.name] = []
+        for src in spec.spec.source_list():  # every source's folder
+            inc = spec.incoming_of(src)
+            # Two looks, settle_seconds apart (at least 1 s): a file still being written changes in between.
+            first = scan_incoming(inc, src.file_glob, 0, {}, known, **completion_rules(src))
+            time.sleep(max(1.0, src.settle_seconds))
+            scan = scan_incoming(inc, src.file_glob, src.settle_seconds, first.seen, known, **completion_rules(src))
+            keys = [d.key for d in scan.ready if d.key not in known]
+            if keys:
+                instance.add_dynamic_partitions(name, keys)
+            known |= set(keys)
+            added[spec.name] += keys
+            for d in scan.ready:
+                print(f"{spec.name}: registered drop {d.key} <- {d.path.name} (source {src.name})")
+            if scan.waiting:
+                print(
+                    f"{spec.name}: {len(scan.waiting)} file(s) not finished, not registered: {scan.waiting_summary(20)}"
+                )
     return added
 
 

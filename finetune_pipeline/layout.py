@@ -39,6 +39,7 @@ class RawDropRecord(Record):
 
     drop: str
     source_file: str = Field(description="The file the user dropped (named in every message about it).")
+    source: str = Field("default", description="Name of the spec source (source.name / sources[].name) it came from.")
     stored_at: str
     bytes: int
     lines: int
@@ -190,6 +191,10 @@ class PipelineLayout:
     def duplicates(self, drop: str) -> Path:
         return self.dir / "duplicates" / f"{drop}.parquet"
 
+    def pii(self, drop: str) -> Path:
+        """A drop's rows in which cleaning.pii found personal data or secrets (masked previews)."""
+        return self.dir / "pii" / f"{drop}.parquet"
+
     def drift(self, drop: str) -> Path:
         return self.dir / "drift" / f"{drop}.json"
 
@@ -212,6 +217,18 @@ class PipelineLayout:
     @property
     def test_train_leaks(self) -> Path:
         return self.splits / "test_train_leaks.parquet"
+
+    @property
+    def readiness(self) -> Path:
+        return self.splits / "readiness.json"
+
+    @property
+    def conflicts(self) -> Path:
+        return self.splits / "conflicts.parquet"
+
+    @property
+    def conflict_quarantine(self) -> Path:
+        return self.splits / "conflict_quarantine.parquet"
 
     @property
     def token_stats(self) -> Path:

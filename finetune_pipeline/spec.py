@@ -48,6 +48,9 @@ MOVED_FIELDS: dict[tuple[str, str], str] = {
 }
 
 
+NO_SOURCE = "give either source (one source) or sources (a list of named sources), not both"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -87,7 +90,46 @@ DEFAULT_ROLES: dict[str, str] = {
 _HOOK = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*")
 
 
+class LabelSpec(_Strict):
+    """How labels are normalised before the stratified split, the label checks and the label drift."""
+
+    strip: bool = Field(False, description="Trim spaces around each label (' Billing ' -> 'Billing').")
+    lowercase: bool = Field(False, description="Lower-case each label ('Billing' -> 'billing').")
+    mapping: dict[str, str] = Field(
+        default_factory=dict,
+        description="Labels renamed after strip/lowercase, e.g. {bill: billing, invoice: billing}; keys are matched "
+        "after the same strip/lowercase; a label mapped to '' counts as missing.",
+    )
+    unmapped: Literal["keep", "quarantine"] = Field(
+        "keep",
+        description="With a mapping: keep = labels not in it stay as they are; quarantine = rows whose label is "
+        "neither a mapping key nor a mapping value are quarantined (reason unknown_label).",
+    )
+
+    @property
+    def active(self) -> bool:
+        return self.strip or self.lowercase or bool(self.mapping)
+
+
 class SourceSpec(_Strict):
+    name: str = Field(
+        "default",
+        description="Name of the source (letters, digits, underscores): each drop remembers it, and the mix and the "
+        "metadata report per source. Must be unique among sources.",
+    )
+    weight: float = Field(
+        1.0,
+        gt=0,
+        le=100,
+        description="Share of this source's training rows in the training mix: 1 = as they are, 2 = each training "
+        "row twice (oversampled), 0.5 = half of them (a fixed hash-chosen subset). Applied after dedup and after the "
+        "splits are fixed: validation and test rows are never copied or dropped.",
+    )
+    max_rows: int | None = Field(
+        None,
+        ge=1,
+        description="Cap on this source's rows in the training mix (after weight); None = no cap.",
+    )
     incoming_dir: str = Field(
         description="Folder watched for new data files; each file becomes one partition of raw_dataset. "
         "Relative paths are resolved against the spec file's folder."
@@ -105,6 +147,11 @@ class SourceSpec(_Strict):
         "format its own fields show (for files that mix the formats above).",
     )
     columns: ColumnMap = Field(default_factory=ColumnMap, description="Field names in the files (column mapping).")
+    labels: LabelSpec = Field(
+        default_factory=LabelSpec,
+        description="Normalisation of the label column (columns.label) while cleaning, before the stratified split, "
+        "the label checks and the label drift: strip, lowercase, a mapping table; off by default.",
+    )
     json_records_key: str | None = Field(
         None,
         description="json files holding an object: the key of the list(s) of records (auto when the object has "
@@ -166,6 +213,19 @@ class SourceSpec(_Strict):
             raise ValueError("must be a file name such as '{name}.done' or '_SUCCESS'")
         return v
 
+    @field_validator("name")
+    @classmethod
+    def _source_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", v):
+            raise ValueError("must start with a letter and contain only letters, digits and underscores")
+        return v
+
+    @model_validator(mode="after")
+    def _labels_need_column(self) -> SourceSpec:
+        if self.labels.active and not self.columns.label:
+            raise ValueError("labels (normalisation) needs columns.label (the label column)")
+        return self
+
     def role_map(self) -> dict[str, str]:
         """The default speaker aliases plus this spec's ``roles``, keys lower-cased."""
         return {**DEFAULT_ROLES, **{k.lower(): v for k, v in self.roles.items()}}
@@ -182,6 +242,36 @@ class QualitySpec(_Strict):
     )
 
 
+PiiKind = Literal["email", "phone", "card", "secret"]
+
+
+class PiiSpec(_Strict):
+    mode: Literal["off", "mask", "report"] = Field(
+        "off",
+        description="off; mask = replace each finding in the message text by [EMAIL] / [PHONE] / [CARD] / [SECRET] "
+        "before hashing and dedup (the cleaned rows, splits and previews never hold it); report = leave the text as "
+        "it is and only count and list the affected rows (previews masked).",
+    )
+    kinds: list[PiiKind] = Field(
+        default_factory=lambda: ["email", "phone", "card", "secret"],
+        description="What to look for: email addresses, phone numbers (libphonenumber), card numbers (Luhn-checked), "
+        "secrets (API keys, tokens, private keys: detect-secrets' patterns).",
+    )
+    phone_region: str = Field(
+        "US",
+        description="Region (ISO 3166 code) in which phone numbers written without a +country code are read.",
+    )
+
+    @field_validator("phone_region")
+    @classmethod
+    def _region(cls, v: str) -> str:
+        import phonenumbers
+
+        if v.upper() not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"unknown region {v!r}: use a two-letter ISO 3166 code such as US, GB, DE, IN")
+        return v.upper()
+
+
 class CleaningSpec(_Strict):
     normalize_whitespace: bool = Field(
         True, description="CRLF to LF, collapse runs of spaces/tabs, trim spaces around line breaks and the ends."
@@ -196,6 +286,11 @@ class CleaningSpec(_Strict):
         None, gt=0, description="Reject rows with more tokens (base model's tokenizer, chat template applied)."
     )
     quality: QualitySpec = Field(default_factory=QualitySpec, description="Quality score and its threshold.")
+    pii: PiiSpec = Field(
+        default_factory=PiiSpec,
+        description="Personal data and secrets in the messages: masked in place, or reported only; counts per kind "
+        "and the affected rows in cleaned_dataset's metadata. Off by default.",
+    )
     max_rejection_rate: float = Field(
         0.05, ge=0, le=1, description="Blocking check: fraction of a drop's rows that may be quarantined."
     )
@@ -204,10 +299,27 @@ class CleaningSpec(_Strict):
 class DedupSpec(_Strict):
     near: bool = Field(True, description="Remove near-duplicates (MinHash LSH) within and across drops.")
     near_threshold: float = Field(
-        0.8, gt=0, le=1, description="Word n-gram Jaccard similarity at or above which two rows are near-duplicates."
+        0.8,
+        gt=0,
+        le=1,
+        description="Word n-gram Jaccard similarity at or above which two rows are near-duplicates: the prompt side "
+        "and the answer side are compared separately (boilerplate excluded) and both must reach it.",
     )
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
     ngram: int = Field(3, ge=1, le=10, description="Word n-gram (shingle) size.")
+    boilerplate_share: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="Shingles found in more than this share of the rows (a shared system prompt, context, schema or "
+        "few-shot header) are ignored when comparing rows; 1 = compare everything.",
+    )
+    conflicts: Literal["keep_all", "keep_first", "quarantine"] = Field(
+        "keep_all",
+        description="Rows whose prompts are equal or near-equal (near_threshold) but whose answers differ are label "
+        "conflicts, always reported: keep_all keeps them, keep_first keeps the earliest, quarantine removes all of "
+        "them (reason 'conflict').",
+    )
 
 
 class SplitSpec(_Strict):
@@ -221,6 +333,14 @@ class SplitSpec(_Strict):
     test_fraction: float = Field(0.1, gt=0, lt=1, description="Share of rows assigned to test.")
     salt: str = Field(
         "split-v1", description="Salt of the per-row hash that fixes each row's split; change it to reshuffle."
+    )
+    min_train_rows: int | None = Field(
+        None,
+        ge=1,
+        description="Blocking (data_readiness): training does not start with fewer training rows. None = off.",
+    )
+    min_test_rows: int | None = Field(
+        None, ge=1, description="Blocking (data_readiness): training does not start with fewer test rows. None = off."
     )
 
     @model_validator(mode="after")
@@ -584,7 +704,14 @@ class AutomationSpec(_Strict):
 class PipelineSpec(_Strict):
     name: str = Field(description="Pipeline name: asset key prefix and group (letters, digits, underscores).")
     description: str = Field("", description="What this pipeline fine-tunes for.")
-    source: SourceSpec = Field(description="Where data comes from and how it is shaped.")
+    source: SourceSpec | None = Field(
+        None, description="Where data comes from and how it is shaped (one source; or use sources for several)."
+    )
+    sources: list[SourceSpec] = Field(
+        default_factory=list,
+        description="Several sources instead of source: each with its own name, folder, glob, formats, column map, "
+        "label normalisation, and weight or max_rows in the training mix.",
+    )
     cleaning: CleaningSpec = Field(default_factory=CleaningSpec, description="Row validation and cleaning rules.")
     dedup: DedupSpec = Field(default_factory=DedupSpec, description="Exact and near-duplicate removal.")
     split: SplitSpec = Field(default_factory=SplitSpec, description="Train/validation/test split.")
@@ -604,12 +731,19 @@ class PipelineSpec(_Strict):
 
     @model_validator(mode="after")
     def _sweep_needs_validation(self) -> PipelineSpec:
+        if (self.source is None) == (not self.sources):
+            raise ValueError(NO_SOURCE)
+        names = [s.name for s in self.source_list()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sources: names must be unique (got {names}); give each source its own name")
         if self.sweep.enabled and self.split.validation_fraction == 0:
             raise ValueError("sweep.enabled scores trials on the validation split: set split.validation_fraction > 0")
-        if self.split.method == "stratified" and not self.source.columns.label:
-            raise ValueError("split.method stratified needs source.columns.label (the label column)")
-        if self.split.method == "temporal" and not self.source.columns.timestamp:
-            raise ValueError("split.method temporal needs source.columns.timestamp (the timestamp column)")
+        for src in self.source_list():
+            where = "source" if self.source is not None else f"sources[{src.name}]"
+            if self.split.method == "stratified" and not src.columns.label:
+                raise ValueError(f"split.method stratified needs {where}.columns.label (the label column)")
+            if self.split.method == "temporal" and not src.columns.timestamp:
+                raise ValueError(f"split.method temporal needs {where}.columns.timestamp (the timestamp column)")
         c = self.cleaning
         if c.min_tokens is not None and c.max_tokens is not None and c.min_tokens > c.max_tokens:
             raise ValueError("cleaning.min_tokens must be <= cleaning.max_tokens")
@@ -620,6 +754,15 @@ class PipelineSpec(_Strict):
         if self.runtime.launcher == "k8s" and self.runtime.k8s is None:
             raise ValueError("runtime.launcher: k8s needs runtime.k8s (image, state_pvc)")
         return self
+
+    def source_list(self) -> list[SourceSpec]:
+        """Every source of the pipeline (``source`` alone, or the ``sources`` list)."""
+        return [self.source] if self.source is not None else list(self.sources)
+
+    def source_named(self, name: str | None) -> SourceSpec:
+        """The source of this name; the first source for None or a name no longer in the spec (older drops)."""
+        found = [s for s in self.source_list() if s.name == name]
+        return found[0] if found else self.source_list()[0]
 
     def with_overrides(self, params: dict[str, Any]) -> PipelineSpec:
         """The spec with sweep parameters applied (``{"learning_rate": 3e-4, "lora.r": 8}``), validated again:
@@ -675,7 +818,11 @@ class LoadedSpec(BaseModel):
 
     @property
     def incoming_dir(self) -> Path:
-        return self.resolve(self.spec.source.incoming_dir)
+        """The first source's folder (the only one for a single ``source``)."""
+        return self.resolve(self.spec.source_list()[0].incoming_dir)
+
+    def incoming_of(self, source: SourceSpec) -> Path:
+        return self.resolve(source.incoming_dir)
 
     @property
     def spec_hash(self) -> str:
@@ -789,10 +936,17 @@ def parse_spec(text: str, source: str = "<spec>", path: Path | None = None) -> L
     if not isinstance(data, dict):
         raise SpecError(source, [f"{source}: the spec must be a YAML mapping with at least name, source and registry"])
     problems = _duplicate_keys(node, source)
+    no_source = "source" not in data and "sources" not in data
+    if no_source:
+        problems.append(
+            f"{source}: source: required field is missing (one source; or sources: a list of named sources)"
+        )
     try:
         spec = PipelineSpec.model_validate(data)
     except ValidationError as exc:
         for err in exc.errors():
+            if no_source and NO_SOURCE in str(err["msg"]):
+                continue
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
             dotted = ".".join(str(p) for p in loc) or "<root>"
             line = _line_of(node, loc)

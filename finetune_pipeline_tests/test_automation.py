@@ -215,7 +215,12 @@ drift: {{warn_threshold: 0.3, retrain_threshold: 0.5}}
         res = dg.materialize(splits, instance=instance, resources={"state": state}, selection=splits)
         assert res.success
         checks = {x.check_name: x.passed for x in res.get_asset_check_evaluations()}
-        assert checks == {"no_split_overlap": True, "no_test_leak": True}
+        assert checks == {
+            "no_split_overlap": True,
+            "no_test_leak": True,
+            "rows_accounted": True,
+            "label_conflicts": True,
+        }
         fp, _ = current_fingerprint(instance, state, spec)
         instance.report_runless_asset_event(
             dg.AssetMaterialization(asset_key=dg.AssetKey(["watch", "adapter"]), metadata={"training_fingerprint": fp})

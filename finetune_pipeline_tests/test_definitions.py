@@ -37,6 +37,7 @@ def test_two_specs_two_independent_groups(tmp_path: Path) -> None:
         "cleaned_dataset",
         "dataset_splits",
         "token_stats",
+        "data_readiness",
         "base_model",
         "adapter",
         "eval_report",
@@ -48,7 +49,10 @@ def test_two_specs_two_independent_groups(tmp_path: Path) -> None:
         node = graph.get(k)
         assert node.group_name == k.path[0]
         assert node.description and "\n" not in node.description.strip()
-    assert graph.get(dg.AssetKey(["alpha", "adapter"])).parent_keys >= {dg.AssetKey(["alpha", "hyperparameter_sweep"])}
+    assert graph.get(dg.AssetKey(["alpha", "adapter"])).parent_keys >= {
+        dg.AssetKey(["alpha", "hyperparameter_sweep"]),
+        dg.AssetKey(["alpha", "data_readiness"]),  # its blocking check keeps training from starting
+    }
     names = {j.name for j in defs.resolve_all_job_defs()}
     assert {"alpha_ingest", "alpha_train", "beta_ingest", "beta_train"} <= names
     assert defs.resolve_sensor_def("alpha_incoming_sensor") and defs.resolve_schedule_def("beta_retrain_schedule")
@@ -59,6 +63,11 @@ def test_two_specs_two_independent_groups(tmp_path: Path) -> None:
         "chat_schema",
         "no_split_overlap",
         "no_test_leak",
+        "label_conflicts",
+        "spec_minimums",
+        "enough_train_rows",
+        "test_resolves_gate",
+        "label_balance",
         "drift",
         "few_truncated",
         "tuned_beats_base",

@@ -18,15 +18,16 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from finetune_pipeline.data import dedup, normalize, quality
+from finetune_pipeline.data import dedup, labels, normalize, quality
 from finetune_pipeline.data.formats import RAW_PREVIEW_CHARS, FileProblem, Reject, read_file, safe_text
-from finetune_pipeline.spec import PipelineSpec
+from finetune_pipeline.spec import PipelineSpec, SourceSpec
 
 KEPT_COLUMNS = [
     "row_id",
     "messages",
     "content_hash",
     "drop",
+    "source",
     "source_line",
     "label",
     "timestamp",
@@ -37,6 +38,7 @@ KEPT_COLUMNS = [
 ]
 QUARANTINE_COLUMNS = ["drop", "source_line", "reason", "detail", "raw"]
 DUPLICATE_COLUMNS = ["drop", "source_line", "row_id", "duplicate_of", "content_hash", "kind", "similarity"]
+PII_COLUMNS = ["drop", "source_line", "row_id", "kinds", "outcome", "preview"]
 
 
 @dataclass
@@ -51,6 +53,8 @@ class CleanResult:
     record_format: str = ""
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    pii: pd.DataFrame = field(default_factory=lambda: _empty(PII_COLUMNS))  # rows with personal data or secrets
+    pii_counts: dict[str, int] = field(default_factory=dict)  # findings per kind (cleaning.pii)
 
     @property
     def rejection_rate(self) -> float:
@@ -87,14 +91,18 @@ def clean_file(
     count_tokens: Any = None,
     *,
     source_name: str | None = None,
+    source: SourceSpec | None = None,
 ) -> CleanResult:
     """Parse and clean one drop file. Never raises for bad rows; each goes to the quarantine.
 
     ``source_name`` is the file the user dropped (``path`` is usually its stored copy): file-level messages name
-    it. ``count_tokens(list[str] messages JSON) -> np.ndarray`` enables cleaning.min_tokens / max_tokens."""
+    it. ``count_tokens(list[str] messages JSON) -> np.ndarray`` enables cleaning.min_tokens / max_tokens.
+    ``source``: the spec source the file came from (its formats, column map and labels; default the first); its
+    name is stored in every kept row's ``source`` column."""
     import time
 
-    src, cleaning, cols = spec.source, spec.cleaning, spec.source.columns
+    src = source or spec.source_list()[0]
+    cleaning, cols = spec.cleaning, src.columns
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     try:
@@ -105,8 +113,10 @@ def clean_file(
     timings["parse"] = time.perf_counter() - t0
     rejects: list[Reject] = list(read.rejects)
     frames: list[pd.DataFrame] = []
-    texts: list[pa.Array] = []
+    prompts: list[pa.Array] = []
+    finals: list[pa.Array] = []
     answers: list[pa.Array] = []
+    pii_parts: list[pd.DataFrame] = []
     t0 = time.perf_counter()
     pairs = [(t, f) for t, f in zip(read.tables, read.table_formats, strict=True) if t.num_rows]
     tables = [t for t, _ in pairs]
@@ -136,19 +146,23 @@ def clean_file(
             if col:  # absent columns are added once, after the concat (object columns of None concat slowly)
                 f[name] = table.column(col).take(pa.array(ok)).to_numpy(zero_copy_only=False)
         frames.append(f)
-        texts.append(res.frame_text)
+        if res.pii is not None and len(res.pii):
+            pii_parts.append(pd.DataFrame({"source_line": lines[res.pii["pos"].to_numpy()], "kind": res.pii["kind"]}))
+        prompts.append(res.prompt_text)
+        finals.append(res.answer_text)
         answers.append(res.assistant_text)
     base_cols = ["messages", "content_hash", "n_messages", "chars", "source_line"]
     kept = pd.concat(frames, ignore_index=True) if frames else _empty(base_cols)
     for name in ("id", "label", "timestamp"):
         if name not in kept:
             kept[name] = None
-    text = pa.concat_arrays(texts) if texts else pa.array([], pa.string())
+    prompt = pa.concat_arrays(prompts) if prompts else pa.array([], pa.string())
+    final = pa.concat_arrays(finals) if finals else pa.array([], pa.string())
     answer = pa.concat_arrays(answers) if answers else pa.array([], pa.string())
     if len(set(read.table_formats)) > 1 and len(kept):  # a mixed file: rows back in file order
         order = np.argsort(kept["source_line"].to_numpy(), kind="stable")
         kept = kept.iloc[order].reset_index(drop=True)
-        text, answer = text.take(pa.array(order)), answer.take(pa.array(order))
+        prompt, final, answer = (x.take(pa.array(order)) for x in (prompt, final, answer))
     timings["normalise"] = time.perf_counter() - t0
 
     drop_mask = np.zeros(len(kept), bool)
@@ -172,6 +186,16 @@ def clean_file(
                 ),
             )
         kept["timestamp"] = ts.dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ").where(ts.notna(), None)
+    if cols.label and src.labels.active:
+        kept["label"], unknown = labels.normalise_labels(kept["label"], src.labels)
+        reject_rows(
+            unknown,
+            "unknown_label",
+            lambda i: (
+                f"label {kept['label'].iat[i]!r} in '{cols.label}' is not in source.labels.mapping (source.labels.unmapped is "
+                "quarantine): add it to the mapping or set unmapped: keep"
+            ),
+        )
     if spec.split.method == "stratified":
         lab = kept["label"]
         reject_rows(
@@ -218,6 +242,7 @@ def clean_file(
     row_id[given] = ids.to_numpy()[given]
     kept["row_id"] = row_id
     kept["drop"] = drop
+    kept["source"] = src.name
 
     t0 = time.perf_counter()
     key = (kept.pop("_key") if "_key" in kept else kept["content_hash"]).to_numpy()
@@ -232,8 +257,15 @@ def clean_file(
     if spec.dedup.near and alive.sum() > 1:
         t0 = time.perf_counter()
         live = np.flatnonzero(alive)
-        sub = text.take(pa.array(live)) if len(live) < len(kept) else text
-        nd = dedup.near_duplicates(dedup.shingle(sub, spec.dedup.ngram), spec.dedup.near_threshold, spec.dedup.num_perm)
+        pick = pa.array(live)
+        sides = dedup.side_shingles(
+            prompt.take(pick) if len(live) < len(kept) else prompt,
+            final.take(pick) if len(live) < len(kept) else final,
+            spec.dedup.ngram,
+        )
+        nd = dedup.near_duplicates(
+            sides, spec.dedup.near_threshold, spec.dedup.num_perm, boilerplate_share=spec.dedup.boilerplate_share
+        )
         if len(nd.row):
             rows, matched = live[nd.row], live[nd.matched]
             dups.append(
@@ -252,6 +284,8 @@ def clean_file(
             alive[rows] = False
         timings["near_dedup"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    pii_rows = kept[["source_line", "row_id", "messages"]] if pii_parts else None
+    quarantined = drop_mask.copy()
     kept = kept[KEPT_COLUMNS]
     if not alive.all():
         kept = kept[alive]
@@ -260,6 +294,9 @@ def clean_file(
         kept[c] = kept[c].to_numpy(dtype=object)
     timings["select"] = time.perf_counter() - t0
     duplicates = pd.concat(dups, ignore_index=True)[DUPLICATE_COLUMNS]
+    pii_table, pii_counts = _pii_report(pii_parts, pii_rows, alive, quarantined, drop, spec)
+    if spec.cleaning.pii.mode == "mask":  # the quarantine's previews must not hold what was masked
+        rejects = _scrub_rejects(rejects, spec)
     quarantine = (
         pd.DataFrame(
             [
@@ -289,7 +326,61 @@ def clean_file(
         record_format=read.record_format,
         notes=notes,
         timings=timings,
+        pii=pii_table,
+        pii_counts=pii_counts,
     )
+
+
+def _pii_report(
+    parts: list[pd.DataFrame],
+    rows: pd.DataFrame | None,
+    alive: np.ndarray,
+    quarantined: np.ndarray,
+    drop: str,
+    spec: PipelineSpec,
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The rows in which cleaning.pii found something (kinds with counts, what became of the row, a masked
+    preview) and the findings per kind."""
+    if not parts or rows is None:
+        return _empty(PII_COLUMNS), {}
+    from finetune_pipeline.data import pii
+
+    found = pd.concat(parts, ignore_index=True)
+    counts = {str(k): int(v) for k, v in found["kind"].value_counts().sort_index().items()}
+    per_row = found.groupby("source_line")["kind"].agg(
+        lambda k: ", ".join(f"{x}: {n}" for x, n in k.value_counts().sort_index().items())
+    )
+    idx = np.flatnonzero(rows["source_line"].isin(per_row.index).to_numpy())
+    outcome = np.where(alive[idx], "kept", np.where(quarantined[idx], "quarantined", "duplicate"))
+    messages = pa.array(rows["messages"].to_numpy()[idx].astype(str), pa.string())
+    if spec.cleaning.pii.mode == "report":  # the text is unchanged: mask the preview only
+        p = spec.cleaning.pii
+        messages = pii.scan(messages, list(p.kinds), True, p.phone_region).texts
+    lines = rows["source_line"].to_numpy()[idx]
+    table = pd.DataFrame(
+        {
+            "drop": drop,
+            "source_line": lines,
+            "row_id": rows["row_id"].to_numpy()[idx],
+            "kinds": per_row.reindex(lines).to_numpy(),
+            "outcome": outcome,
+            "preview": [m[:RAW_PREVIEW_CHARS] for m in messages.to_pylist()],
+        },
+        columns=PII_COLUMNS,
+    )
+    return table, counts
+
+
+def _scrub_rejects(rejects: list[Reject], spec: PipelineSpec) -> list[Reject]:
+    from finetune_pipeline.data import pii
+
+    if not rejects:
+        return rejects
+    p = spec.cleaning.pii
+    texts = pa.array([r.raw for r in rejects] + [r.detail for r in rejects], pa.string())
+    masked = pii.scan(texts, list(p.kinds), True, p.phone_region).texts.to_pylist()
+    n = len(rejects)
+    return [Reject(r.line, r.reason, masked[n + i], masked[i]) for i, r in enumerate(rejects)]
 
 
 def _duplicates_frame(

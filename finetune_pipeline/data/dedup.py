@@ -1,15 +1,21 @@
 """Near-duplicate detection: word n-gram shingles, MinHash signatures (rensa, Rust) and LSH banding.
 
-The whole batch is processed column-wise: shingles are hashed with Arrow and NumPy (no Python loop per row),
-rensa computes all signatures in one call and flags every row that shares an LSH band with another row. Only
-those flagged rows (a few percent in practice) are then banded again here to find which earlier row each one
-matches, and every candidate pair is verified with the exact Jaccard similarity of the two shingle sets, so a
-reported duplicate is never an LSH false positive.
+Rows are judged on what distinguishes them. Each row has two sides, the prompt (every message but the final
+answer) and the answer (the final assistant message), shingled separately. Shingles that occur in a large share
+of the rows (``boilerplate_share``: a shared system prompt, retrieved context, schema or few-shot header) are
+dropped before anything is compared, and a pair is a near-duplicate only when both sides reach the threshold.
+Rows whose prompts reach it while their answers do not are label conflicts, reported, never removed here.
+
+The whole batch is processed column-wise: shingles are hashed with Arrow and NumPy (no Python loop per row), an
+exact pre-filter drops rows whose shingles are mostly unique, rensa computes all signatures in one call and flags
+every row that shares an LSH band with another row. Only those flagged rows (a few percent in practice) are then
+banded again here to find which earlier row each one matches, and every candidate pair is verified with the exact
+Jaccard similarity of both sides, so a reported duplicate is never an LSH false positive.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -21,6 +27,10 @@ _M1 = np.uint64(0x9E3779B97F4A7C15)
 _M2 = np.uint64(0xC2B2AE3D27D4EB4F)
 _SEED = 42
 MAX_PAIRS_PER_ROW = 8
+BOILERPLATE_MIN_ROWS = 3  # a shingle must occur in at least this many rows to count as boilerplate
+_ANSWER_SALT = np.uint64(0x5BD1E9955BD1E995)
+_EMPTY_PROMPT = np.uint64(0x243F6A8885A308D3)
+_EMPTY_ANSWER = np.uint64(0x13198A2E03707344)
 
 
 @dataclass
@@ -102,24 +112,6 @@ def _subset(sh: Shingles, rows: np.ndarray) -> Shingles:
     return Shingles(sh.hashes[starts + np.arange(offsets[-1])], offsets)
 
 
-def _shared_counts(sh: Shingles) -> np.ndarray:
-    """Per row: how many of its shingles also occur elsewhere in the batch (an upper bound: hashes are
-    truncated to make room for the row number, which can only add collisions).
-
-    One plain sort of (hash | row) keys instead of an argsort or a hash table: much faster on large batches."""
-    n = len(sh.offsets) - 1
-    row_bits = max(1, int(n - 1).bit_length())
-    rows = np.repeat(np.arange(n, dtype=np.uint64), sh.sizes)
-    keys = np.sort(((sh.hashes >> np.uint64(row_bits)) << np.uint64(row_bits)) | rows)
-    h = keys >> np.uint64(row_bits)
-    same = h[1:] == h[:-1]
-    dup = np.zeros(len(keys), bool)
-    dup[1:] |= same
-    dup[:-1] |= same
-    owner = (keys & np.uint64((1 << row_bits) - 1)).astype(np.int64)
-    return np.bincount(owner[dup], minlength=n)
-
-
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     if len(a) == 0 and len(b) == 0:
         return 1.0
@@ -144,53 +136,142 @@ def lsh_bands(threshold: float, num_perm: int) -> int:
     return best
 
 
+def side_shingles(prompts: pa.Array | list[str], answers: pa.Array | list[str], ngram: int = 3) -> Shingles:
+    """Shingles of each row's two sides, interleaved: entry ``2i`` is row i's prompt (every message but the final
+    answer), entry ``2i + 1`` its final answer. Answer hashes are salted so that no shingle is shared across sides."""
+    p = pa.array(prompts, pa.large_string()) if isinstance(prompts, list) else prompts
+    a = pa.array(answers, pa.large_string()) if isinstance(answers, list) else answers
+    n = len(p)
+    both = pa.concat_arrays([p.cast(pa.large_string()), a.cast(pa.large_string())])
+    sh = shingle(both, ngram)
+    sh.hashes[sh.offsets[n] :] ^= _ANSWER_SALT
+    order = np.empty(2 * n, np.int64)
+    order[0::2], order[1::2] = np.arange(n), np.arange(n) + n
+    return _subset(sh, order)
+
+
+def side_subset(sides: Shingles, rows: np.ndarray) -> Shingles:
+    """The two side entries of the given rows (positions), in that order."""
+    rows = np.asarray(rows, np.int64)
+    entries = np.empty(2 * len(rows), np.int64)
+    entries[0::2], entries[1::2] = 2 * rows, 2 * rows + 1
+    return _subset(sides, entries)
+
+
+def _rows_of(sides: Shingles) -> Shingles:
+    """Merge each row's two side entries into one shingle set (prompt and answer hashes never collide)."""
+    return Shingles(sides.hashes, sides.offsets[::2].copy())
+
+
+def _side(sides: Shingles, which: int) -> Shingles:
+    """One side (0 prompt, 1 answer) of every row."""
+    n = (len(sides.offsets) - 1) // 2
+    return _subset(sides, np.arange(n) * 2 + which)
+
+
 @dataclass
-class NearDuplicates:
-    """Rows (by position) that near-duplicate an earlier row: ``row[i]`` matches ``matched[i]`` (earlier)."""
+class SideStats:
+    """Per side entry, over distinct shingles that are not boilerplate: how many it has and how many of them also
+    occur in another entry; and the boilerplate shingles (hashes truncated by ``row_bits``)."""
 
-    row: np.ndarray
-    matched: np.ndarray
-    similarity: np.ndarray
-    candidates: int  # rows flagged by LSH (before exact verification)
+    sizes: np.ndarray
+    shared: np.ndarray
+    boilerplate: np.ndarray
+    row_bits: int
 
 
-def near_duplicates(
-    sh: Shingles,
-    threshold: float = 0.8,
-    num_perm: int = 128,
-    eligible_query: np.ndarray | None = None,
-    eligible_match: np.ndarray | None = None,
-) -> NearDuplicates:
-    """Each row whose shingle set has Jaccard >= threshold with an earlier row (lower position).
+def side_stats(sides: Shingles, share: float, min_rows: int = BOILERPLATE_MIN_ROWS) -> SideStats:
+    """One plain sort of (hash | entry) keys gives every shingle's document frequency, hence the boilerplate
+    (shingles in more than ``share`` of the rows and in at least ``min_rows`` rows) and the exact pre-filter's
+    counts. A shingle repeated inside one entry counts twice (an upper bound, like the hash truncation that makes
+    room for the entry number: both can only add candidates, never lose one)."""
+    n_entries = len(sides.offsets) - 1
+    row_bits = max(1, int(n_entries - 1).bit_length())
+    entry = np.repeat(np.arange(n_entries, dtype=np.uint64), sides.sizes)
+    keys = np.sort(((sides.hashes >> np.uint64(row_bits)) << np.uint64(row_bits)) | entry)
+    h = keys >> np.uint64(row_bits)
+    owner = (keys & np.uint64((1 << row_bits) - 1)).astype(np.int64)
+    same = h[1:] == h[:-1]
+    dup = np.zeros(len(keys), bool)
+    dup[1:] |= same
+    dup[:-1] |= same
+    cutoff = max(share * (n_entries // 2), min_rows - 1) if share < 1 else np.inf
+    start = np.flatnonzero(np.concatenate([[True], ~same])) if len(keys) else np.zeros(0, np.int64)
+    df = np.diff(np.append(start, len(keys)))
+    boiler_group = df > cutoff
+    if not boiler_group.any():  # the usual case: nothing to drop
+        return SideStats(sides.sizes, np.bincount(owner[dup], minlength=n_entries), np.zeros(0, np.uint64), row_bits)
+    keep = ~np.repeat(boiler_group, df)
+    return SideStats(
+        sizes=np.bincount(owner[keep], minlength=n_entries),
+        shared=np.bincount(owner[keep & dup], minlength=n_entries),
+        boilerplate=h[start][boiler_group] << np.uint64(row_bits),
+        row_bits=row_bits,
+    )
 
-    The earliest verified earlier row is reported. ``eligible_query`` / ``eligible_match`` (bool masks) restrict
-    which rows may be reported as duplicates and which may be matched (e.g. only test rows against train rows).
-    """
+
+def remove_boilerplate(sides: Shingles, stats: SideStats) -> Shingles:
+    """Drop the boilerplate shingles: a shared system prompt, retrieved context, schema or few-shot header says
+    nothing about what distinguishes a row."""
+    if len(stats.boilerplate) == 0:
+        return sides
+    bits = np.uint64(stats.row_bits)
+    keep = ~pd.Series((sides.hashes >> bits) << bits).isin(stats.boilerplate).to_numpy()  # hash table: no sort
+    entry = np.repeat(np.arange(len(sides.offsets) - 1), sides.sizes)[keep]
+    offsets = np.zeros(len(sides.offsets), np.int64)
+    np.cumsum(np.bincount(entry, minlength=len(sides.offsets) - 1), out=offsets[1:])
+    return Shingles(sides.hashes[keep], offsets)
+
+
+def _with_sentinels(sides: Shingles, stats: SideStats) -> Shingles:
+    """Give every empty side one sentinel shingle, so that two rows with nothing distinctive on a side (no prompt,
+    or a prompt made only of boilerplate) compare as equal on that side; ``stats`` counts updated in place."""
+    sizes = sides.sizes
+    empty = np.flatnonzero(sizes == 0)
+    if len(empty) == 0:
+        return sides
+    side = empty % 2
+    values = np.where(side == 0, _EMPTY_PROMPT, _EMPTY_ANSWER).astype(np.uint64)
+    hashes = np.insert(sides.hashes, sides.offsets[empty], values)
+    add = np.zeros(len(sizes), np.int64)
+    add[empty] = 1
+    offsets = np.zeros(len(sides.offsets), np.int64)
+    np.cumsum(sizes + add, out=offsets[1:])
+    stats.sizes = stats.sizes + add
+    many = np.bincount(side, minlength=2) >= 2
+    stats.shared = stats.shared + add * many[np.arange(len(sizes)) % 2]
+    return Shingles(hashes, offsets)
+
+
+def _candidate_pairs(
+    sh: Shingles, rows: np.ndarray, threshold: float, num_perm: int, sizes: np.ndarray, shared: np.ndarray
+) -> np.ndarray:
+    """Pairs (earlier, later) of positions in ``sh`` whose shingle sets may reach the threshold: the exact
+    pre-filter, then rensa MinHash LSH over the survivors, then the flagged rows banded again here.
+
+    Pre-filter: if J(A, B) >= t then at least a share t of A's shingles also occur in B, so a row whose shingles are
+    mostly unique in the batch cannot have a near-duplicate. Only the rest is sketched."""
     import rensa
 
-    n = len(sh.offsets) - 1
-    empty = NearDuplicates(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), 0)
-    if n < 2 or len(sh.hashes) == 0:
-        return empty
-    bands = lsh_bands(threshold, num_perm)
-    # Exact pre-filter: if J(A, B) >= t then at least a share t of A's shingles also occur in B, so a row whose
-    # shingles are mostly unique in the whole batch cannot have a near-duplicate. Only the rest is sketched.
-    sizes = sh.sizes
-    n_shared = _shared_counts(sh)
+    none = np.zeros((0, 2), np.int64)
+    if len(rows) < 2:
+        return none
+    sub = sh if len(rows) == len(sh.offsets) - 1 else _subset(sh, rows)
+    sizes, n_shared = sizes[rows], shared[rows]
     survivors = np.flatnonzero((sizes > 0) & (n_shared >= threshold * sizes - 1e-9))
     if len(survivors) < 2:
-        return empty
-    sub = _subset(sh, survivors)
+        return none
+    sv = _subset(sub, survivors)
+    bands = lsh_bands(threshold, num_perm)
     digests = rensa.RMinHash.digest_matrix_from_flat_token_hashes(
-        sub.hashes, sub.offsets.astype(np.uint64), num_perm, _SEED
+        sv.hashes, sv.offsets.astype(np.uint64), num_perm, _SEED
     )
     lsh = rensa.RMinHashLSH(threshold, num_perm, bands)
     flags = np.asarray(lsh.insert_matrix_and_query_duplicate_flags(digests), bool)
     flagged = survivors[flags]
     if len(flagged) < 2:
-        return empty
-    # signatures of the flagged rows only, banded here to learn which rows collide
-    fl = _subset(sh, flagged)
+        return none
+    fl = _subset(sub, flagged)
     sig = np.array(
         rensa.RMinHash.digest_matrix_from_flat_token_hashes(
             fl.hashes, fl.offsets.astype(np.uint64), num_perm, _SEED
@@ -198,8 +279,6 @@ def near_duplicates(
         dtype=np.uint64,
     )
     r = num_perm // bands
-    best = np.full(len(flagged), -1, np.int64)
-    best_sim = np.zeros(len(flagged))
     mixers = (np.arange(1, r + 1, dtype=np.uint64) * _M1) | np.uint64(1)
     found = []
     for b in range(bands):
@@ -213,20 +292,101 @@ def near_duplicates(
         for m in range(min(MAX_PAIRS_PER_ROW, int(rank.max(initial=0)))):
             sel = rank > m
             found.append(order[start[sel] + m] * len(flagged) + order[sel])
-    codes = np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
-    pairs = sorted(zip((codes % len(flagged)).tolist(), (codes // len(flagged)).tolist(), strict=True))
-    for q, a in pairs:  # by query row, then earliest candidate first
-        ra, rq = int(flagged[a]), int(flagged[q])
-        if eligible_query is not None and not eligible_query[rq]:
-            continue
-        if eligible_match is not None and not eligible_match[ra]:
-            continue
+    if not found:
+        return none
+    codes = np.unique(np.concatenate(found))
+    pos = rows[flagged]
+    return np.stack([pos[codes // len(flagged)], pos[codes % len(flagged)]], axis=1)
+
+
+@dataclass
+class NearDuplicates:
+    """Rows (by position) that near-duplicate an earlier row on both sides: ``row[i]`` matches ``matched[i]``.
+
+    ``conflicts``: rows whose prompt equals or near-equals an earlier row's prompt while the answers differ (label
+    conflicts, not duplicates), one pair per later row; nothing is removed for them here."""
+
+    row: np.ndarray
+    matched: np.ndarray
+    similarity: np.ndarray  # the lower of the two sides' similarities
+    candidates: int  # candidate pairs from LSH (before exact verification)
+    prompt_similarity: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    answer_similarity: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    conflicts: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=CONFLICT_FIELDS))
+    boilerplate_shingles: int = 0
+
+
+CONFLICT_FIELDS = ["row", "matched", "prompt_similarity", "answer_similarity"]
+
+
+def near_duplicates(
+    sides: Shingles,
+    threshold: float = 0.8,
+    num_perm: int = 128,
+    eligible_query: np.ndarray | None = None,
+    eligible_match: np.ndarray | None = None,
+    *,
+    boilerplate_share: float = 0.3,
+    conflicts: bool = False,
+) -> NearDuplicates:
+    """Each row whose prompt side AND answer side both have Jaccard >= threshold with an earlier row's, after
+    shingles shared by more than ``boilerplate_share`` of the rows are ignored (``sides``: ``side_shingles``).
+
+    The earliest verified earlier row is reported. ``eligible_query`` / ``eligible_match`` (bool masks over rows)
+    restrict which rows may be reported and which may be matched (e.g. only test rows against train rows). With
+    ``conflicts``, rows whose (distinctive) prompt reaches the threshold but whose answer does not are reported too.
+    """
+    n = (len(sides.offsets) - 1) // 2
+    out = NearDuplicates(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), 0)
+    if n < 2 or len(sides.hashes) == 0:
+        return out
+    stats = side_stats(sides, boilerplate_share)
+    distinct = remove_boilerplate(sides, stats)
+    informative = stats.sizes[0::2] > 0  # rows with a distinctive prompt (conflicts need one)
+    distinct = _with_sentinels(distinct, stats)
+    row_sizes, row_shared = stats.sizes[0::2] + stats.sizes[1::2], stats.shared[0::2] + stats.shared[1::2]
+    pairs = [_candidate_pairs(_rows_of(distinct), np.arange(n), threshold, num_perm, row_sizes, row_shared)]
+    if conflicts:
+        prompts = _side(distinct, 0)
+        pairs.append(
+            _candidate_pairs(
+                prompts, np.flatnonzero(informative), threshold, num_perm, stats.sizes[0::2], stats.shared[0::2]
+            )
+        )
+    cand = np.concatenate(pairs)
+    if len(cand):
+        cand = np.unique(cand, axis=0)
+        cand = cand[np.lexsort((cand[:, 0], cand[:, 1]))]  # by later row, then earliest candidate first
+    if eligible_query is not None:
+        cand = cand[eligible_query[cand[:, 1]]]
+    if eligible_match is not None:
+        cand = cand[eligible_match[cand[:, 0]]]
+    best = np.full(n, -1, np.int64)
+    sims = np.zeros((n, 2))
+    conflict_of: dict[int, tuple[int, float, float]] = {}
+    for a, q in cand.tolist():
         if best[q] >= 0:
             continue  # an earlier verified match is already known
-        sim = jaccard(sh.row(ra), sh.row(rq))
-        if sim >= threshold:
-            best[q], best_sim[q] = a, sim
-    hit = best >= 0
+        sp = jaccard(distinct.row(2 * a), distinct.row(2 * q))
+        if sp < threshold:
+            continue
+        sa = jaccard(distinct.row(2 * a + 1), distinct.row(2 * q + 1))
+        if sa >= threshold:
+            best[q], sims[q] = a, (sp, sa)
+        elif conflicts and informative[a] and informative[q] and q not in conflict_of:
+            conflict_of[q] = (a, sp, sa)
+    hit = np.flatnonzero(best >= 0)
+    conf = pd.DataFrame(
+        [(q, a, round(sp, 4), round(sa, 4)) for q, (a, sp, sa) in sorted(conflict_of.items()) if best[q] < 0],
+        columns=CONFLICT_FIELDS,
+    )
     return NearDuplicates(
-        row=flagged[hit], matched=flagged[best[hit]], similarity=best_sim[hit], candidates=len(flagged)
+        row=hit,
+        matched=best[hit],
+        similarity=sims[hit].min(axis=1) if len(hit) else np.zeros(0),
+        candidates=len(cand),
+        prompt_similarity=sims[hit, 0],
+        answer_similarity=sims[hit, 1],
+        conflicts=conf,
+        boilerplate_shingles=len(stats.boilerplate),
     )

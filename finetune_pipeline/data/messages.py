@@ -24,6 +24,19 @@ def prompt_texts(messages_json: pd.Series | list[str]) -> pa.Array:
     return pc.replace_substring_regex(pa.array(list(messages_json), pa.string()), _LAST_MESSAGE, "]")
 
 
+_ALL_BUT_LAST_CONTENT = r'^.*\{"role": "[a-z]+", "content": "((?:[^"\\]|\\.)*)"\}\]$'
+
+
+def prompt_answer_texts(messages_json: pd.Series | list[str]) -> tuple[pa.Array, pa.Array]:
+    """Per row: the prompt side (contents of every message but the last) and the answer side (the last message's
+    content) as plain-ish text for shingling, without parsing each row."""
+    arr = pa.array(list(messages_json), pa.string())
+    prompt = messages_text(prompt_texts(list(messages_json)))
+    answer = pc.replace_substring_regex(pc.replace_substring_regex(arr, _ALL_BUT_LAST_CONTENT, r"\1"), r"\\[nrt]", " ")
+    del arr
+    return prompt, answer
+
+
 def to_prompt_completion(messages_json: str) -> dict[str, list[dict[str, str]]]:
     """Conversational prompt/completion record for trl: the loss then falls on the final assistant turn."""
     msgs = json.loads(messages_json)

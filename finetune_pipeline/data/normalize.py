@@ -239,12 +239,14 @@ class Normalised:
     frame: (
         pd.DataFrame
     )  # one row per valid record: messages, content_hash, n_messages, chars, _key, _pos (input position)
-    frame_text: pa.Array  # per valid row: all message contents joined (for near-duplicate shingles)
+    prompt_text: pa.Array  # per valid row: every message's content but the last, joined (near-dedup prompt side)
+    answer_text: pa.Array  # per valid row: the final message's content (near-dedup answer side)
     assistant_text: pa.Array  # per valid row: the assistant turns joined (for the quality score)
     reject_rows: np.ndarray  # positions in the input table
     reject_reasons: np.ndarray
     reject_details: list[str]
     leading_moved: int = 0  # rows whose leading assistant turns were moved to context or dropped
+    pii: pd.DataFrame | None = None  # cleaning.pii findings: pos (input position), message, kind, start, end
 
 
 def _first_per_row(n: int, parent: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -337,6 +339,16 @@ def normalise(
     if cleaning.normalize_whitespace:
         content = normalise_whitespace(content)
     content = content.fill_null("")
+    pii_found = None
+    if cleaning.pii.mode != "off":
+        from finetune_pipeline.data import pii
+
+        found = pii.scan(content, list(cleaning.pii.kinds), cleaning.pii.mode == "mask", cleaning.pii.phone_region)
+        content, t = found.texts, found.table
+        msg = t["text"].to_numpy()
+        pii_found = pd.DataFrame(
+            {"pos": parent[msg], "message": pos[msg], "kind": t["kind"], "start": t["start"], "end": t["end"]}
+        )
     lengths = pc.utf8_length(content).to_numpy().astype(np.int64)
     reason = np.full(n, "", dtype=object)
     detail: dict[int, str] = {}
@@ -440,9 +452,24 @@ def normalise(
     assistant_text = pc.binary_join(
         pa.ListArray.from_arrays(pa.array(_sub_offsets(ok_counts, is_assist)), c_ok.filter(pa.array(is_assist))), "\n"
     )
-    text = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), c_ok), "\n")
+    not_last = np.ones(len(c_ok), bool)
+    not_last[offsets[1:][ok_counts > 0] - 1] = False
+    prompt_text = pc.binary_join(
+        pa.ListArray.from_arrays(pa.array(_sub_offsets(ok_counts, not_last)), c_ok.filter(pa.array(not_last))), "\n"
+    )
+    answer_text = c_ok.take(pa.array(np.maximum(offsets[1:] - 1, 0))) if len(c_ok) else c_ok
     bad = np.flatnonzero(~ok)
-    return Normalised(frame, text, assistant_text, bad, reason[bad].astype(str), [detail[int(r)] for r in bad], moved)
+    return Normalised(
+        frame,
+        prompt_text,
+        answer_text,
+        assistant_text,
+        bad,
+        reason[bad].astype(str),
+        [detail[int(r)] for r in bad],
+        moved,
+        None if pii_found is None else pii_found[ok[pii_found["pos"].to_numpy()]].reset_index(drop=True),
+    )
 
 
 def _sub_offsets(counts: np.ndarray, mask: np.ndarray) -> np.ndarray:

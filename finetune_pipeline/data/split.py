@@ -15,16 +15,30 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from finetune_pipeline.data import dedup
 from finetune_pipeline.data.clean import DUPLICATE_COLUMNS, frame_digest
-from finetune_pipeline.data.messages import messages_text, prompt_texts
+from finetune_pipeline.data.messages import prompt_answer_texts, prompt_texts
 from finetune_pipeline.hashing import short_hash
 from finetune_pipeline.layout import SPLITS
 from finetune_pipeline.spec import DedupSpec, SplitSpec
 
 DIGEST_COLUMNS = ["row_id", "content_hash"]
+CONFLICT_COLUMNS = [
+    "row_id",
+    "conflicts_with",
+    "drop",
+    "source_line",
+    "prompt_similarity",
+    "answer_similarity",
+    "action",
+    "prompt",
+    "answer",
+    "other_answer",
+]
+CONFLICT_QUARANTINE_COLUMNS = ["drop", "source_line", "row_id", "reason", "detail", "messages"]
+PREVIEW_CHARS = 200
+MIX_COLUMNS = ["source", "weight", "max_rows", "train_rows", "mixed_rows", "validation_rows", "test_rows"]
 
 
 def _unit(row_id: str, salt: str) -> float:
@@ -47,6 +61,19 @@ class SplitResult:
     cross_drop_duplicates: pd.DataFrame
     drops: list[str]
     leaks: pd.DataFrame = field(default_factory=pd.DataFrame)  # test rows near-duplicating a train row
+    conflicts: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=CONFLICT_COLUMNS))
+    conflict_quarantine: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=CONFLICT_QUARANTINE_COLUMNS))
+    rows_in: int = 0  # cleaned rows of all drops, before cross-drop dedup
+    train_pool: int = -1  # rows the split assigned to train, before the training mix (-1: no mix, = len(train))
+    mix: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=MIX_COLUMNS))  # per source
+    boilerplate_shingles: int = 0  # distinct shingles ignored as boilerplate in the cross-drop comparison
+
+    @property
+    def conflict_share(self) -> float:
+        """Share of the deduplicated rows that take part in a label conflict (either side of a pair)."""
+        involved = set(self.conflicts["row_id"]) | set(self.conflicts["conflicts_with"])
+        total = sum(len(f) for f in self.frames.values()) + len(self.conflict_quarantine)
+        return len(involved) / total if total else 0.0
 
     def digest(self, split: str) -> str:
         return frame_digest(self.frames[split], DIGEST_COLUMNS)
@@ -101,9 +128,11 @@ def build_splits(
     spec: SplitSpec,
     drops: list[str] | None = None,
     dedup_spec: DedupSpec | None = None,
+    mix: dict[str, tuple[float, int | None]] | None = None,
 ) -> SplitResult:
     """``cleaned`` in drop-registration order (``drops`` names them); the first occurrence of a row wins across
-    drops, exact or near (when ``dedup_spec.near``)."""
+    drops, exact or near (when ``dedup_spec.near``). ``mix``: source name -> (weight, max_rows) for the training
+    mix (``mix_train``), applied after dedup and after the splits are fixed."""
     frames = [f for f in cleaned if not f.empty]
     if not frames:
         raise ValueError("no cleaned rows: materialize cleaned_dataset for at least one drop that passes its gates")
@@ -121,42 +150,171 @@ def build_splits(
     clash = kept.duplicated("row_id", keep="first")
     kept.loc[clash, "row_id"] = kept.loc[clash, "row_id"] + "@" + kept.loc[clash, "drop"]
     dups = [dup]
-    shingles = None
-    if dedup_spec is not None:
-        shingles = dedup.shingle(messages_text(pa.array(kept["messages"], pa.string())), dedup_spec.ngram)
-    if dedup_spec is not None and dedup_spec.near and shingles is not None and len(kept) > 1:
-        nd = dedup.near_duplicates(shingles, dedup_spec.near_threshold, dedup_spec.num_perm)
-        if len(nd.row):
+    sides = None
+    conflicts = pd.DataFrame(columns=CONFLICT_COLUMNS)
+    quarantined = pd.DataFrame(columns=CONFLICT_QUARANTINE_COLUMNS)
+    n_boiler = 0
+    if dedup_spec is not None and len(kept) > 1:
+        sides = dedup.side_shingles(*prompt_answer_texts(kept["messages"]), dedup_spec.ngram)
+        nd = dedup.near_duplicates(
+            sides,
+            dedup_spec.near_threshold,
+            dedup_spec.num_perm,
+            boilerplate_share=dedup_spec.boilerplate_share,
+            conflicts=True,
+        )
+        n_boiler = nd.boilerplate_shingles
+        mask = np.ones(len(kept), bool)
+        if dedup_spec.near and len(nd.row):
             near = kept.iloc[nd.row].copy()
             near["duplicate_of"] = kept["row_id"].to_numpy()[nd.matched]
             near["kind"], near["similarity"] = "near", np.round(nd.similarity, 4)
             dups.append(near)
-            mask = np.ones(len(kept), bool)
             mask[nd.row] = False
+        conflicts, drop_rows = conflict_table(kept, nd.conflicts, dedup_spec.conflicts, mask)
+        if len(drop_rows):
+            quarantined = conflict_quarantine(kept, drop_rows, conflicts)
+            mask[drop_rows] = False
+        if not mask.all():
             kept = kept[mask].reset_index(drop=True)
-            shingles = dedup._subset(shingles, np.flatnonzero(mask))
+            sides = dedup.side_subset(sides, np.flatnonzero(mask))
     drops = list(drops) if drops is not None else list(dict.fromkeys(allrows["drop"]))
     split = assign_splits(kept, spec, drops)
     out = {s: kept[split == s].reset_index(drop=True) for s in SPLITS}
+    train_rows = np.flatnonzero(split == "train")
+    mix_table = pd.DataFrame(columns=MIX_COLUMNS)
+    if mix:  # after dedup and after the splits are fixed: only train rows are sampled
+        train_rows, mix_table = mix_train(kept, split, mix, spec.salt)
+        out["train"] = kept.iloc[train_rows].reset_index(drop=True)
     leaks = pd.DataFrame(columns=["test_row_id", "train_row_id", "similarity"])
-    if dedup_spec is not None and shingles is not None:
-        leaks = test_train_leaks(kept, split, shingles, dedup_spec)
+    if dedup_spec is not None and sides is not None:  # on the mixed training set (each distinct row once)
+        leaks = test_train_leaks(kept, split, sides, dedup_spec, train_rows=np.unique(train_rows))
     return SplitResult(
         frames=out,
         cross_drop_duplicates=pd.concat(dups, ignore_index=True)[DUPLICATE_COLUMNS].reset_index(drop=True),
         drops=drops,
         leaks=leaks,
+        conflicts=conflicts,
+        conflict_quarantine=quarantined,
+        rows_in=len(allrows),
+        boilerplate_shingles=n_boiler,
+        train_pool=int((split == "train").sum()),
+        mix=mix_table,
     )
 
 
-def test_train_leaks(rows: pd.DataFrame, split: np.ndarray, shingles: dedup.Shingles, spec: DedupSpec) -> pd.DataFrame:
-    """Test rows that are near-duplicates (Jaccard >= near_threshold) of a train row."""
-    train, test = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
+def mix_train(
+    rows: pd.DataFrame, split: np.ndarray, mix: dict[str, tuple[float, int | None]], salt: str
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """The training mix: positions of ``rows`` (with repeats) for the train split, per source ``weight`` (1 = as
+    is, 2 = every row twice, 0.5 = a hash-chosen half) and ``max_rows`` (a cap). Only rows the split assigned to
+    train are ever chosen, so a validation or test row can never be copied into training. The choice is a pure
+    function of (salt, row id): the same rows stay in (or out of) the mix when new drops arrive."""
+    src = rows["source"].astype("string").fillna("").to_numpy() if "source" in rows else np.full(len(rows), "")
+    default = next(iter(mix))
+    src = np.where(np.isin(src, list(mix)), src, default)  # rows of a source no longer in the spec: the first's
+    picks, table = [], []
+    for name, (weight, cap) in mix.items():
+        mine = src == name
+        train = np.flatnonzero(mine & (split == "train"))
+        target = int(np.floor(len(train) * weight + 0.5))
+        if cap is not None:
+            target = min(target, cap)
+        order = train[np.argsort([_unit(r, f"{salt}:mix") for r in rows["row_id"].to_numpy()[train]], kind="stable")]
+        full, rest = divmod(target, len(train)) if len(train) else (0, 0)
+        picks += [np.repeat(train, full), order[:rest]]
+        table.append(
+            {
+                "source": name,
+                "weight": weight,
+                "max_rows": cap,
+                "train_rows": len(train),
+                "mixed_rows": target if len(train) else 0,
+                "validation_rows": int((mine & (split == "validation")).sum()),
+                "test_rows": int((mine & (split == "test")).sum()),
+            }
+        )
+    chosen = np.sort(np.concatenate(picks).astype(np.int64), kind="stable") if picks else np.zeros(0, np.int64)
+    return chosen, pd.DataFrame(table, columns=MIX_COLUMNS)
+
+
+def conflict_table(
+    rows: pd.DataFrame, pairs: pd.DataFrame, policy: str, alive: np.ndarray
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """The conflict pairs (both rows, their prompt and both answers) and, by ``dedup.conflicts``, the rows to take
+    out: keep_all none, keep_first every later row of a pair, quarantine every row of a pair."""
+    pairs = pairs[alive[pairs["row"].to_numpy()] & alive[pairs["matched"].to_numpy()]] if len(pairs) else pairs
+    if pairs.empty:
+        return pd.DataFrame(columns=CONFLICT_COLUMNS), np.zeros(0, np.int64)
+    q, a = pairs["row"].to_numpy(dtype=np.int64), pairs["matched"].to_numpy(dtype=np.int64)
+    prompt, answer = prompt_answer_texts(rows["messages"].to_numpy()[np.concatenate([q, a])])
+    n = len(q)
+    action = {"keep_all": "kept", "keep_first": "later row quarantined", "quarantine": "both quarantined"}[policy]
+    table = pd.DataFrame(
+        {
+            "row_id": rows["row_id"].to_numpy()[q],
+            "conflicts_with": rows["row_id"].to_numpy()[a],
+            "drop": rows["drop"].to_numpy()[q],
+            "source_line": rows["source_line"].to_numpy()[q] if "source_line" in rows else 0,
+            "prompt_similarity": pairs["prompt_similarity"].to_numpy(),
+            "answer_similarity": pairs["answer_similarity"].to_numpy(),
+            "action": action,
+            "prompt": [t[:PREVIEW_CHARS] for t in prompt.to_pylist()[:n]],
+            "answer": [t[:PREVIEW_CHARS] for t in answer.to_pylist()[:n]],
+            "other_answer": [t[:PREVIEW_CHARS] for t in answer.to_pylist()[n:]],
+        }
+    )
+    if policy == "keep_first":
+        return table, np.unique(q)
+    if policy == "quarantine":
+        return table, np.unique(np.concatenate([q, a]))
+    return table, np.zeros(0, np.int64)
+
+
+def conflict_quarantine(rows: pd.DataFrame, drop_rows: np.ndarray, table: pd.DataFrame) -> pd.DataFrame:
+    """Rows taken out for a label conflict (reason ``conflict``), each naming a row it conflicts with."""
+    partner = dict(zip(table["row_id"], table["conflicts_with"], strict=True))
+    partner.update({b: a for a, b in zip(table["row_id"], table["conflicts_with"], strict=True) if b not in partner})
+    ids = rows["row_id"].to_numpy()[drop_rows]
+    return pd.DataFrame(
+        {
+            "drop": rows["drop"].to_numpy()[drop_rows],
+            "source_line": rows["source_line"].to_numpy()[drop_rows] if "source_line" in rows else 0,
+            "row_id": ids,
+            "reason": "conflict",
+            "detail": [
+                f"same or near-same prompt as row {partner.get(i)} with a different answer (dedup.conflicts)"
+                for i in ids
+            ],
+            "messages": rows["messages"].to_numpy()[drop_rows],
+        },
+        columns=CONFLICT_QUARANTINE_COLUMNS,
+    )
+
+
+def test_train_leaks(
+    rows: pd.DataFrame,
+    split: np.ndarray,
+    sides: dedup.Shingles,
+    spec: DedupSpec,
+    train_rows: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Test rows that are near-duplicates of a train row (both sides reach near_threshold, boilerplate excluded).
+    ``train_rows``: the distinct rows of the training mix (default: the rows the split assigned to train)."""
+    train = np.flatnonzero(split == "train") if train_rows is None else train_rows
+    test = np.flatnonzero(split == "test")
     order = np.concatenate([train, test])  # train first: every test row is compared with all train rows
-    sub = dedup._subset(shingles, order)
+    sub = dedup.side_subset(sides, order)
     is_test = np.zeros(len(order), bool)
     is_test[len(train) :] = True
-    nd = dedup.near_duplicates(sub, spec.near_threshold, spec.num_perm, eligible_query=is_test, eligible_match=~is_test)
+    nd = dedup.near_duplicates(
+        sub,
+        spec.near_threshold,
+        spec.num_perm,
+        eligible_query=is_test,
+        eligible_match=~is_test,
+        boilerplate_share=spec.boilerplate_share,
+    )
     ids = rows["row_id"].to_numpy()[order]
     return pd.DataFrame({"test_row_id": ids[nd.row], "train_row_id": ids[nd.matched], "similarity": nd.similarity})
 

@@ -6,36 +6,34 @@ from typing import Any
 import dagster as dg
 
 from finetune_pipeline.data.drift import DriftReport
-from finetune_pipeline.data.drops import completion_rules, scan_incoming
 from finetune_pipeline.defs.common import drops_partitions, key
 from finetune_pipeline.defs.data_assets import SOURCE_TAG
 from finetune_pipeline.defs.resources import StateStore
 from finetune_pipeline.keys import training_fingerprint
 from finetune_pipeline.spec import LoadedSpec
+from finetune_pipeline.stages.ingest import scan_sources
 
 
 def build_sensor(spec: LoadedSpec, ingest_job: Any) -> dg.SensorDefinition:
     parts = drops_partitions(spec)
-    src = spec.spec.source
     auto = spec.spec.automation
+    folders = ", ".join(str(spec.incoming_of(s)) for s in spec.spec.source_list())
 
     @dg.sensor(
         name=f"{spec.name}_incoming_sensor",
         job=ingest_job,
         minimum_interval_seconds=auto.sensor_interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING if auto.sensor_enabled else dg.DefaultSensorStatus.STOPPED,
-        description=f"Ingests each finished file dropped into {spec.incoming_dir} as one partition (by content hash).",
+        description=f"Ingests each finished file dropped into {folders} as one partition (by content hash).",
     )
     def incoming_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         previous = json.loads(context.cursor).get("seen", {}) if context.cursor else {}
         known = set(context.instance.get_dynamic_partitions(parts.name))
-        scan = scan_incoming(
-            spec.incoming_dir, src.file_glob, src.settle_seconds, previous, known, **completion_rules(src)
-        )
+        scan = scan_sources(spec, previous, known)
         cursor = json.dumps({"seen": scan.seen})
         if not scan.ready:
             return dg.SensorResult(
-                skip_reason=f"no new finished files in {spec.incoming_dir} ({len(scan.waiting)} still being written "
+                skip_reason=f"no new finished files in {folders} ({len(scan.waiting)} still being written "
                 f"or settling, {scan.unchanged_skipped} already ingested){': ' + scan.waiting_summary() if scan.waiting else ''}",
                 cursor=cursor,
             )

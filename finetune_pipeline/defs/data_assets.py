@@ -12,6 +12,7 @@ from finetune_pipeline.keys import code_version
 from finetune_pipeline.layout import SPLITS
 from finetune_pipeline.spec import LoadedSpec
 from finetune_pipeline.stages.ingest import DropRecord, ingest_drop, needs_tokenizer, store_raw
+from finetune_pipeline.stages.readiness import data_readiness
 from finetune_pipeline.stages.splits import SplitsRecord, build_dataset_splits, token_stats
 
 QUARANTINE_PREVIEW_ROWS = 200
@@ -102,6 +103,10 @@ def drop_metadata(rec: DropRecord, kept_path: object, quarantine_path: object) -
         "quarantine": table(res.quarantine[["source_line", "reason", "detail", "raw"]], QUARANTINE_PREVIEW_ROWS),
         "quarantine_file": dg.MetadataValue.path(str(quarantine_path)),
         "duplicates": table(res.duplicates[dup_cols]),
+        "pii_mode": rec.pii_mode,
+        "pii_found": dg.MetadataValue.json(res.pii_counts),
+        "pii_rows": len(res.pii),
+        "pii": table(res.pii[["source_line", "row_id", "kinds", "outcome", "preview"]], QUARANTINE_PREVIEW_ROWS),
         "quality_mean": round(float(q.mean()), 4) if q is not None else 0.0,
         "quality_below_1": int((q < 1).sum()) if q is not None else 0,
         "drift": dg.MetadataValue.json(rec.drift.as_dict() if rec.drift else {}),
@@ -161,6 +166,7 @@ def dataset_splits_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
     checks = {
         "no_split_overlap": "No row (by content or id) is in two splits.",
         "no_test_leak": "No test row is an exact or near duplicate (dedup.near_threshold) of a train row.",
+        "rows_accounted": "Every cleaned row is in a split, a cross-drop duplicate or the conflict quarantine.",
     }
 
     @dg.asset(
@@ -169,7 +175,8 @@ def dataset_splits_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
         group_name=spec.name,
         code_version=code_version("finetune_pipeline.stages.splits"),
         kinds={"pandas", "parquet"},
-        check_specs=[dg.AssetCheckSpec(n, asset=k, blocking=True, description=d) for n, d in checks.items()],
+        check_specs=[dg.AssetCheckSpec(n, asset=k, blocking=True, description=d) for n, d in checks.items()]
+        + [dg.AssetCheckSpec("label_conflicts", asset=k, description=CONFLICTS_CHECK)],
     )
     def dataset_splits(context: dg.AssetExecutionContext, state: StateStore) -> dg.MaterializeResult:
         """All cleaned drops combined and deduplicated across drops, split into train/validation/test by row id."""
@@ -188,6 +195,11 @@ def dataset_splits_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
                 "split_method": spec.spec.split.method,
                 "label_mix": dg.MetadataValue.json(rec.label_mix()),
                 "overlap": dg.MetadataValue.json(rec.overlaps),
+                "label_conflicts": len(rec.result.conflicts),
+                "conflicts": table(rec.result.conflicts, QUARANTINE_PREVIEW_ROWS),
+                "conflict_quarantined": len(rec.result.conflict_quarantine),
+                "boilerplate_shingles": rec.result.boilerplate_shingles,
+                "training_mix": table(rec.result.mix),
                 "path": dg.MetadataValue.path(str(layout.splits)),
                 "dagster/row_count": sum(len(frames[s]) for s in SPLITS),
             },
@@ -198,9 +210,36 @@ def dataset_splits_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
     return dataset_splits
 
 
+CONFLICTS_CHECK = (
+    "Warns when rows with equal or near-equal prompts have different answers (label conflicts, dedup.conflicts)."
+)
+
+
 def splits_checks(rec: SplitsRecord, spec: LoadedSpec) -> list[dg.AssetCheckResult]:
-    leaks = rec.result.leaks
+    leaks, conf = rec.result.leaks, rec.result.conflicts
+    policy = spec.spec.dedup.conflicts
     return [
+        dg.AssetCheckResult(
+            check_name="rows_accounted",
+            passed=rec.accounted,
+            metadata={
+                "rows_in": rec.result.rows_in,
+                "in_splits": sum(rec.manifest.counts.values()),
+                "cross_drop_duplicates": len(rec.result.cross_drop_duplicates),
+                "conflict_quarantined": len(rec.result.conflict_quarantine),
+            },
+        ),
+        dg.AssetCheckResult(
+            check_name="label_conflicts",
+            passed=conf.empty,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"count": len(conf), "share": round(rec.result.conflict_share, 4), "policy": policy},
+            description=None
+            if conf.empty
+            else f"{len(conf)} rows ({rec.result.conflict_share:.1%} of rows involved) have the same or a near-same "
+            f"prompt as another row with a different answer (dedup.conflicts={policy}): see the conflicts table; fix "
+            "the labels, or set dedup.conflicts to keep_first or quarantine",
+        ),
         dg.AssetCheckResult(check_name="no_split_overlap", passed=rec.exact_overlap == 0, metadata=dict(rec.overlaps)),
         dg.AssetCheckResult(
             check_name="no_test_leak",
@@ -266,5 +305,65 @@ def token_stats_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
     return token_stats_
 
 
+READINESS_CHECKS = {
+    "spec_minimums": ("The splits meet split.min_train_rows / split.min_test_rows (training waits otherwise).", True),
+    "enough_train_rows": ("At least 100 training rows (the guides: under 100 is too few to fine-tune).", False),
+    "test_resolves_gate": ("The evaluated test rows can resolve the promotion gate's margin.", False),
+    "label_balance": ("Largest / smallest label count in train is at most 10.", False),
+}
+
+
+def data_readiness_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
+    k = key(spec, "data_readiness")
+
+    @dg.asset(
+        key=k,
+        deps=[key(spec, "dataset_splits"), key(spec, "token_stats")],
+        group_name=spec.name,
+        code_version=code_version("finetune_pipeline.stages.readiness"),
+        kinds={"pandas"},
+        check_specs=[
+            dg.AssetCheckSpec(n, asset=k, description=d, blocking=b) for n, (d, b) in READINESS_CHECKS.items()
+        ],
+    )
+    def data_readiness_(context: dg.AssetExecutionContext, state: StateStore) -> dg.MaterializeResult:
+        """Is the data ready to fine-tune on? Rows per split against the guides' minimums, whether the test split can resolve the gate's margin, label balance, token budget and estimated time, and a verdict (fine-tune / collect more data / few-shot may be enough)."""
+        r = data_readiness(state.pipeline(spec.name), spec)
+        context.log.info(f"data readiness: {r.verdict}; " + "; ".join(r.reasons))
+        warn = dg.AssetCheckSeverity.WARN
+        checks = [
+            ("spec_minimums", not r.blocking, None, "; ".join(r.blocking) or None),
+            ("enough_train_rows", r.enough_train_rows, warn, r.reasons[0] if not r.enough_train_rows else None),
+            ("test_resolves_gate", r.test_resolves_gate, warn, next((x for x in r.reasons if "test rows" in x), None)),
+            ("label_balance", r.labels_balanced, warn, next((x for x in r.reasons if "labels" in x), None)),
+        ]
+        return dg.MaterializeResult(
+            metadata={
+                "verdict": r.verdict,
+                "readiness": dg.MetadataValue.json(r.as_dict()),
+                "detectable_difference": round(r.detectable, 4),
+                "rows_for_margin": r.rows_for_margin,
+            },
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name=name,
+                    passed=ok,
+                    severity=sev or dg.AssetCheckSeverity.ERROR,
+                    metadata={"verdict": r.verdict},
+                    description=None if ok else msg,
+                )
+                for name, ok, sev, msg in checks
+            ],
+        )
+
+    return data_readiness_
+
+
 def build_data_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
-    return [raw_dataset_asset(spec), cleaned_dataset_asset(spec), dataset_splits_asset(spec), token_stats_asset(spec)]
+    return [
+        raw_dataset_asset(spec),
+        cleaned_dataset_asset(spec),
+        dataset_splits_asset(spec),
+        token_stats_asset(spec),
+        data_readiness_asset(spec),
+    ]

@@ -25,7 +25,10 @@ def build_pipeline_defs(spec: LoadedSpec) -> dg.Definitions:
     train = dg.define_asset_job(
         f"{spec.name}_train",
         selection=dg.AssetSelection.assets(
-            key(spec, "dataset_splits"), key(spec, "token_stats"), *[a.key for a in model_assets]
+            key(spec, "dataset_splits"),
+            key(spec, "token_stats"),
+            key(spec, "data_readiness"),
+            *[a.key for a in model_assets],
         ),
         description="Splits, token statistics, base model, sweep, adapter, evaluation and registration.",
     )

@@ -93,7 +93,7 @@ def sweep_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
 def adapter_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
     s = spec.spec
     k = key(spec, "adapter")
-    deps = [key(spec, "dataset_splits"), key(spec, "base_model")]
+    deps = [key(spec, "dataset_splits"), key(spec, "base_model"), key(spec, "data_readiness")]
 
     @dg.asset(
         key=k,

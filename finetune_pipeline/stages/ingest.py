@@ -13,21 +13,65 @@ import pandas as pd
 
 from finetune_pipeline.data.clean import CleanResult, clean_file, frame_digest, schema_problems, write_parquet_atomic
 from finetune_pipeline.data.drift import DriftReport, drift
-from finetune_pipeline.data.drops import file_digest, find_drop
+from finetune_pipeline.data.drops import (
+    ScanResult,
+    candidate_files,
+    completion_rules,
+    file_digest,
+    find_drop,
+    scan_incoming,
+)
 from finetune_pipeline.layout import PipelineLayout, RawDropRecord
-from finetune_pipeline.spec import LoadedSpec
+from finetune_pipeline.spec import LoadedSpec, SourceSpec
 
 LogFn = Callable[[str], None]
 
 
+def source_of(spec: LoadedSpec, path: Path) -> SourceSpec | None:
+    """The spec source whose folder and glob select this file (None when none does)."""
+    target = path.resolve()
+    for src in spec.spec.source_list():
+        if target in {p.resolve() for p in candidate_files(spec.incoming_of(src), src.file_glob, src.done_marker)}:
+            return src
+    return None
+
+
+def locate_drop(spec: LoadedSpec, drop: str, source_file: str | None) -> tuple[Path, SourceSpec]:
+    """The dropped file of a partition and the source it belongs to (the sensor's file when it still exists)."""
+    if source_file and Path(source_file).exists():
+        path = Path(source_file)
+        return path, source_of(spec, path) or spec.spec.source_list()[0]
+    missing: FileNotFoundError | None = None
+    for src in spec.spec.source_list():
+        try:
+            return find_drop(spec.incoming_of(src), src.file_glob, drop), src
+        except FileNotFoundError as exc:
+            missing = missing or exc
+    assert missing is not None
+    raise missing
+
+
+def scan_sources(spec: LoadedSpec, previous: dict[str, list], known: set[str]) -> ScanResult:
+    """scan_incoming over every source's folder, merged (a content seen in two sources is one drop)."""
+    ready, seen, waiting, skipped, why = [], {}, [], 0, {}
+    for src in spec.spec.source_list():
+        scan = scan_incoming(
+            spec.incoming_of(src), src.file_glob, src.settle_seconds, previous, known, **completion_rules(src)
+        )
+        new = [d for d in scan.ready if d.key not in known]
+        known = known | {d.key for d in new}
+        ready += new
+        seen.update(scan.seen)
+        waiting += scan.waiting
+        skipped += scan.unchanged_skipped + len(scan.ready) - len(new)
+        why.update(scan.why)
+    return ScanResult(ready, seen, waiting, skipped, why)
+
+
 def store_raw(layout: PipelineLayout, spec: LoadedSpec, drop: str, source_file: str | None) -> RawDropRecord:
-    """Copy the dropped file byte for byte into the state root; the copy keeps the file's extension."""
-    src = spec.spec.source
-    source = (
-        Path(source_file)
-        if source_file and Path(source_file).exists()
-        else find_drop(spec.incoming_dir, src.file_glob, drop)
-    )
+    """Copy the dropped file byte for byte into the state root; the copy keeps the file's extension; the record
+    remembers which spec source the file came from."""
+    source, src = locate_drop(spec, drop, source_file)
     dest = layout.raw_for(drop, "".join(source.suffixes[-1:]) or ".jsonl")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".tmp")
@@ -48,6 +92,7 @@ def store_raw(layout: PipelineLayout, spec: LoadedSpec, drop: str, source_file: 
         bytes=len(data),
         lines=data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1),
         sha256=digest,
+        source=src.name,
     )
     rec.save(layout.raw_record(drop))
     return rec
@@ -67,6 +112,7 @@ class DropRecord:
     drift: DriftReport | None = None
     drift_warn_threshold: float = 0.0
     notes: list[str] = field(default_factory=list)
+    pii_mode: str = "off"
 
     @property
     def rejection_ok(self) -> bool:
@@ -97,11 +143,16 @@ def ingest_drop(layout: PipelineLayout, spec: LoadedSpec, drop: str, log: LogFn 
         raise FileNotFoundError(f"raw_dataset for drop {drop} is missing at {raw}: materialize raw_dataset first")
     s = spec.spec
     rec_file = layout.raw_record(drop)
-    source_name = RawDropRecord.load(rec_file).source_file if rec_file.exists() else None  # what the user dropped
+    raw_rec = RawDropRecord.load(rec_file) if rec_file.exists() else None
+    source_name = raw_rec.source_file if raw_rec else None  # what the user dropped
+    src = s.source_named(raw_rec.source if raw_rec else None)
     counter = token_counter(layout) if needs_tokenizer(spec) else None
-    res = clean_file(raw, drop, s, count_tokens=counter, source_name=source_name)
+    res = clean_file(raw, drop, s, count_tokens=counter, source_name=source_name, source=src)
     write_parquet_atomic(res.quarantine, layout.quarantine(drop))
     write_parquet_atomic(res.duplicates, layout.duplicates(drop))
+    if s.cleaning.pii.mode != "off":
+        write_parquet_atomic(res.pii, layout.pii(drop))
+        log(f"cleaning.pii ({s.cleaning.pii.mode}): {res.pii_counts or 'nothing'} found in {len(res.pii)} rows")
     for note in res.notes:
         log(f"{Path(source_name).name if source_name else raw.name}: {note}")
     log(
@@ -131,4 +182,5 @@ def ingest_drop(layout: PipelineLayout, spec: LoadedSpec, drop: str, log: LogFn 
         drift=rep,
         drift_warn_threshold=s.drift.warn_threshold,
         notes=res.notes,
+        pii_mode=s.cleaning.pii.mode,
     )

@@ -34,6 +34,15 @@ class SplitsRecord:
         return self.overlaps["train_test_content_overlap"] == 0 and self.result.leaks.empty
 
     @property
+    def accounted(self) -> bool:
+        """Every cleaned row is in a split, a cross-drop duplicate or the conflict quarantine."""
+        r = self.result
+        in_splits = sum(len(f) for f in r.frames.values())
+        if r.train_pool >= 0:  # the training mix copies or leaves out train rows: count the split's own rows
+            in_splits += r.train_pool - len(r.frames["train"])
+        return r.rows_in == in_splits + len(r.cross_drop_duplicates) + len(r.conflict_quarantine)
+
+    @property
     def near_cross_drop(self) -> int:
         return int((self.result.cross_drop_duplicates["kind"] == "near").sum())
 
@@ -44,6 +53,14 @@ class SplitsRecord:
         return {s: {str(k): int(v) for k, v in f["label"].value_counts().items()} for s, f in frames.items()}
 
 
+def training_mix(spec: LoadedSpec) -> dict[str, tuple[float, int | None]] | None:
+    """Per source (weight, max_rows) when there are several sources or a weight or cap is set; None otherwise."""
+    sources = spec.spec.source_list()
+    if len(sources) == 1 and sources[0].weight == 1 and sources[0].max_rows is None:
+        return None
+    return {s.name: (s.weight, s.max_rows) for s in sources}
+
+
 def build_dataset_splits(
     layout: PipelineLayout, spec: LoadedSpec, registered: list[str], log: LogFn = print
 ) -> SplitsRecord:
@@ -52,7 +69,13 @@ def build_dataset_splits(
     missing = [d for d in registered if d not in drops]
     if missing:
         log(f"drops not cleaned yet or blocked by their gates (left out): {missing}")
-    res = build_splits([pd.read_parquet(layout.kept(d)) for d in drops], spec.spec.split, drops, spec.spec.dedup)
+    res = build_splits(
+        [pd.read_parquet(layout.kept(d)) for d in drops],
+        spec.spec.split,
+        drops,
+        spec.spec.dedup,
+        mix=training_mix(spec),
+    )
     if res.frames["train"].empty:
         raise ValueError(
             f"the train split is empty ({sum(len(f) for f in res.frames.values())} rows in all): "
@@ -62,6 +85,8 @@ def build_dataset_splits(
         write_parquet_atomic(res.frames[s], layout.split(s))
     write_parquet_atomic(res.cross_drop_duplicates, layout.cross_drop_duplicates)
     write_parquet_atomic(res.leaks, layout.test_train_leaks)
+    write_parquet_atomic(res.conflicts, layout.conflicts)
+    write_parquet_atomic(res.conflict_quarantine, layout.conflict_quarantine)
     manifest = SplitsManifest(
         drops=res.drops,
         digests=res.digests,
@@ -73,7 +98,10 @@ def build_dataset_splits(
     rec = SplitsRecord(manifest, res, overlap_report(res.frames), missing)
     log(
         f"splits {manifest.counts} from {len(res.drops)} drop(s); "
-        f"{len(res.cross_drop_duplicates)} cross-drop duplicates removed ({rec.near_cross_drop} near)"
+        f"{len(res.cross_drop_duplicates)} cross-drop duplicates removed ({rec.near_cross_drop} near); "
+        f"{len(res.conflicts)} label conflicts ({res.conflict_share:.1%} of rows, dedup.conflicts="
+        f"{spec.spec.dedup.conflicts}: {len(res.conflict_quarantine)} rows quarantined)"
+        + (f"; training mix per source: {res.mix.to_dict(orient='records')}" if len(res.mix) else "")
     )
     return rec
 
