@@ -10,7 +10,7 @@ export FINETUNE_HOME        ?= $(CURDIR)/.finetune
 export DAGSTER_HOME         ?= $(if $(FINETUNE_POSTGRES_URL),$(CURDIR)/deploy/postgres,$(CURDIR))
 export FINETUNE_DAGSTER_DIR ?= $(FINETUNE_HOME)/dagster
 
-.PHONY: setup demo test dev mlflow-ui validate bench-data bench-train clean-state
+.PHONY: setup demo test dev mlflow-ui validate bench-data bench-train bench-sweep clean-state
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,9 @@ bench-data: setup  ## data layer on 1M generated rows vs the per-row loop and da
 
 bench-train: setup  ## training benchmarks (asset vs bare trl script, defaults, padding-free, FLOP utilisation): a few minutes each
 	$(BIN)/python bench/train_bench.py --out bench/results/train_bench.json
+
+bench-sweep: setup  ## sweep trials 1 vs 2 at a time, pruned vs unpruned (writes .finetune/bench/sweep_bench.json)
+	$(BIN)/python bench/sweep_bench.py
 
 clean-state:  ## forget everything the pipelines produced (keeps data/ and the venv)
 	rm -rf $(FINETUNE_HOME)

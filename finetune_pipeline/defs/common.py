@@ -50,7 +50,7 @@ def pipes_launch(context: dg.AssetExecutionContext) -> Callable[[ChildLaunch], d
 
             run = PipesK8sClient().run(context=context, extras=how.extras, command=how.command, **how.k8s)
         else:
-            client = dg.PipesSubprocessClient(env={"PYTHONUNBUFFERED": "1"})
+            client = dg.PipesSubprocessClient(env={"PYTHONUNBUFFERED": "1", **(how.env or {})})
             run = client.run(command=how.command, context=context, extras=how.extras)
         reported = run.get_materialize_result()
         return {k: getattr(v, "value", v) for k, v in (reported.metadata or {}).items()}

@@ -68,6 +68,7 @@ class ChildLaunch:
     command: list[str]
     extras: dict[str, str]
     k8s: dict[str, Any] | None = None
+    env: dict[str, str] | None = None  # extra environment of a local child (e.g. its CPU thread count)
 
 
 def child_launch(

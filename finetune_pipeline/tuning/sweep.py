@@ -8,6 +8,7 @@ reports every finished trial through ``on_trial`` and imports no tracking librar
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -78,9 +79,10 @@ def make_pruner(kind: str) -> Any:
 
 def subprocess_launch(how: ChildLaunch) -> dict[str, Any]:
     """Runs a child as a plain subprocess (library callers without Dagster); the asset passes its Pipes launch."""
+    import os
     import subprocess
 
-    subprocess.run(how.command, check=False)
+    subprocess.run(how.command, check=False, env={**os.environ, **(how.env or {})})
     return {}
 
 
@@ -122,6 +124,9 @@ def run_sweep(
         f"{sweep.parallel_trials} at a time"
     )
     report = on_trial or (lambda r: None)
+    # trials running at once share the CPU cores instead of each taking all of them (no effect on a GPU's work)
+    per_trial = max(1, (os.cpu_count() or 1) // sweep.parallel_trials)
+    threads = {"OMP_NUM_THREADS": str(per_trial)} if sweep.parallel_trials > 1 else None
 
     def start(trial: Any) -> tuple[Any, TrialOutcome]:
         params = {k: trial.params[k] for k in sweep.search_space}
@@ -147,7 +152,7 @@ def run_sweep(
         )
         path = req.save(folder / "trial_request.json")
         outcome_path(path).unlink(missing_ok=True)
-        launch(ChildLaunch([sys.executable, "-m", TRIAL_CHILD, str(path)], {"request": str(path)}))
+        launch(ChildLaunch([sys.executable, "-m", TRIAL_CHILD, str(path)], {"request": str(path)}, env=threads))
         if not outcome_path(path).exists():
             return trial, TrialOutcome(
                 number=trial.number, state="FAIL", error="the trial child ended without an outcome"
