@@ -102,12 +102,12 @@ def paired_interval(
         den = np.asarray(side.den, dtype=float) if side.den is not None else np.ones(n)
         arrays.append((num, den))
     cand_v, ref_v = candidate.value(), reference.value()
-    delta = sign * (cand_v - ref_v)
+    delta = sign * (cand_v - ref_v) + 0.0  # + 0.0: no negative zero
     idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
     diffs = sign * (_stat(*arrays[0], idx, candidate.log) - _stat(*arrays[1], idx, reference.log))
-    diffs = diffs[np.isfinite(diffs)]
+    diffs = diffs[np.isfinite(diffs)] + 0.0
     alpha = (1 - confidence) / 2
-    low, high = (float(np.quantile(diffs, q)) for q in (alpha, 1 - alpha)) if len(diffs) else (math.nan, math.nan)
+    low, high = (float(np.quantile(diffs, q)) + 0.0 for q in (alpha, 1 - alpha)) if len(diffs) else (math.nan, math.nan)
     out = Interval(
         metric=metric,
         candidate=cand_v,

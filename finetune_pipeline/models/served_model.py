@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from chat_generation import generate_answers  # shipped next to this file (code_paths)
 
 
 def _conversations(model_input: Any) -> tuple[list[list[dict[str, str]]], bool]:
@@ -41,6 +40,16 @@ def _conversations(model_input: Any) -> tuple[list[list[dict[str, str]]], bool]:
     return out, False
 
 
+def _generate_answers() -> Any:
+    """The generation function evaluation used, shipped with the model (code_paths); the package's copy when
+    MLflow executes this file at logging time, before code_paths are on the path."""
+    try:
+        from chat_generation import generate_answers
+    except ImportError:
+        from finetune_pipeline.models.chat_generation import generate_answers
+    return generate_answers
+
+
 class ChatModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -54,7 +63,7 @@ class ChatModel(mlflow.pyfunc.PythonModel):
         p = {**self.defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
         max_new = int(p.get("max_tokens") or p["max_new_tokens"])
         convs, chat = _conversations(model_input)
-        answers, eos = generate_answers(
+        answers, eos = _generate_answers()(
             self.model,
             self.tok,
             convs,

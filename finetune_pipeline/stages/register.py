@@ -16,6 +16,8 @@ from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
 
 LogFn = Callable[[str], None]
 RELOAD_TOLERANCE = 1e-3
+# MLflow models-from-code: loaded by MLflow from the model folder, never imported by the package
+_SERVING_CODE = Path(__file__).resolve().parent.parent / "models" / "served_model.py"
 
 
 class GateFailed(RuntimeError):
@@ -97,7 +99,7 @@ def _register_once(
     if existing is not None:
         log(f"adapter {adapter.adapter_key} is already registered as {name} v{existing.version}")
         return name, str(existing.version), existing.tags.get("finetune.register_run_id", "")
-    from finetune_pipeline.models import chat_generation, served_model
+    from finetune_pipeline.models import chat_generation
     from finetune_pipeline.models.merge import standalone_model
 
     exp = mlflow_store.experiment_for(tracking, spec.name)
@@ -127,7 +129,7 @@ def _register_once(
         }
         log("logging the merged chat model (weights, tokenizer with chat template, generation defaults) to MLflow")
         _, version = mlflow_store.log_and_register(
-            merged, tok, name, tags, Path(served_model.__file__), [Path(chat_generation.__file__)], defaults
+            merged, tok, name, tags, _SERVING_CODE, [Path(chat_generation.__file__)], defaults
         )
         return name, version, run.info.run_id
 
