@@ -16,28 +16,43 @@ from typing import Any
 import mlflow
 
 
-def _conversations(model_input: Any) -> tuple[list[list[dict[str, str]]], bool]:
-    """(conversations, chat request?) from any accepted input shape."""
-    if isinstance(model_input, dict) and "messages" in model_input:
-        msgs = model_input["messages"]
-        return [[{"role": str(m["role"]), "content": str(m["content"])} for m in msgs]], True
+def _conversations(model_input: Any) -> list[tuple[list[dict[str, str]], bool]]:
+    """(conversation, given as chat messages?) per request row, from any accepted input shape."""
+    if isinstance(model_input, dict) and "messages" in model_input and isinstance(model_input["messages"], list):
+        if model_input["messages"] and isinstance(model_input["messages"][0], dict):
+            model_input = [{"messages": model_input["messages"]}]
     if isinstance(model_input, str):
-        return [[{"role": "user", "content": model_input}]], False
+        model_input = [model_input]
     if hasattr(model_input, "to_dict"):  # a pandas DataFrame
         model_input = model_input.to_dict(orient="records")
     if isinstance(model_input, dict):
         model_input = [dict(zip(model_input, v, strict=True)) for v in zip(*model_input.values(), strict=True)]
     out = []
     for row in model_input:
+        msgs = row.get("messages") if isinstance(row, dict) else None
         if isinstance(row, str):
-            out.append([{"role": "user", "content": row}])
-        elif row.get("messages") is not None and len(row["messages"]) > 0:
-            out.append([{"role": str(m["role"]), "content": str(m["content"])} for m in row["messages"]])
+            out.append(([{"role": "user", "content": row}], False))
+        elif msgs is not None and len(msgs) > 0:
+            out.append(([{"role": str(m["role"]), "content": str(m["content"])} for m in msgs], True))
         elif row.get("prompt") is not None:
-            out.append([{"role": "user", "content": str(row["prompt"])}])
+            out.append(([{"role": "user", "content": str(row["prompt"])}], False))
         else:
             raise ValueError("each row needs 'messages' (a list of {role, content}) or 'prompt' (a string)")
-    return out, False
+    return out
+
+
+def _completion(text: str, eos: bool, model: str) -> dict[str, Any]:
+    return {
+        "object": "chat.completion",
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "stop" if eos else "length",
+            }
+        ],
+    }
 
 
 def _generate_answers() -> Any:
@@ -62,29 +77,19 @@ class ChatModel(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
         p = {**self.defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
         max_new = int(p.get("max_tokens") or p["max_new_tokens"])
-        convs, chat = _conversations(model_input)
+        rows = _conversations(model_input)
         answers, eos = _generate_answers()(
             self.model,
             self.tok,
-            convs,
+            [c for c, _ in rows],
             max_new,
             float(p.get("temperature") or 0.0),
             int(p.get("batch_size", 16)),
             int(p.get("seed") or 0),
         )
-        if chat:
-            return {
-                "object": "chat.completion",
-                "model": self.defaults.get("model_name", ""),
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": answers[0]},
-                        "finish_reason": "stop" if eos[0] else "length",
-                    }
-                ],
-            }
-        return answers
+        name = str(self.defaults.get("model_name", ""))
+        out = [_completion(a, e, name) if chat else a for a, e, (_, chat) in zip(answers, eos, rows, strict=True)]
+        return out[0] if len(out) == 1 and rows[0][1] else out
 
 
 mlflow.models.set_model(ChatModel())

@@ -189,3 +189,36 @@ def _promote(reg: Registration, spec: LoadedSpec, ev: EvalRecord, adapter: Adapt
             "evidence": tags,
         }
     )
+
+
+class AliasRefused(RuntimeError):
+    """A manual promote or rollback that would move champion onto an unverified version."""
+
+
+def promote_version(name: str, version: str, reason: str, force_unverified: bool = False) -> str | None:
+    """Move ``champion`` to ``version`` by hand (with the reason recorded in the champion history); only a version
+    whose registry copy passed reload_same_logits. Returns the previous champion."""
+    diff = mlflow_store.reload_diff(name, version)
+    if (diff is None or not diff < RELOAD_TOLERANCE) and not force_unverified:
+        raise AliasRefused(
+            f"{name} v{version} has no passing reload_same_logits record ({diff}): materialize registered_model "
+            "for it first"
+        )
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    return mlflow_store.move_champion(name, version, f"manual promote: {reason}", now)
+
+
+def rollback(name: str, reason: str) -> tuple[str, str]:
+    """Give ``champion`` back to the version that held it before the current one (from the champion history).
+    Returns (from version, to version)."""
+    current = mlflow_store.champion(name)
+    if current is None:
+        raise AliasRefused(f"{name} has no champion to roll back")
+    history = mlflow_store.champion_history(name)
+    previous = next(
+        (h["previous"] for h in reversed(history) if h["version"] == current.version and h["previous"]), None
+    )
+    if previous is None or previous == current.version:
+        raise AliasRefused(f"{name} v{current.version} has no earlier champion in its history")
+    promote_version(name, previous, f"rollback from v{current.version}: {reason}")
+    return current.version, previous
