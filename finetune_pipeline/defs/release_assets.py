@@ -48,8 +48,7 @@ def eval_report_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
     def eval_report(
         context: dg.AssetExecutionContext, state: StateStore, mlflow_tracking: MlflowTracking
     ) -> dg.MaterializeResult:
-        """Base, tuned and the current champion on the same test rows: every metric with paired bootstrap
-        intervals, worst regressions side by side, per-label tables, forgetting probe."""
+        """Base, tuned and the current champion on the same test rows, with paired bootstrap intervals."""
         target = mlflow_tracking.target(state)
         out = evaluate_adapter(
             state.pipeline(spec.name),
