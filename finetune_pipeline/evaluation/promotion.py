@@ -41,7 +41,7 @@ def decide(
     pm = report.primary_metric
     if champion_now == version:
         return Decision(True, f"v{version} is already the champion", version)
-    failed = floor_failures(report.tuned, floors, report.higher_is_better)
+    failed = floor_failures(report.tuned, floors, {m: report._higher(m) for m in report.tuned})
     if failed:
         return Decision(False, "below floor: " + "; ".join(failed), champion_now)
     if champion_now is None:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from finetune_pipeline.evaluation.bootstrap import Interval, RowStat, paired_interval
 from finetune_pipeline.evaluation.generate import ModelOutputs
-from finetune_pipeline.evaluation.metrics import higher_is_better, improvement, label_table, row_scores
+from finetune_pipeline.evaluation.metrics import METRICS, higher_is_better, improvement, label_table, row_scores
 from finetune_pipeline.layout import Record
 from finetune_pipeline.spec import EvaluationSpec
 
@@ -78,10 +78,13 @@ class EvalReport(BaseModel):
     @property
     def delta(self) -> dict[str, float]:
         return {
-            m: (self.tuned[m] - self.base[m]) * (1 if self.higher_is_better.get(m, True) else -1)
-            for m in self.tuned
-            if m != "eos_rate"
+            m: (self.tuned[m] - self.base[m]) * (1 if self._higher(m) else -1) for m in self.tuned if m != "eos_rate"
         }
+
+    def _higher(self, metric: str) -> bool:
+        if metric in self.higher_is_better:
+            return self.higher_is_better[metric]
+        return METRICS[metric].higher_is_better if metric in METRICS else True
 
     @property
     def primary_improvement(self) -> float:
