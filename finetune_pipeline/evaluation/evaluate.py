@@ -145,4 +145,12 @@ def evaluate(
         champion.version if champion else None,
         forgetting,
     )
+    if spec.judge.enabled:
+        from finetune_pipeline.evaluation.judge import run_judge
+
+        other = "champion" if "champion" in scores else "base"
+        label = f"champion v{champion.version}" if champion else "base"
+        log(f"LLM judge: tuned vs {label}")
+        verdicts = run_judge(spec.judge, prompts, refs, scores["tuned"].predictions, scores[other].predictions, label)
+        report = report.model_copy(update={"judge": verdicts})
     return report, scores
