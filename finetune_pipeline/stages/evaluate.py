@@ -36,9 +36,10 @@ def margins(spec: LoadedSpec) -> tuple[dict[str, float], dict[str, float]]:
     return {pm: r.min_improvement_over_base}, {pm: r.promotion_min_delta}
 
 
-def champion_source(layout: PipelineLayout, spec: LoadedSpec, test_digest: str, log: LogFn) -> Any:
-    """The current champion to score on the same rows, or None. Loaded from its adapter when that is on this
-    machine (evaluated exactly like a challenger), else from the registry's copy of its weights."""
+def champion_source(layout: PipelineLayout, spec: LoadedSpec, adapter_key: str, test_digest: str, log: LogFn) -> Any:
+    """The current champion to score on the same rows, or None (no champion, or the champion is this very
+    adapter). Loaded from its adapter when that is on this machine (evaluated exactly like a challenger), else
+    from the registry's copy of its weights."""
     from finetune_pipeline.evaluation.evaluate import ChampionSource
 
     name = spec.spec.registry.model_name
@@ -46,6 +47,8 @@ def champion_source(layout: PipelineLayout, spec: LoadedSpec, test_digest: str, 
     if champ is None:
         return None
     akey = champ.tags.get("finetune.adapter_key", "")
+    if akey == adapter_key:
+        return None
     cache = layout.champion_outputs(
         champ.version, keys.champion_outputs_key(f"{name}/{champ.version}", test_digest, spec.spec)
     )
@@ -87,7 +90,7 @@ def evaluate_adapter(
     adapter = AdapterRecord.load(layout.adapter_record(adapter_key))
     exp = mlflow_store.experiment_for(tracking, spec.name)
     test_digest = manifest.digests["test"]
-    champion = champion_source(layout, spec, test_digest, log)
+    champion = champion_source(layout, spec, adapter_key, test_digest, log)
     ref = f"{s.registry.model_name}/{champion.version}" if champion else None
     key = keys.eval_key(adapter_key, test_digest, s.evaluation, ref)
     m_base, m_champ = margins(spec)
