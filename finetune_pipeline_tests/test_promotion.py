@@ -204,3 +204,11 @@ def test_a_grown_test_split_rescores_the_champion_before_deciding(champion_world
     again, _ = _eval_and_register(layout, spec, "copy2", target, lin, logs)  # nothing changed: all cached
     assert again.reused and not any("generating" in m for m in logs)
     _splits(layout, 12, "test-v1")  # the module's other tests expect the first split
+
+
+def test_the_champion_is_not_rescored_against_itself(champion_world) -> None:  # type: ignore[no-untyped-def]
+    spec, layout, train, target, lin, first = champion_world
+    logs: list[str] = []
+    out, reg = _eval_and_register(layout, spec, "champ", target, lin, logs)
+    assert out.reused and out.record.report.champion_version is None and not any("generating" in m for m in logs)
+    assert reg.version == first.version and reg.promoted and "already the champion" in reg.reason
