@@ -121,6 +121,7 @@ class Registration(Record):
     tuned_score: float | None = None
     primary_metric: str = ""
     evidence: dict[str, str] = Field(default_factory=dict)  # the decision and its numbers, as on the version
+    model_card: str = ""  # the version's description in the registry (markdown)
 
 
 class StateLayout:

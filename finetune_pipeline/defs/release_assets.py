@@ -194,6 +194,7 @@ def registered_model_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
                 "promotion_reason": reg.reason,
                 f"tuned_{reg.primary_metric}": reg.tuned_score,
                 "evidence": dg.MetadataValue.json(reg.evidence),
+                "model_card": dg.MetadataValue.md(reg.model_card or "(no card: the reload check failed)"),
                 "adapter_key": reg.adapter_key,
                 "serve": f"mlflow models serve -m models:/{reg.name}@champion --env-manager local -h 127.0.0.1",
                 **mlflow_link(target, experiment_for(target, spec.name), reg.register_run_id),

@@ -187,6 +187,7 @@ def _promote(reg: Registration, spec: LoadedSpec, ev: EvalRecord, adapter: Adapt
             "previous_champion_score": champion_score,
             "reason": d.reason,
             "evidence": tags,
+            "model_card": card,
         }
     )
 
