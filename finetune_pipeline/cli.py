@@ -3,6 +3,8 @@
 finetune-pipeline demo [--pipeline ticket_triage]   ingest every drop, then train/eval/register
 finetune-pipeline register-drops                     add a partition per finished file (what the sensor does)
 finetune-pipeline lineage models:/NAME@champion      follow a registered model back to its runs and drops
+finetune-pipeline promote NAME VERSION --reason "..."  move champion to a verified version (history kept)
+finetune-pipeline rollback NAME --reason "..."          give champion back to the previous champion
 finetune-pipeline env                                print the environment the dagster CLI needs (eval it)
 """
 
@@ -165,6 +167,37 @@ def lineage(model_uri: str) -> None:
     print(json.dumps(trace(model_uri), indent=2))
 
 
+def _registry() -> None:
+    from finetune_pipeline.tracking.mlflow_store import configure
+
+    _apply_env()
+    layout = StateLayout(state_root())
+    configure(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{layout.mlflow_db}", layout.mlflow_artifacts)
+
+
+def promote(name: str, version: str, reason: str) -> None:
+    from finetune_pipeline.stages.register import AliasRefused, promote_version
+
+    _registry()
+    try:
+        prev = promote_version(name, version, reason)
+    except AliasRefused as exc:
+        raise SystemExit(str(exc)) from exc
+    print(f"{name}: champion v{prev or '-'} -> v{version} ({reason})")
+
+
+def rollback(name: str, reason: str) -> None:
+    from finetune_pipeline.stages.register import AliasRefused
+    from finetune_pipeline.stages.register import rollback as do_rollback
+
+    _registry()
+    try:
+        old, new = do_rollback(name, reason)
+    except AliasRefused as exc:
+        raise SystemExit(str(exc)) from exc
+    print(f"{name}: champion v{old} -> v{new} (rollback: {reason})")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="finetune-pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -176,6 +209,13 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--pipeline", default=None)
     li = sub.add_parser("lineage", help="trace a registered model back to its runs and data")
     li.add_argument("model_uri")
+    pr = sub.add_parser("promote", help="move the champion alias to a verified version, with a reason")
+    pr.add_argument("name")
+    pr.add_argument("version")
+    pr.add_argument("--reason", required=True)
+    rb = sub.add_parser("rollback", help="give the champion alias back to the previous champion")
+    rb.add_argument("name")
+    rb.add_argument("--reason", required=True)
     sub.add_parser("env", help="print shell exports for DAGSTER_HOME and the state root")
     sub.add_parser("postgres-init", help="create the PostgreSQL profile's databases (FINETUNE_POSTGRES_URL)")
     a = ap.parse_args(argv)
@@ -187,6 +227,10 @@ def main(argv: list[str] | None = None) -> None:
         lineage(a.model_uri)
     elif a.cmd == "postgres-init":
         postgres_init()
+    elif a.cmd == "promote":
+        promote(a.name, a.version, a.reason)
+    elif a.cmd == "rollback":
+        rollback(a.name, a.reason)
     else:
         for k, v in dagster_env().items():
             print(f"export {k}={shlex.quote(v)}")

@@ -80,9 +80,17 @@ def adapter_key(manifest: SplitsManifest, base: BaseModelRecord, tuned: Pipeline
     return short_hash(manifest.version, base.digest, tuned.model, tuned.training, code)
 
 
-def eval_key(adapter: str, test_digest: str, evaluation: EvaluationSpec) -> str:
-    """An evaluation: the adapter, the test rows and the evaluation settings (gates are applied to it, not in it)."""
-    return short_hash(adapter, test_digest, evaluation)
+def eval_key(adapter: str, test_digest: str, evaluation: EvaluationSpec, champion: str | None = None) -> str:
+    """An evaluation: the adapter, the test rows, the evaluation settings and the champion it is compared with
+    (``registered name/version``; gates are applied to it, not in it)."""
+    if champion is None:
+        return short_hash(adapter, test_digest, evaluation)
+    return short_hash(adapter, test_digest, evaluation, champion)
+
+
+def champion_outputs_key(champion: str, test_digest: str, spec: PipelineSpec) -> str:
+    """A champion's cached outputs: the version (``name/version``), the test rows, the evaluation settings."""
+    return short_hash(champion, test_digest, spec.evaluation, spec.model.dtype)
 
 
 def base_outputs_key(base: BaseModelRecord, test_digest: str, spec: PipelineSpec) -> str:

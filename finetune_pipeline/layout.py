@@ -121,6 +121,8 @@ class Registration(Record):
     register_run_id: str = ""
     tuned_score: float | None = None
     primary_metric: str = ""
+    evidence: dict[str, str] = Field(default_factory=dict)  # the decision and its numbers, as on the version
+    model_card: str = ""  # the version's description in the registry (markdown)
 
 
 class StateLayout:
@@ -279,6 +281,10 @@ class PipelineLayout:
 
     def base_outputs(self, key: str) -> Path:
         return self.dir / "eval" / "base_outputs" / f"{key}.json"
+
+    def champion_outputs(self, version: str, key: str) -> Path:
+        """A champion version's outputs on one test split (keys.champion_outputs_key)."""
+        return self.dir / "eval" / "champion_outputs" / f"v{version}-{key}.json"
 
     @property
     def registration(self) -> Path:

@@ -11,14 +11,26 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from finetune_pipeline.hashing import short_hash
 
-MetricName = Literal["exact_match", "json_valid", "rouge_l", "perplexity", "field_accuracy"]
+MetricName = Literal[
+    "exact_match",
+    "token_f1",
+    "bleu",
+    "chrf",
+    "rouge_1",
+    "rouge_2",
+    "rouge_l",
+    "json_valid",
+    "json_schema",
+    "field_accuracy",
+    "perplexity",
+]
 # Searchable (sweep) parameters: the name a search space uses -> where the value lives in the spec.
 SEARCHABLE_PARAMS: dict[str, tuple[str, ...]] = {
     "learning_rate": ("training", "learning_rate"),
@@ -660,35 +672,123 @@ class SweepSpec(_Strict):
         return self
 
 
-class EvaluationSpec(_Strict):
-    metrics: list[MetricName] = Field(
-        default_factory=lambda: ["exact_match", "json_valid", "rouge_l", "perplexity", "field_accuracy"],
-        description="Metrics computed for base and tuned model on the test split.",
+class CustomMetric(_Strict):
+    """A metric of your own, scored per row: ``function(prediction, reference) -> float``."""
+
+    function: str = Field(
+        description="'module:function' importable from the pipeline's environment, e.g. 'my_metrics:sql_match'."
     )
-    primary_metric: MetricName = Field("exact_match", description="Metric that decides the gate and promotion.")
+    higher_is_better: bool = Field(True, description="Direction of improvement.")
+
+    @field_validator("function")
+    @classmethod
+    def _module_function(cls, v: str) -> str:
+        mod, sep, fn = v.partition(":")
+        if not sep or not mod or not fn.isidentifier():
+            raise ValueError(f"'{v}' must be 'module:function' (e.g. 'my_metrics:sql_match')")
+        return v
+
+
+class ForgettingSpec(_Strict):
+    """Catastrophic-forgetting check: perplexity of base and tuned model on general text the task never saw."""
+
+    enabled: bool = Field(True, description="Measure perplexity on the probe set (a warning check, never blocking).")
+    probe: str = Field(
+        "builtin",
+        description="'builtin' (general-English paragraphs shipped in the package, written for it, Apache-2.0) "
+        "or a path to a .txt file with one passage per paragraph (blank-line separated).",
+    )
+    max_perplexity_ratio: float = Field(
+        1.25, gt=0, description="Warn when tuned perplexity on the probe exceeds base perplexity by this factor."
+    )
+
+
+class JudgeSpec(_Strict):
+    """Optional LLM-as-judge: pairwise comparison of the tuned and the base (or champion) answer, both orders."""
+
+    enabled: bool = Field(False, description="Off by default; the verdicts appear in the report (never a gate).")
+    model: str | None = Field(
+        None, description="Local judge: a model folder (or a hub id already in the local cache; nothing downloads)."
+    )
+    endpoint_env: str = Field(
+        "FINETUNE_JUDGE_URL",
+        description="Environment variable holding an OpenAI-compatible base URL (used when model is not set).",
+    )
+    api_key_env: str = Field("FINETUNE_JUDGE_API_KEY", description="Environment variable holding the endpoint's key.")
+    endpoint_model: str = Field("gpt-4o-mini", description="Model name sent to the endpoint.")
+    max_rows: int = Field(20, gt=0, description="Rows judged (the first rows of the test split).")
+
+
+class EvaluationSpec(_Strict):
+    metrics: list[str] = Field(
+        default_factory=lambda: ["exact_match", "json_valid", "rouge_l", "perplexity", "field_accuracy"],
+        description="Metrics computed for base, tuned and champion on the same test rows: exact_match, token_f1, "
+        "bleu, chrf (sacrebleu, sentence level, 0..1), rouge_1, rouge_2, rouge_l (rouge-score), json_valid, "
+        "json_schema (needs json_schema), field_accuracy, perplexity, or a name from custom_metrics.",
+    )
+    primary_metric: str = Field("exact_match", description="Metric that decides the gate and promotion.")
+    custom_metrics: dict[str, CustomMetric] = Field(
+        default_factory=dict, description="Metrics of your own by name: {name: {function: 'module:function'}}."
+    )
+    json_schema: dict[str, Any] | None = Field(
+        None, description="JSON Schema the answers must follow (metric json_schema; checked with jsonschema)."
+    )
+    label_fields: list[str] = Field(
+        default_factory=list,
+        description="Categorical fields of JSON answers: per-label precision/recall/F1 and a confusion table.",
+    )
     max_samples: int = Field(64, gt=0, description="Test rows generated for (perplexity uses the same rows).")
     max_new_tokens: int = Field(64, gt=0, description="Generation length limit.")
     batch_size: int = Field(16, gt=0, description="Generation batch size.")
-    n_report_samples: int = Field(8, ge=0, description="Sample outputs shown side by side in the report.")
+    n_report_samples: int = Field(8, ge=0, description="Worst regressions (and samples) shown in the report.")
+    bootstrap_resamples: int = Field(1000, ge=100, description="Paired bootstrap resamples per interval.")
+    bootstrap_seed: int = Field(0, description="Seed of the bootstrap (the same rows give the same intervals).")
+    forgetting: ForgettingSpec = Field(default_factory=ForgettingSpec, description="General-text perplexity probe.")
+    judge: JudgeSpec = Field(default_factory=JudgeSpec, description="Optional LLM-as-judge (off by default).")
 
     @model_validator(mode="after")
-    def _primary_in_metrics(self) -> EvaluationSpec:
+    def _metrics_known(self) -> EvaluationSpec:
+        builtin = set(get_args(MetricName))
+        clash = sorted(set(self.custom_metrics) & builtin)
+        if clash:
+            raise ValueError(f"custom_metrics {clash} shadow built-in metrics: rename them")
+        unknown = [m for m in self.metrics if m not in builtin and m not in self.custom_metrics]
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown}: use {sorted(builtin)} or define them under custom_metrics")
         if self.primary_metric not in self.metrics:
             raise ValueError(f"primary_metric '{self.primary_metric}' must be listed in metrics")
+        if "json_schema" in self.metrics and self.json_schema is None:
+            raise ValueError("metric json_schema needs evaluation.json_schema (a JSON Schema object for the answers)")
         return self
 
 
 class RegistrySpec(_Strict):
-    """Which results may be registered, and when the champion alias moves (decisions, not part of any cache key)."""
+    """Which results may be registered, and when the champion alias moves (decisions, not part of any cache key).
+
+    Gates decide on the lower bound of the paired bootstrap interval at evaluation.confidence, never on a point
+    estimate: a gain the test split cannot distinguish from noise does not pass."""
 
     model_name: str = Field(description="MLflow registered-model name.")
     min_improvement_over_base: float = Field(
         0.0,
-        description="Blocking gate: tuned must beat base on evaluation.primary_metric by at least this much "
-        "(in the metric's better direction); otherwise the model is not registered.",
+        description="Blocking gate: the lower bound of tuned - base on evaluation.primary_metric (in the metric's "
+        "better direction) must be at least this; otherwise the model is not registered.",
     )
     promotion_min_delta: float = Field(
-        0.0, description="'champion' moves only if the new version beats it on the primary metric by more than this."
+        0.0,
+        description="'champion' moves only if the lower bound of challenger - champion on the primary metric, "
+        "both scored on the same test rows, is above this.",
+    )
+    confidence: float = Field(
+        0.95,
+        gt=0.5,
+        lt=1.0,
+        description="Confidence of the paired bootstrap intervals the gates decide on (and the report shows).",
+    )
+    floors: dict[str, float] = Field(
+        default_factory=dict,
+        description="Absolute floors per metric ({json_valid: 0.95}): a version below any floor is not promoted "
+        "(perplexity: a ceiling, as lower is better).",
     )
 
 
@@ -753,6 +853,9 @@ class PipelineSpec(_Strict):
             raise ValueError("training.num_processes > 1 needs runtime.launcher: accelerate (or k8s)")
         if self.runtime.launcher == "k8s" and self.runtime.k8s is None:
             raise ValueError("runtime.launcher: k8s needs runtime.k8s (image, state_pvc)")
+        unknown_floors = sorted(set(self.registry.floors) - set(self.evaluation.metrics))
+        if unknown_floors:
+            raise ValueError(f"registry.floors {unknown_floors} are not in evaluation.metrics: add them there")
         return self
 
     def source_list(self) -> list[SourceSpec]:

@@ -71,6 +71,7 @@ def test_two_specs_two_independent_groups(tmp_path: Path) -> None:
         "drift",
         "few_truncated",
         "tuned_beats_base",
+        "no_forgetting",
         "generations_end",
         "reload_same_logits",
     } == checks

@@ -155,7 +155,6 @@ def latest(instance: dg.DagsterInstance, name: str) -> dict:
 
 
 def test_pipeline_trains_evaluates_and_registers(trained: dict, env: dict) -> None:
-    import mlflow
     import torch
     from peft import get_peft_model
     from safetensors.torch import load_file
@@ -236,10 +235,12 @@ def test_pipeline_trains_evaluates_and_registers(trained: dict, env: dict) -> No
     }
 
     # the registered model reloads and gives the trained adapter's logits
+    from finetune_pipeline.tracking.mlflow_store import load_registered
+
     with mlflow_at(env):
-        components = mlflow.transformers.load_model("models:/mini-model@champion", return_type="components")
+        served, _ = load_registered("mini-model", str(mv.version))
     tok = AutoTokenizer.from_pretrained(adapter["path"])
-    diff = max_logit_diff(tuned_model(str(env["model"]), spec.model, adapter["path"]), components["model"], tok)
+    diff = max_logit_diff(tuned_model(str(env["model"]), spec.model, adapter["path"]), served, tok)
     assert diff < 1e-4
 
     # lineage command follows the champion back to its runs and datasets

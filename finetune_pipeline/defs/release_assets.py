@@ -4,6 +4,8 @@ Each builder makes one asset: decorator, read inputs, one library call (finetune
 mapped to metadata and check results.
 """
 
+from base64 import b64encode
+
 import dagster as dg
 
 from finetune_pipeline.defs.common import key, latest_version, lineage, logger, mlflow_link
@@ -32,14 +34,21 @@ def eval_report_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
                 "tuned_beats_base",
                 asset=k,
                 blocking=True,
-                description=f"Tuned beats base on the primary metric by at least {gate} (registry.min_improvement_over_base).",
-            )
+                description=f"The lower bound of tuned - base on the primary metric (paired bootstrap, same rows) "
+                f"is at least {gate} (registry.min_improvement_over_base).",
+            ),
+            dg.AssetCheckSpec(
+                "no_forgetting",
+                asset=k,
+                description="Perplexity on general text does not grow past evaluation.forgetting.max_perplexity_ratio "
+                "(a warning).",
+            ),
         ],
     )
     def eval_report(
         context: dg.AssetExecutionContext, state: StateStore, mlflow_tracking: MlflowTracking
     ) -> dg.MaterializeResult:
-        """Base vs tuned on the test split: exact match, JSON validity, ROUGE-L, perplexity, samples side by side."""
+        """Base, tuned and the current champion on the same test rows, with paired bootstrap intervals."""
         target = mlflow_tracking.target(state)
         out = evaluate_adapter(
             state.pipeline(spec.name),
@@ -49,29 +58,54 @@ def eval_report_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
             lineage(context, spec, EVALUATE),
             log=logger(context),
         )
-        r = out.record.report
         return dg.MaterializeResult(
             metadata={
-                "report": dg.MetadataValue.md(out.markdown),
-                "primary_metric": r.primary_metric,
-                "base": dg.MetadataValue.json(r.base),
-                "tuned": dg.MetadataValue.json(r.tuned),
-                "primary_improvement": r.primary_improvement,
-                "n_samples": r.n_samples,
-                "adapter_key": out.record.adapter_key,
+                **eval_metadata(out),
                 "path": dg.MetadataValue.path(str(state.pipeline(spec.name).eval(out.record.eval_key))),
                 **mlflow_link(target, out.experiment, out.record.run_id),
             },
             data_version=dg.DataVersion(out.record.eval_key),
-            check_results=[gate_check(out, spec)],
+            check_results=[gate_check(out, spec), forgetting_check(out)],
         )
 
     return eval_report
 
 
+def _intervals(ivs: dict) -> dict[str, dict[str, float | int | None]]:
+    return {
+        m: {"delta": iv.delta, "low": iv.low, "high": iv.high, "rows_needed": iv.rows_needed} for m, iv in ivs.items()
+    }
+
+
+def eval_metadata(out: EvalOutcome) -> dict:
+    """The evaluation record as Dagster metadata: the table, every interval, the plot."""
+    r = out.record.report
+    iv = r.primary_interval()
+    meta = {
+        "report": dg.MetadataValue.md(out.markdown),
+        "primary_metric": r.primary_metric,
+        "base": dg.MetadataValue.json(r.base),
+        "tuned": dg.MetadataValue.json(r.tuned),
+        "champion": dg.MetadataValue.json(r.champion or {}),
+        "champion_version": r.champion_version or "",
+        "tuned_vs_base": dg.MetadataValue.json(_intervals(r.vs_base)),
+        "tuned_vs_champion": dg.MetadataValue.json(_intervals(r.vs_champion)),
+        "primary_improvement": r.primary_improvement,
+        "primary_improvement_low": iv.low if iv else r.primary_improvement,
+        "n_samples": r.n_samples,
+        "test_digest": out.record.test_digest,
+        "adapter_key": out.record.adapter_key,
+    }
+    if out.plot:
+        meta["intervals_plot"] = dg.MetadataValue.md(
+            f"![intervals](data:image/png;base64,{b64encode(out.plot).decode()})"
+        )
+    return meta
+
+
 def gate_check(out: EvalOutcome, spec: LoadedSpec) -> dg.AssetCheckResult:
     r, gate = out.record.report, spec.spec.registry.min_improvement_over_base
-    passed = out.passes_gate(spec)
+    passed, iv = out.passes_gate(spec), r.primary_interval()
     return dg.AssetCheckResult(
         check_name="tuned_beats_base",
         passed=passed,
@@ -80,12 +114,35 @@ def gate_check(out: EvalOutcome, spec: LoadedSpec) -> dg.AssetCheckResult:
             "base": r.base[r.primary_metric],
             "tuned": r.tuned[r.primary_metric],
             "improvement": r.primary_improvement,
+            "lower_bound": iv.low if iv else r.primary_improvement,
+            "upper_bound": iv.high if iv else r.primary_improvement,
+            "n": r.n_samples,
+            "rows_needed": (iv.rows_needed if iv else None) or 0,
             "required": gate,
         },
         description=None
         if passed
-        else f"tuned {r.primary_metric} improves on base by {r.primary_improvement:.4f} < {gate}: the model is not "
-        "registered. Train longer, fix the data, or lower registry.min_improvement_over_base.",
+        else f"tuned - base on {r.primary_metric}: {iv.describe() if iv else r.primary_improvement}; the lower bound "
+        f"must be >= {gate}: the model is not registered. Train longer, fix the data, add test rows, or lower "
+        "registry.min_improvement_over_base.",
+    )
+
+
+def forgetting_check(out: EvalOutcome) -> dg.AssetCheckResult:
+    f = out.record.report.forgetting
+    if f is None:
+        return dg.AssetCheckResult(check_name="no_forgetting", passed=True, description="probe disabled")
+    return dg.AssetCheckResult(
+        check_name="no_forgetting",
+        passed=not f.warn,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "probe": f.probe,
+            "base_perplexity": f.base_perplexity,
+            "tuned_perplexity": f.tuned_perplexity,
+            "ratio": f.ratio,
+            "max_ratio": f.max_ratio,
+        },
     )
 
 
@@ -136,6 +193,8 @@ def registered_model_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
                 "champion_version": reg.champion_version or "",
                 "promotion_reason": reg.reason,
                 f"tuned_{reg.primary_metric}": reg.tuned_score,
+                "evidence": dg.MetadataValue.json(reg.evidence),
+                "model_card": dg.MetadataValue.md(reg.model_card or "(no card: the reload check failed)"),
                 "adapter_key": reg.adapter_key,
                 "serve": f"mlflow models serve -m models:/{reg.name}@champion --env-manager local -h 127.0.0.1",
                 **mlflow_link(target, experiment_for(target, spec.name), reg.register_run_id),

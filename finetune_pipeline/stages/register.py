@@ -1,21 +1,36 @@
-"""registered_model: log the merged model to the MLflow registry, verify the round trip, then move aliases."""
+"""registered_model: log the merged chat model to the MLflow registry, verify the round trip, then decide on the
+paired evidence of the evaluation and move aliases."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 
-from finetune_pipeline.evaluation.report import EvalRecord
+from finetune_pipeline.evaluation.report import EvalRecord, with_intervals
 from finetune_pipeline.layout import AdapterRecord, PipelineLayout, Registration
 from finetune_pipeline.spec import LoadedSpec
+from finetune_pipeline.stages.evaluate import margins
 from finetune_pipeline.tracking import mlflow_store
 from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
 
 LogFn = Callable[[str], None]
 RELOAD_TOLERANCE = 1e-3
+# MLflow models-from-code: loaded by MLflow from the model folder, never imported by the package
+_SERVING_CODE = Path(__file__).resolve().parent.parent / "models" / "served_model.py"
 
 
 class GateFailed(RuntimeError):
     """The evaluation did not pass the registration gate: nothing is registered."""
+
+
+def load_evidence(layout: PipelineLayout, spec: LoadedSpec, eval_key: str) -> EvalRecord:
+    """The evaluation record with its intervals recomputed at the current registry confidence and margins."""
+    s = spec.spec
+    ev = EvalRecord.load(layout.eval_record(eval_key))
+    m_base, m_champ = margins(spec)
+    report = with_intervals(ev.report, ev.scores, s.evaluation, s.registry.confidence, m_base, m_champ)
+    return ev.model_copy(update={"report": report})
 
 
 def register(
@@ -27,14 +42,17 @@ def register(
     log: LogFn = print,
 ) -> Registration:
     """Register the evaluated adapter (once per adapter), check that the registry copy gives the trained
-    logits, and only then give it ``challenger`` and, if it beats the champion, ``champion``."""
+    logits, and only then give it ``challenger`` and, if the paired evidence says it beats the champion,
+    ``champion``. A failed reload leaves the version with neither alias."""
     s = spec.spec
-    ev = EvalRecord.load(layout.eval_record(eval_key))
+    ev = load_evidence(layout, spec, eval_key)
     report, gate = ev.report, s.registry.min_improvement_over_base
     if not report.passes_gate(gate):  # also when registered_model is materialized on its own
+        iv = report.primary_interval()
+        shown = iv.describe() if iv else f"{report.primary_improvement:.4f}"
         raise GateFailed(
-            f"eval {eval_key} did not pass tuned_beats_base ({report.primary_metric} improvement "
-            f"{report.primary_improvement:.4f} < {gate}): the model is not registered"
+            f"eval {eval_key} did not pass tuned_beats_base ({report.primary_metric} tuned - base {shown}; "
+            f"the lower bound must be >= {gate}): the model is not registered"
         )
     adapter = AdapterRecord.load(layout.adapter_record(ev.adapter_key))
     name, version, register_run = _register_once(layout, spec, ev, adapter, tracking, lineage, log)
@@ -58,7 +76,9 @@ def register(
         primary_metric=primary,
     )
     if diff < RELOAD_TOLERANCE:
-        reg = _promote(reg, s.registry.promotion_min_delta)
+        reg = _promote(reg, spec, ev, adapter)
+    else:
+        mlflow_store.clear_aliases(name, version)
     reg.save(layout.registration)
     log(f"{name} v{version}: aliases {reg.aliases}; {reg.reason}")
     return reg
@@ -79,6 +99,7 @@ def _register_once(
     if existing is not None:
         log(f"adapter {adapter.adapter_key} is already registered as {name} v{existing.version}")
         return name, str(existing.version), existing.tags.get("finetune.register_run_id", "")
+    from finetune_pipeline.models import chat_generation
     from finetune_pipeline.models.merge import standalone_model
 
     exp = mlflow_store.experiment_for(tracking, spec.name)
@@ -99,8 +120,17 @@ def _register_once(
             "finetune.base_weights_digest": adapter.base_weights_digest,
             "dagster.run_id": lineage.dagster_run_id,
         }
-        log("logging the merged model to MLflow and registering it")
-        _, version = mlflow_store.log_and_register(merged, tok, name, tags)
+        e = spec.spec.evaluation
+        defaults = {
+            "max_new_tokens": e.max_new_tokens,
+            "temperature": 0.0,
+            "batch_size": e.batch_size,
+            "model_name": name,
+        }
+        log("logging the merged chat model (weights, tokenizer with chat template, generation defaults) to MLflow")
+        _, version = mlflow_store.log_and_register(
+            merged, tok, name, tags, _SERVING_CODE, [Path(chat_generation.__file__)], defaults
+        )
         return name, version, run.info.run_id
 
 
@@ -117,28 +147,79 @@ def _reload_diff(layout: PipelineLayout, spec: LoadedSpec, adapter: AdapterRecor
     return diff
 
 
-def _promote(reg: Registration, min_delta: float) -> Registration:
-    """Compare with the current champion (its stored score), record the decision, move the aliases."""
+def _facts(spec: LoadedSpec, adapter: AdapterRecord) -> dict[str, str]:
+    s = spec.spec
+    t, lora = s.training, s.model.lora
+    return {
+        "base model": f"{s.model.base} (weights digest {adapter.base_weights_digest})",
+        "method": f"{s.model.method}" + (f", LoRA r={lora.r} alpha={lora.alpha}" if s.model.method != "full" else ""),
+        "training": f"max_steps={t.max_steps}, learning_rate={t.learning_rate}, batch={t.per_device_train_batch_size}, max_length={t.max_length}, seed={t.seed}",
+        "data digests": ", ".join(f"{k}={v}" for k, v in adapter.split_digests.items()),
+        "drops": ", ".join(adapter.drops),
+        "adapter key": adapter.adapter_key,
+    }
+
+
+def _promote(reg: Registration, spec: LoadedSpec, ev: EvalRecord, adapter: AdapterRecord) -> Registration:
+    """Decide on the paired evidence (same rows as the current champion), store the evidence and the model card
+    on the version, then move the aliases."""
+    from finetune_pipeline.evaluation.card import evidence_tags, model_card
     from finetune_pipeline.evaluation.promotion import decide
 
+    s = spec.spec
     champ = mlflow_store.champion(reg.name)
-    raw = champ.tags.get(f"metric.{reg.primary_metric}") if champ else None
     d = decide(
-        reg.version,
-        reg.primary_metric,
-        float(reg.tuned_score),  # type: ignore[arg-type]
-        champ.version if champ else None,
-        float(raw) if raw is not None else None,
-        min_delta,
+        reg.version, ev.report, champ.version if champ else None, s.registry.promotion_min_delta, s.registry.floors
     )
-    mlflow_store.record_promotion(reg.name, reg.version, reg.primary_metric, float(reg.tuned_score), d.promote)  # type: ignore[arg-type]
+    tags = evidence_tags(ev, d, s.evaluation.bootstrap_seed, s.evaluation.bootstrap_resamples)
+    card = model_card(reg.name, reg.version, ev, d, _facts(spec, adapter), spec.spec.description)
+    mlflow_store.record_evidence(reg.name, reg.version, tags, card)
+    mlflow_store.set_challenger(reg.name, reg.version)
+    if d.promote and (champ is None or champ.version != reg.version):
+        mlflow_store.move_champion(reg.name, reg.version, d.reason, datetime.now(UTC).isoformat(timespec="seconds"))
+    champion_score = (ev.report.champion or {}).get(reg.primary_metric)
     return reg.model_copy(
         update={
             "aliases": ["challenger"] + (["champion"] if d.promote else []),
             "promoted": d.promote,
             "champion_version": reg.version if d.promote else (champ.version if champ else None),
             "previous_champion": champ.version if champ else None,
-            "previous_champion_score": d.champion_score,
+            "previous_champion_score": champion_score,
             "reason": d.reason,
+            "evidence": tags,
+            "model_card": card,
         }
     )
+
+
+class AliasRefused(RuntimeError):
+    """A manual promote or rollback that would move champion onto an unverified version."""
+
+
+def promote_version(name: str, version: str, reason: str, force_unverified: bool = False) -> str | None:
+    """Move ``champion`` to ``version`` by hand (with the reason recorded in the champion history); only a version
+    whose registry copy passed reload_same_logits. Returns the previous champion."""
+    diff = mlflow_store.reload_diff(name, version)
+    if (diff is None or not diff < RELOAD_TOLERANCE) and not force_unverified:
+        raise AliasRefused(
+            f"{name} v{version} has no passing reload_same_logits record ({diff}): materialize registered_model "
+            "for it first"
+        )
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    return mlflow_store.move_champion(name, version, f"manual promote: {reason}", now)
+
+
+def rollback(name: str, reason: str) -> tuple[str, str]:
+    """Give ``champion`` back to the version that held it before the current one (from the champion history).
+    Returns (from version, to version)."""
+    current = mlflow_store.champion(name)
+    if current is None:
+        raise AliasRefused(f"{name} has no champion to roll back")
+    history = mlflow_store.champion_history(name)
+    previous = next(
+        (h["previous"] for h in reversed(history) if h["version"] == current.version and h["previous"]), None
+    )
+    if previous is None or previous == current.version:
+        raise AliasRefused(f"{name} v{current.version} has no earlier champion in its history")
+    promote_version(name, previous, f"rollback from v{current.version}: {reason}")
+    return current.version, previous

@@ -180,17 +180,56 @@ def log_trial(
         log_metrics(metrics)
 
 
-def log_and_register(model: Any, tokenizer: Any, registered_name: str, version_tags: dict[str, str]) -> tuple[str, str]:
-    """Log a (merged) transformers model on the active run and register it; returns (model_uri, version)."""
+def chat_signature(max_new_tokens: int) -> Any:
+    """Input: a string ``prompt`` or OpenAI-style ``messages``; params: max_new_tokens (max_tokens), temperature, seed."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, Object, ParamSchema, ParamSpec, Property, Schema
+
+    message = Object([Property("role", DataType.string), Property("content", DataType.string)])
+    inputs = Schema(
+        [ColSpec(DataType.string, "prompt", required=False), ColSpec(Array(message), "messages", required=False)]
+    )
+    params = ParamSchema(
+        [
+            ParamSpec("max_new_tokens", DataType.long, max_new_tokens),
+            ParamSpec("max_tokens", DataType.long, None),
+            ParamSpec("temperature", DataType.double, 0.0),
+            ParamSpec("seed", DataType.long, 0),
+        ]
+    )
+    return ModelSignature(inputs=inputs, params=params)
+
+
+def log_and_register(
+    model: Any,
+    tokenizer: Any,
+    registered_name: str,
+    version_tags: dict[str, str],
+    serving_code: Path,
+    code_paths: list[Path],
+    serving_defaults: dict[str, Any],
+) -> tuple[str, str]:
+    """Log a (merged) model with its tokenizer (chat template included) as a pyfunc chat model whose code is
+    ``serving_code`` (MLflow models-from-code), and register it; returns (model_uri, version)."""
+    import json
+    import tempfile
+
     import mlflow
     from mlflow import MlflowClient
 
-    info = mlflow.transformers.log_model(
-        transformers_model={"model": model, "tokenizer": tokenizer},
-        name="model",
-        task="text-generation",
-        pip_requirements=PIP_REQUIREMENTS,
-    )
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d) / "model"
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        (folder / "serving.json").write_text(json.dumps(serving_defaults, indent=2))
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(serving_code),
+            artifacts={"model": str(folder)},
+            code_paths=[str(p) for p in code_paths],
+            signature=chat_signature(int(serving_defaults["max_new_tokens"])),
+            pip_requirements=PIP_REQUIREMENTS,
+        )
     client = MlflowClient()
     try:
         client.get_registered_model(registered_name)
@@ -229,16 +268,70 @@ def champion(registered_name: str) -> Champion | None:
     return Champion(str(mv.version), dict(mv.tags))
 
 
-def record_promotion(registered_name: str, version: str, primary_metric: str, score: float, promote: bool) -> None:
-    """Store the version's primary score (tag ``metric.<primary>``), give it ``challenger``, and ``champion``
-    when the caller decided it is better."""
+HISTORY_TAG = "finetune.champion_history"
+
+
+def record_evidence(registered_name: str, version: str, tags: dict[str, str], description: str) -> None:
+    """Store the evaluation evidence on the version (tags) and its model card (the version description)."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    client.set_model_version_tag(registered_name, version, f"metric.{primary_metric}", repr(float(score)))
-    client.set_registered_model_alias(registered_name, "challenger", version)
-    if promote:
-        client.set_registered_model_alias(registered_name, "champion", version)
+    for k, v in tags.items():
+        client.set_model_version_tag(registered_name, version, k, v)
+    client.update_model_version(registered_name, version, description=description)
+
+
+def set_challenger(registered_name: str, version: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_registered_model_alias(registered_name, "challenger", version)
+
+
+def move_champion(registered_name: str, version: str, reason: str, when: str) -> str | None:
+    """Give ``version`` the champion alias; the previous holder is appended to the model's champion history
+    (a registered-model tag, JSON list of {version, reason, at, previous}) and gets alias ``previous-champion``.
+    Returns the previous champion."""
+    import json
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    prev = champion(registered_name)
+    history = champion_history(registered_name)
+    history.append({"version": version, "previous": prev.version if prev else None, "reason": reason, "at": when})
+    client.set_registered_model_alias(registered_name, "champion", version)
+    if prev is not None and prev.version != version:
+        client.set_registered_model_alias(registered_name, "previous-champion", prev.version)
+    client.set_registered_model_tag(registered_name, HISTORY_TAG, json.dumps(history[-50:]))
+    client.set_model_version_tag(registered_name, version, "finetune.champion_reason", reason)
+    return prev.version if prev else None
+
+
+def champion_history(registered_name: str) -> list[dict[str, Any]]:
+    """Every champion move recorded on the model, oldest first."""
+    import json
+
+    from mlflow import MlflowClient
+
+    raw = dict(MlflowClient().get_registered_model(registered_name).tags or {}).get(HISTORY_TAG)
+    return json.loads(raw) if raw else []
+
+
+def version_tags(registered_name: str, version: str) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    return dict(MlflowClient().get_model_version(registered_name, version).tags)
+
+
+def clear_aliases(registered_name: str, version: str) -> None:
+    """Remove challenger/champion from ``version`` if it holds them (a version that failed its reload check)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    aliases = dict(client.get_registered_model(registered_name).aliases or {})
+    for alias in ("challenger", "champion"):
+        if str(aliases.get(alias)) == str(version):
+            client.delete_registered_model_alias(registered_name, alias)
 
 
 RELOAD_TAG = "finetune.reload_max_logit_diff"
@@ -253,11 +346,18 @@ def reload_diff(registered_name: str, version: str) -> float | None:
 
 
 def load_registered(registered_name: str, version: str) -> tuple[Any, Any]:
-    """(model, tokenizer) of a registered version, loaded back from the registry."""
-    import mlflow.transformers
+    """(model, tokenizer) of a registered version, loaded back from the registry's copy of the weights."""
+    import tempfile
 
-    parts = mlflow.transformers.load_model(f"models:/{registered_name}/{version}", return_type="components")
-    return parts["model"], parts["tokenizer"]
+    import mlflow
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{registered_name}/{version}", dst_path=d))
+        folder = local / "artifacts" / "model"
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
+    return model.eval(), tok
 
 
 def record_reload_diff(registered_name: str, version: str, diff: float) -> None:
@@ -307,3 +407,8 @@ def trace(model_uri: str) -> dict[str, Any]:
             ],
         }
     return chain
+
+
+def log_text(text: str, name: str) -> None:
+    """A text artifact (a markdown or HTML report) on the active run."""
+    _log_bytes(text.encode(), name)
