@@ -71,7 +71,8 @@ def code_version(*modules: str) -> str:
 def sweep_study(pipeline: str, manifest: SplitsManifest, base: BaseModelRecord, spec: PipelineSpec, code: str) -> str:
     """The Optuna study for the current data, base weights, code and search settings (sweep and adapter agree)."""
     inputs = short_hash(manifest.version, base.digest, code)
-    settings = short_hash(spec.sweep, spec.model, trial_training(spec.training, spec.sweep), length=10)
+    scoring = spec.evaluation if spec.sweep.objective != "eval_loss" else None  # a metric objective depends on it
+    settings = short_hash(spec.sweep, spec.model, trial_training(spec.training, spec.sweep), scoring, length=10)
     return f"{pipeline}-{inputs}-{settings}"
 
 

@@ -650,6 +650,13 @@ class SweepSpec(_Strict):
         "(on one machine: mind its memory and cores).",
     )
 
+    objective: str = Field(
+        "eval_loss",
+        description="What a trial is scored by: eval_loss (validation loss, minimised) or a per-row task metric from "
+        "evaluation.metrics (e.g. field_accuracy; greedy answers on objective_samples validation rows, in the "
+        "metric's direction).",
+    )
+    objective_samples: int = Field(32, gt=0, description="Validation rows generated per trial for a metric objective.")
     pruner: Literal["median", "none"] = Field("median", description="Optuna pruner for unpromising trials.")
     seed: int = Field(0, description="Sampler seed (TPE).")
     search_space: dict[str, SearchParam] = Field(
@@ -853,6 +860,12 @@ class PipelineSpec(_Strict):
             raise ValueError("training.num_processes > 1 needs runtime.launcher: accelerate (or k8s)")
         if self.runtime.launcher == "k8s" and self.runtime.k8s is None:
             raise ValueError("runtime.launcher: k8s needs runtime.k8s (image, state_pvc)")
+        obj = self.sweep.objective
+        if obj != "eval_loss" and (obj not in self.evaluation.metrics or obj == "perplexity"):
+            raise ValueError(
+                f"sweep.objective '{obj}' must be eval_loss or a per-row metric listed in evaluation.metrics "
+                f"({', '.join(m for m in self.evaluation.metrics if m != 'perplexity')})"
+            )
         unknown_floors = sorted(set(self.registry.floors) - set(self.evaluation.metrics))
         if unknown_floors:
             raise ValueError(f"registry.floors {unknown_floors} are not in evaluation.metrics: add them there")

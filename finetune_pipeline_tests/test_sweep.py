@@ -14,12 +14,12 @@ TRAIN = {"per_device_train_batch_size": 4, "learning_rate": 5e-3, "max_length": 
 RUNTIME = {"logging_steps": 1, "save_steps": 0, "calibration_steps": 0, "eos_check_samples": 0}
 
 
-def _sweep(tmp_path: Path, tiny_model: Path, study: str, **sweep):  # type: ignore[no-untyped-def]
+def _sweep(tmp_path: Path, tiny_model: Path, study: str, evaluation: dict | None = None, **sweep):  # type: ignore[no-untyped-def]
     from finetune_pipeline.tuning.sweep import run_sweep
 
     space = {"learning_rate": {"type": "categorical", "choices": [5e-3, 2e-3, 1e-9]}}
     settings = {"enabled": True, "max_steps": 4, "eval_steps": 1, "search_space": space, **sweep}
-    spec = make_spec(model=LORA, training=TRAIN, runtime=RUNTIME, sweep=settings)
+    spec = make_spec(model=LORA, training=TRAIN, runtime=RUNTIME, sweep=settings, evaluation=evaluation or {})
     reports: list = []
     res = run_sweep(
         study_name=study,
@@ -80,3 +80,34 @@ def test_a_killed_sweep_resumes_keeping_finished_trials_and_retrying_the_interru
     assert states[killed.number] == optuna.trial.TrialState.FAIL  # marked failed ...
     assert [(r.params, r.state) for r in reports] == [({"learning_rate": 2e-3}, "COMPLETE")]  # ... and retried
     assert res.n_complete == 2 and res.n_run_now == 1 and first.n_complete == 1
+
+
+def test_a_task_metric_can_be_the_objective(tmp_path: Path, tiny_model: Path) -> None:
+    """sweep.objective: a per-row metric; trials are scored by greedy answers on validation rows, in its direction."""
+    import optuna
+
+    from finetune_pipeline.tuning.trials import OUTCOME_FILE, TrialOutcome
+
+    res, reports = _sweep(
+        tmp_path,
+        tiny_model,
+        "metric",
+        evaluation={"metrics": ["token_f1", "perplexity"], "primary_metric": "token_f1", "max_new_tokens": 4},
+        n_trials=2,
+        pruner="none",
+        objective="token_f1",
+        objective_samples=3,
+    )
+    study = _study(tmp_path, "metric")
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE and res.n_complete == 2
+    outs = [TrialOutcome.load(tmp_path / "sweep" / f"trial-{n}" / OUTCOME_FILE) for n in range(2)]
+    assert all(o.value is not None and 0.0 <= o.value <= 1.0 and o.eval_loss is not None for o in outs)
+    assert res.best_value == max(o.value for o in outs)  # type: ignore[type-var]
+
+
+def test_the_objective_must_be_a_listed_per_row_metric() -> None:
+    from finetune_pipeline.spec import SpecError, parse_spec
+
+    base = "name: p\nsource: {incoming_dir: in}\nregistry: {model_name: m}\n"
+    with pytest.raises(SpecError, match="sweep.objective 'perplexity' must be eval_loss or a per-row metric"):
+        parse_spec(base + "sweep: {objective: perplexity}\n")

@@ -73,7 +73,7 @@ def sweep_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
         return dg.MaterializeResult(
             metadata={
                 "best_params": dg.MetadataValue.json(rec.best_params),
-                "best_eval_loss": rec.best_value,
+                f"best_{spec.spec.sweep.objective}": rec.best_value,
                 "trials_complete": rec.trials_complete,
                 "trials_pruned": rec.trials_pruned,
                 "trials_run_now": out.trials_run_now,

@@ -68,6 +68,15 @@ def trial_training(training: TrainingSpec, sweep: SweepSpec) -> TrainingSpec:
     )
 
 
+def objective_direction(spec: PipelineSpec) -> str:
+    """minimize for the validation loss, else the task metric's own direction."""
+    if spec.sweep.objective == "eval_loss":
+        return "minimize"
+    from finetune_pipeline.evaluation.metrics import higher_is_better
+
+    return "maximize" if higher_is_better(spec.sweep.objective, spec.evaluation) else "minimize"
+
+
 def make_pruner(kind: str) -> Any:
     """The study's pruner; parent and trial children build the same one (Optuna does not store it)."""
     import optuna
@@ -111,7 +120,7 @@ def run_sweep(
     study = optuna.create_study(
         study_name=study_name,
         storage=storage_uri,
-        direction="minimize",
+        direction=objective_direction(spec),
         sampler=optuna.samplers.TPESampler(seed=sweep.seed, constant_liar=sweep.parallel_trials > 1),
         pruner=make_pruner(sweep.pruner),
         load_if_exists=True,
@@ -139,6 +148,9 @@ def run_sweep(
             number=trial.number,
             params=params,
             pruner=sweep.pruner,
+            objective=sweep.objective,
+            objective_samples=sweep.objective_samples,
+            evaluation=spec.evaluation,
             train=TrainRequest(
                 base_path=base_path,
                 model=trial_spec.model,
@@ -147,7 +159,7 @@ def run_sweep(
                 train_messages=train_messages,
                 eval_messages=val_messages,
                 output_dir=folder,
-                save=False,
+                save=sweep.objective != "eval_loss",  # a metric objective generates with the trained adapter
             ),
         )
         path = req.save(folder / "trial_request.json")
@@ -223,8 +235,9 @@ def _tell(study: Any, trial: Any, out: TrialOutcome, log: LogFn) -> None:
 
     trial.set_user_attr("steps", out.steps)
     if out.state == "COMPLETE":
-        study.tell(trial, out.eval_loss)
-        log(f"trial {trial.number}: eval_loss {out.eval_loss:.4f} after {out.steps} steps")
+        study.tell(trial, out.value if out.value is not None else out.eval_loss)
+        extra = "" if out.value is None or out.value == out.eval_loss else f", objective {out.value:.4f}"
+        log(f"trial {trial.number}: eval_loss {out.eval_loss:.4f}{extra} after {out.steps} steps")
     elif out.state == "PRUNED":
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         log(f"trial {trial.number}: pruned at step {out.steps}")

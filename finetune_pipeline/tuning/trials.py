@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from finetune_pipeline.layout import Record
+from finetune_pipeline.spec import EvaluationSpec
 from finetune_pipeline.training.sft import TrainRequest
 
 CHILD_MODULE = "finetune_pipeline.tuning.trial_child"
@@ -31,6 +32,9 @@ class TrialRequest(Record):
     params: dict[str, object]
     pruner: str  # sweep.pruner: the child builds the same pruner (Optuna does not store it with the study)
     train: TrainRequest
+    objective: str = "eval_loss"  # or a per-row metric of the evaluation settings (then maximised or minimised)
+    objective_samples: int = 32
+    evaluation: EvaluationSpec | None = None  # the metric's settings (json schema, custom metrics, max_new_tokens)
 
 
 class TrialOutcome(Record):
@@ -39,6 +43,7 @@ class TrialOutcome(Record):
     number: int
     state: Literal["COMPLETE", "PRUNED", "FAIL"]
     eval_loss: float | None = None
+    value: float | None = None  # the objective: eval_loss, or the task metric on the validation rows
     tokens_per_second: float | None = None
     steps: int = 0
     loss_history: list[tuple[int, float]] = []
@@ -57,7 +62,8 @@ def run_trial(req: TrialRequest, log: Callable[[str], None] = print) -> TrialOut
 
     study = optuna.load_study(study_name=req.study_name, storage=req.storage_uri, pruner=make_pruner(req.pruner))
     trial = optuna.trial.Trial(study, req.trial_id)
-    prune = PruneOnEval(trial)
+    maximise = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    prune = PruneOnEval(trial, sign=-1.0 if maximise else 1.0)
     started = time.time()
     try:
         res = train(req.train, log=log, extra_callbacks=[prune])
@@ -69,16 +75,40 @@ def run_trial(req: TrialRequest, log: Callable[[str], None] = print) -> TrialOut
     if math.isnan(res.eval_loss):
         msg = "the trial produced no validation loss: the validation split is empty"
         return TrialOutcome(number=req.number, state="FAIL", error=msg, steps=res.steps)
+    value = res.eval_loss if req.objective == "eval_loss" else objective_metric(req, log)
     return TrialOutcome(
         number=req.number,
         state="COMPLETE",
         eval_loss=res.eval_loss,
+        value=value,
         tokens_per_second=res.tokens_per_second,
         steps=res.steps,
         loss_history=res.loss_history,
         started=started,
         ended=time.time(),
     )
+
+
+def objective_metric(req: TrialRequest, log: Callable[[str], None]) -> float:
+    """The task metric of the trained trial: greedy answers on the first ``objective_samples`` validation rows,
+    scored per row with the evaluation's metric table (the adapter was saved in the trial's folder)."""
+    import json
+
+    from finetune_pipeline.evaluation.metrics import row_function
+    from finetune_pipeline.models.base import load_for_eval
+    from finetune_pipeline.models.chat_generation import generate_answers
+
+    ev = req.evaluation
+    if ev is None:
+        raise ValueError(f"objective {req.objective} needs the evaluation settings in the trial request")
+    rows = [json.loads(m) for m in req.train.eval_messages[: req.objective_samples]]
+    model, tok = load_for_eval(req.train.base_path, req.train.model, str(req.train.output_dir))
+    answers, _ = generate_answers(model, tok, [r[:-1] for r in rows], ev.max_new_tokens, batch_size=ev.batch_size)
+    fn = row_function(req.objective, ev)
+    scores = [fn(a, r[-1]["content"]) for a, r in zip(answers, rows, strict=True)]  # type: ignore[misc]
+    value = sum(scores) / len(scores)
+    log(f"{req.objective} on {len(rows)} validation rows: {value:.4f}")
+    return value
 
 
 def outcome_path(request: Path) -> Path:
