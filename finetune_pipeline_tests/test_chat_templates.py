@@ -1,10 +1,10 @@
-"""Marked chat templates per model family (Llama 3, Mistral, Gemma, Gemma 3, Phi-3, Phi-3.5, Qwen2.5 ChatML).
+"""Marked chat templates per model family (Llama 3 / 3.1 / 3.2, Mistral, Gemma, Gemma 3, Phi-3, Phi-3.5, Qwen2.5 ChatML).
 
 Each family gets a tokenizer built here, offline: a byte-level BPE without merges (every byte one token) plus the
 family's special tokens, with the family's bos/eos/pad and its OFFICIAL chat template, the text of the model
 repository's tokenizer_config.json. Those texts come from trl's ``trl/chat_templates`` folder (byte-identical copies
 of the Hub templates that trl's CI checks weekly against the repositories; trl is Apache-2.0, the templates are
-those of Meta Llama 3 (Llama 3 Community License), Google Gemma (Gemma Terms of Use), Microsoft Phi-3 (MIT) and Qwen2.5
+those of Meta Llama 3 / 3.1 / 3.2 (their Llama Community Licenses), Google Gemma (Gemma Terms of Use), Microsoft Phi-3 (MIT) and Qwen2.5
 (Apache-2.0)); trl has no plain Mistral one, so Mistral's is written out below. Tier 1 except the last test (tier 2:
 two training steps on a tiny llama with a Llama-3 tokenizer).
 """
@@ -49,6 +49,17 @@ def trl_template(name: str) -> str:
     return (Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja").read_text(encoding="utf-8")
 
 
+LLAMA31_SPECIAL = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|finetune_right_pad_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+)
+
 # name: (official template source, special tokens, bos, eos, pad, end-of-turn token, does the family trim content,
 #        does it take a system message)
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -58,6 +69,24 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "bos": "<|begin_of_text|>",
         "eos": "<|eot_id|>",
         "pad": "<|end_of_text|>",
+        "eot": "<|eot_id|>",
+        "system": True,
+    },
+    "llama3.1": {
+        "official": "trl:llama3_1",  # meta-llama/Llama-3.1-8B-Instruct
+        "special": [*LLAMA31_SPECIAL],
+        "bos": "<|begin_of_text|>",
+        "eos": "<|eot_id|>",
+        "pad": "<|finetune_right_pad_id|>",
+        "eot": "<|eot_id|>",
+        "system": True,
+    },
+    "llama3.2": {
+        "official": "trl:llama3_2",  # meta-llama/Llama-3.2-1B-Instruct (dated with today's date)
+        "special": [*LLAMA31_SPECIAL],
+        "bos": "<|begin_of_text|>",
+        "eos": "<|eot_id|>",
+        "pad": "<|finetune_right_pad_id|>",
         "eot": "<|eot_id|>",
         "system": True,
     },

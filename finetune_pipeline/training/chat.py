@@ -148,7 +148,8 @@ def resolve_chat_template(
     """The template to train with, given ``training.chat_template``: 'auto', a known name or a .jinja path.
 
     'auto': the model's own template when it already has generation markers; otherwise the known marked template
-    (ChatML, Qwen2.5, Llama 3, Mistral, Gemma, Gemma 3, Phi-3, Phi-3.5) that renders exactly the same text as the
+    (ChatML, Qwen2.5, Llama 3 / 3.1 / 3.2, Mistral, Gemma, Gemma 3, Phi-3, Phi-3.5;
+    ``templates.MARKED``) that renders exactly the same text as the
     model's own on probe chats (so nothing changes for serving); otherwise a clear error. A name picks one marked
     template, verified the same way. Either way the assistant turn must end with the end-of-turn token, which
     becomes the tokenizer's EOS token (``ChatTemplate.install``), or generations would never stop.

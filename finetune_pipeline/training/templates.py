@@ -71,6 +71,35 @@ LLAMA3 = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
 
+
+def _llama3_dated(date: str) -> str:
+    """Llama 3.1 / 3.2 Instruct without tools: a system turn always opens the chat, with the knowledge cut-off, the
+    date (``date`` is Jinja setting ``date_string`` when the caller gave none) and the system message, if any."""
+    return (
+        "{{ bos_token }}"
+        "{% if messages[0]['role'] == 'system' %}"
+        "{% set system_message = messages[0]['content'] | trim %}{% set loop_messages = messages[1:] %}"
+        "{% else %}{% set system_message = '' %}{% set loop_messages = messages %}{% endif %}"
+        "{% if not date_string is defined %}" + date + "{% endif %}"
+        "{{ '<|start_header_id|>system<|end_header_id|>\\n\\nCutting Knowledge Date: December 2023\\nToday Date: ' "
+        "+ date_string + '\\n\\n' + system_message + '<|eot_id|>' }}"
+        "{% for message in loop_messages %}"
+        "{% if message['role'] == 'assistant' %}"
+        "{{ " + _L3_HEADER + " }}" + _gen("message['content'] | trim + '<|eot_id|>'") + "{% else %}"
+        "{{ " + _L3_HEADER + " + message['content'] | trim + '<|eot_id|>' }}"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    )
+
+
+LLAMA3_1 = _llama3_dated("{% set date_string = '26 Jul 2024' %}")
+# 3.2 dates the chat with today's date, as its own template does (both render the same day's date)
+LLAMA3_2 = _llama3_dated(
+    "{% if strftime_now is defined %}{% set date_string = strftime_now('%d %b %Y') %}"
+    "{% else %}{% set date_string = '26 Jul 2024' %}{% endif %}"
+)
+
 # --- Mistral (Mistral-7B-Instruct-v0.2, Mixtral-8x7B-Instruct-v0.1): the system message goes before the first user
 # message inside its [INST]; answers end with EOS; roles must alternate, as the family's template enforces ------------
 MISTRAL = (
@@ -160,6 +189,8 @@ MARKED: dict[str, Marked] = {
         Marked("chatml", CHATML, "<|im_end|>", "ChatML without a default system turn"),
         Marked("qwen2.5", QWEN2_5, "<|im_end|>", "ChatML with Qwen2.5's default system turn"),
         Marked("llama3", LLAMA3, "<|eot_id|>", "Llama 3 Instruct"),
+        Marked("llama3.1", LLAMA3_1, "<|eot_id|>", "Llama 3.1 Instruct (without tools)"),
+        Marked("llama3.2", LLAMA3_2, "<|eot_id|>", "Llama 3.2 Instruct (without tools)"),
         Marked("mistral", MISTRAL, None, "Mistral-7B-Instruct-v0.2 / Mixtral-8x7B-Instruct-v0.1"),
         Marked("gemma", GEMMA, "<end_of_turn>", "Gemma / Gemma 2 (no system role)"),
         Marked("gemma3", GEMMA3, "<end_of_turn>", "Gemma 3 (system message merged into the first user turn)"),
