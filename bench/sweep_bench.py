@@ -41,7 +41,7 @@ def main() -> None:
         space = {"learning_rate": {"type": "float", "low": 1e-5, "high": 3e-3, "log": True}}
         spec = make_spec(
             model={"base": base, "dtype": "auto", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
-            training={"per_device_train_batch_size": 4, "max_length": 192, "seed": 1},
+            training={"per_device_train_batch_size": 4, "max_length": 320, "seed": 1},
             runtime={"logging_steps": 1, "save_steps": 0, "calibration_steps": 0, "eos_check_samples": 0},
             sweep={
                 "enabled": True,

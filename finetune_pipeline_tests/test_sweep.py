@@ -111,3 +111,58 @@ def test_the_objective_must_be_a_listed_per_row_metric() -> None:
     base = "name: p\nsource: {incoming_dir: in}\nregistry: {model_name: m}\n"
     with pytest.raises(SpecError, match="sweep.objective 'perplexity' must be eval_loss or a per-row metric"):
         parse_spec(base + "sweep: {objective: perplexity}\n")
+
+
+def test_the_sweep_asset_runs_parallel_trials_through_dagster_pipes(tmp_path: Path, tiny_model: Path) -> None:
+    """Two trial children at once, each through its own Pipes session in the same step: their log lines reach the
+    Dagster run and the study gets both trials."""
+    import dagster as dg
+    import pandas as pd
+
+    from finetune_pipeline.defs.resources import MlflowTracking, OptunaStorage, StateStore
+    from finetune_pipeline.defs.training_assets import sweep_asset
+    from finetune_pipeline.layout import BaseModelRecord, PipelineLayout, SplitsManifest
+    from finetune_pipeline.spec import parse_spec
+
+    spec = parse_spec(
+        f"name: sw\nsource: {{incoming_dir: in}}\nregistry: {{model_name: m}}\n"
+        f"model: {{base: {tiny_model}, lora: {{r: 4, alpha: 8, dropout: 0.0}}}}\n"
+        "training: {per_device_train_batch_size: 4, max_length: 96}\n"
+        "runtime: {logging_steps: 1, save_steps: 0, calibration_steps: 0, eos_check_samples: 0}\n"
+        "sweep: {enabled: true, n_trials: 2, parallel_trials: 2, max_steps: 2, pruner: none, "
+        "search_space: {learning_rate: {type: categorical, choices: [0.005, 0.002]}}}\n",
+        path=tmp_path / "sw.yaml",
+    )
+    layout = PipelineLayout(tmp_path / "state", "sw")
+    layout.splits.mkdir(parents=True)
+    frame = pd.DataFrame(
+        {
+            "row_id": [f"r{i}" for i in range(40)],
+            "messages": ROWS,
+            "drop": "d",
+            "source_line": range(40),
+            "content_hash": [f"h{i}" for i in range(40)],
+        }
+    )
+    for name, part in {"train": frame[:32], "validation": frame[32:], "test": frame[32:]}.items():
+        part.reset_index(drop=True).to_parquet(layout.split(name))
+    SplitsManifest(
+        drops=["d"], digests={"train": "a", "validation": "b", "test": "c"}, version="v", counts={}, spec_hash="s"
+    ).save(layout.splits_manifest)
+    BaseModelRecord(path=str(tiny_model), kind="local", digest="w", source="x", tokenizer_dir=str(tiny_model)).save(
+        layout.base_model
+    )
+    resources = {
+        "state": StateStore(root=str(tmp_path / "state")),
+        "mlflow_tracking": MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"),
+        "optuna": OptunaStorage(),
+    }
+    (tmp_path / "dagster").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
+        res = dg.materialize([sweep_asset(spec)], instance=instance, resources=resources)
+        assert res.success
+        meta = res.get_asset_materialization_events()[0].materialization.metadata
+        assert meta["trials_complete"].value == 2 and meta["trials_run_now"].value == 2
+        logs = [e.message for e in instance.all_logs(res.run_id) if e.message]
+    assert any(m.startswith("trial 0: ") and "step" in m for m in logs)  # streamed from the children through Pipes
+    assert any(m.startswith("trial 1: ") and "step" in m for m in logs)
