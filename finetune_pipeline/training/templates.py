@@ -60,15 +60,17 @@ QWEN2_5 = _chatml(QWEN2_5_SYSTEM)
 
 # --- Llama 3 (Meta-Llama-3-*-Instruct): BOS first, headers, content trimmed, <|eot_id|> ends every turn -------------
 _L3_HEADER = "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
-LLAMA3 = (
-    "{% for message in messages %}"
-    "{% if loop.index0 == 0 %}{{ bos_token }}{% endif %}"
+# One turn of the Llama 3 family (the answer and its <|eot_id|> inside the generation markers), and the prompt end.
+_L3_TURN = (
     "{% if message['role'] == 'assistant' %}"
     "{{ " + _L3_HEADER + " }}" + _gen("message['content'] | trim + '<|eot_id|>'") + "{% else %}"
     "{{ " + _L3_HEADER + " + message['content'] | trim + '<|eot_id|>' }}"
     "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+_L3_PROMPT = "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+LLAMA3 = (
+    "{% for message in messages %}"
+    "{% if loop.index0 == 0 %}{{ bos_token }}{% endif %}" + _L3_TURN + "{% endfor %}" + _L3_PROMPT
 )
 
 
@@ -83,13 +85,7 @@ def _llama3_dated(date: str) -> str:
         "{% if not date_string is defined %}" + date + "{% endif %}"
         "{{ '<|start_header_id|>system<|end_header_id|>\\n\\nCutting Knowledge Date: December 2023\\nToday Date: ' "
         "+ date_string + '\\n\\n' + system_message + '<|eot_id|>' }}"
-        "{% for message in loop_messages %}"
-        "{% if message['role'] == 'assistant' %}"
-        "{{ " + _L3_HEADER + " }}" + _gen("message['content'] | trim + '<|eot_id|>'") + "{% else %}"
-        "{{ " + _L3_HEADER + " + message['content'] | trim + '<|eot_id|>' }}"
-        "{% endif %}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+        "{% for message in loop_messages %}" + _L3_TURN + "{% endfor %}" + _L3_PROMPT
     )
 
 
