@@ -176,3 +176,44 @@ def test_rows_without_a_distinctive_prompt_are_compared_on_their_answers() -> No
     nd = dedup.near_duplicates(sides, 0.8, 128, conflicts=True)
     assert list(zip(nd.row, nd.matched, strict=True)) == [(60, 5)]
     assert nd.conflicts.empty  # a prompt made only of boilerplate says nothing: no conflicts
+
+
+ANSWER = "the refund reaches your card within five working days"  # 9 words: 7 word 3-grams
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        # the last word replaced: 3-gram Jaccard 6/8 = 0.75 < 0.8, but the same question edited at its answer's end
+        (ANSWER.rsplit(" ", 1)[0] + " weeks", "near"),
+        (ANSWER + " normally", "near"),  # a word appended: 7/8
+        # a word in the middle replaced: 3 of 7 shingles change (0.4): another label under the same question
+        (ANSWER.replace("five", "ten"), "conflict"),
+        ("please contact the bank about it", "conflict"),
+    ],
+)
+def test_same_question_with_an_edited_answer(answer: str, expected: str) -> None:
+    rng = np.random.default_rng(5)
+    words = [f"w{i}" for i in range(800)]
+    prompts = [f"{SCHEMA}\n" + " ".join(rng.choice(words, 12)) for _ in range(40)]
+    answers = [" ".join(rng.choice(words, 10)) for _ in range(40)]
+    prompts.append(f"{SCHEMA}\nWhen will my refund arrive on my card?")
+    answers.append(ANSWER)
+    prompts.append(prompts[-1])  # the same question (schema and all) once more
+    answers.append(answer)
+    nd = dedup.near_duplicates(dedup.side_shingles(prompts, answers, 3), 0.8, 128, conflicts=True)
+    near = list(zip(nd.row.tolist(), nd.matched.tolist(), strict=True))
+    conflicts = list(zip(nd.conflicts["row"], nd.conflicts["matched"], strict=True))
+    assert (near, conflicts) == (([(41, 40)], []) if expected == "near" else ([], [(41, 40)]))
+
+
+def test_identical_prompts_are_candidates_even_when_lsh_would_miss_them() -> None:
+    """A short shared question with answers at 0.6-0.7 similarity: whole-row LSH rarely pairs them, the exact
+    same-prompt key always does."""
+    rng = np.random.default_rng(9)
+    words = [f"w{i}" for i in range(800)]
+    base = [" ".join(rng.choice(words, 14)) for _ in range(30)]
+    prompts = [f"question {i} about {words[i]}" for i in range(30)] * 2
+    answers = base + [a.rsplit(" ", 2)[0] + " x y" for a in base]  # the last two words replaced: 10/14 = 0.71
+    nd = dedup.near_duplicates(dedup.side_shingles(prompts, answers, 3), 0.8, 128)
+    assert sorted(zip(nd.row.tolist(), nd.matched.tolist(), strict=True)) == [(30 + i, i) for i in range(30)]

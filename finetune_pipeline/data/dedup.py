@@ -4,7 +4,12 @@ Rows are judged on what distinguishes them. Each row has two sides, the prompt (
 answer) and the answer (the final assistant message), shingled separately. Shingles that occur in a large share
 of the rows (``boilerplate_share``: a shared system prompt, retrieved context, schema or few-shot header) are
 dropped before anything is compared, and a pair is a near-duplicate only when both sides reach the threshold.
-Rows whose prompts reach it while their answers do not are label conflicts, reported, never removed here.
+One allowance: when the distinctive prompts are identical (the same question), the answers need only reach
+``same_prompt_threshold`` (2t - 1: 0.6 at the default 0.8). A word appended to or replaced at the end of a short answer
+changes one of its few 3-gram shingles on each side and drops its Jaccard below t (an 8-word answer with its last word
+replaced: 5/7 = 0.71), yet the row is the same example edited; answers further apart than that under the same question
+are label conflicts. Rows whose prompts reach the threshold while their answers do not are label conflicts, reported,
+never removed here.
 
 The whole batch is processed column-wise: shingles are hashed with Arrow and NumPy (no Python loop per row), an
 exact pre-filter drops rows whose shingles are mostly unique, rensa computes all signatures in one call and flags
@@ -319,6 +324,36 @@ class NearDuplicates:
 CONFLICT_FIELDS = ["row", "matched", "prompt_similarity", "answer_similarity"]
 
 
+def same_prompt_threshold(threshold: float) -> float:
+    """Answer similarity that makes two rows with identical distinctive prompts near-duplicates (2t - 1)."""
+    return max(0.0, 2 * threshold - 1)
+
+
+def _same_prompt_pairs(distinct: Shingles, informative: np.ndarray) -> np.ndarray:
+    """Pairs (earlier, later) of rows whose distinctive prompt shingles are identical, keyed by an order-free sum of
+    their mixed hashes (verified exactly afterwards). LSH on whole rows can miss such a pair when its answers differ
+    more than its prompts; the same-prompt allowance and the conflicts need every one of them."""
+    none = np.zeros((0, 2), np.int64)
+    rows = np.flatnonzero(informative)
+    if len(rows) < 2:
+        return none
+    key = np.add.reduceat(distinct.hashes * _M2, distinct.offsets[:-1])[0::2][rows]  # every entry is non-empty
+    repeated = pd.Series(key).duplicated(keep=False).to_numpy()  # a hash table: the usual case sorts nothing
+    if not repeated.any():
+        return none
+    rows, key = rows[repeated], key[repeated]
+    order = np.argsort(key, kind="stable")  # equal keys stay in ascending row position
+    ks = key[order]
+    new_group = np.concatenate([[True], ks[1:] != ks[:-1]])
+    start = np.maximum.accumulate(np.where(new_group, np.arange(len(ks)), 0))
+    rank = np.arange(len(ks)) - start
+    found = []
+    for m in range(min(MAX_PAIRS_PER_ROW, int(rank.max()))):  # each row against the first few earlier rows
+        sel = rank > m
+        found.append(np.stack([rows[order[start[sel] + m]], rows[order[sel]]], axis=1))
+    return np.concatenate(found)
+
+
 def near_duplicates(
     sides: Shingles,
     threshold: float = 0.8,
@@ -330,7 +365,8 @@ def near_duplicates(
     conflicts: bool = False,
 ) -> NearDuplicates:
     """Each row whose prompt side AND answer side both have Jaccard >= threshold with an earlier row's, after
-    shingles shared by more than ``boilerplate_share`` of the rows are ignored (``sides``: ``side_shingles``).
+    shingles shared by more than ``boilerplate_share`` of the rows are ignored (``sides``: ``side_shingles``); with
+    identical distinctive prompts the answers need ``same_prompt_threshold(threshold)`` (see the module's text).
 
     The earliest verified earlier row is reported. ``eligible_query`` / ``eligible_match`` (bool masks over rows)
     restrict which rows may be reported and which may be matched (e.g. only test rows against train rows). With
@@ -345,7 +381,10 @@ def near_duplicates(
     informative = stats.sizes[0::2] > 0  # rows with a distinctive prompt (conflicts need one)
     distinct = _with_sentinels(distinct, stats)
     row_sizes, row_shared = stats.sizes[0::2] + stats.sizes[1::2], stats.shared[0::2] + stats.shared[1::2]
-    pairs = [_candidate_pairs(_rows_of(distinct), np.arange(n), threshold, num_perm, row_sizes, row_shared)]
+    pairs = [
+        _candidate_pairs(_rows_of(distinct), np.arange(n), threshold, num_perm, row_sizes, row_shared),
+        _same_prompt_pairs(distinct, informative),
+    ]
     if conflicts:
         prompts = _side(distinct, 0)
         pairs.append(
@@ -362,6 +401,7 @@ def near_duplicates(
     if eligible_match is not None:
         cand = cand[eligible_match[cand[:, 0]]]
     best = np.full(n, -1, np.int64)
+    same_floor = same_prompt_threshold(threshold)
     sims = np.zeros((n, 2))
     conflict_of: dict[int, tuple[int, float, float]] = {}
     for a, q in cand.tolist():
@@ -371,7 +411,7 @@ def near_duplicates(
         if sp < threshold:
             continue
         sa = jaccard(distinct.row(2 * a + 1), distinct.row(2 * q + 1))
-        if sa >= threshold:
+        if sa >= threshold or (sp == 1.0 and informative[a] and informative[q] and sa >= same_floor):
             best[q], sims[q] = a, (sp, sa)
         elif conflicts and informative[a] and informative[q] and q not in conflict_of:
             conflict_of[q] = (a, sp, sa)
