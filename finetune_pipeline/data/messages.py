@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -16,25 +17,35 @@ def messages_text(messages_json: pa.Array | list[str]) -> pa.Array:
     return x
 
 
-_LAST_MESSAGE = r'(, )?\{"role": "[a-z]+", "content": "(?:[^"\\]|\\.)*"\}\]$'
+_SEP = '}, {"role": "'  # between two messages; inside a content its quotes would be escaped
+
+
+def _split_last(messages_json: pd.Series | list[str]) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """Each row cut once, from the right, before its last message: (everything before it, the last message, whether
+    the row has a single message). Arrow splits the strings; nothing is parsed."""
+    parts = pc.split_pattern(pa.array(list(messages_json), pa.string()), _SEP, max_splits=1, reverse=True)
+    offsets = parts.offsets.to_numpy()
+    flat = parts.flatten()
+    return flat.take(pa.array(offsets[:-1])), flat.take(pa.array(offsets[1:] - 1)), pa.array(np.diff(offsets) == 1)
+
+
+def _prompts(head: pa.Array, single: pa.Array) -> pa.Array:
+    return pc.if_else(single, pa.scalar("[]"), pc.binary_join_element_wise(head, "}]", ""))
 
 
 def prompt_texts(messages_json: pd.Series | list[str]) -> pa.Array:
     """Canonical messages JSON without the last message: what a row asks, for prompt-overlap counts."""
-    return pc.replace_substring_regex(pa.array(list(messages_json), pa.string()), _LAST_MESSAGE, "]")
-
-
-_ALL_BUT_LAST_CONTENT = r'^.*\{"role": "[a-z]+", "content": "((?:[^"\\]|\\.)*)"\}\]$'
+    head, _, single = _split_last(messages_json)
+    return _prompts(head, single)
 
 
 def prompt_answer_texts(messages_json: pd.Series | list[str]) -> tuple[pa.Array, pa.Array]:
     """Per row: the prompt side (contents of every message but the last) and the answer side (the last message's
     content) as plain-ish text for shingling, without parsing each row."""
-    arr = pa.array(list(messages_json), pa.string())
-    prompt = messages_text(prompt_texts(list(messages_json)))
-    answer = pc.replace_substring_regex(pc.replace_substring_regex(arr, _ALL_BUT_LAST_CONTENT, r"\1"), r"\\[nrt]", " ")
-    del arr
-    return prompt, answer
+    head, last, single = _split_last(messages_json)
+    answer = pc.replace_substring_regex(last, r'^(?:\[\{"role": ")?[a-z]+", "content": "', "", max_replacements=1)
+    answer = pc.utf8_slice_codeunits(answer, 0, -3)  # the closing '"}]'
+    return messages_text(_prompts(head, single)), pc.replace_substring_regex(answer, r"\\[nrt]", " ")
 
 
 def to_prompt_completion(messages_json: str) -> dict[str, list[dict[str, str]]]:
