@@ -70,6 +70,7 @@ def test_two_specs_two_independent_groups(tmp_path: Path) -> None:
         "label_balance",
         "drift",
         "few_truncated",
+        "end_of_turn_contract",
         "tuned_beats_base",
         "no_forgetting",
         "generations_end",

@@ -13,7 +13,7 @@ from finetune_pipeline.layout import SPLITS
 from finetune_pipeline.spec import LoadedSpec
 from finetune_pipeline.stages.ingest import DropRecord, ingest_drop, needs_tokenizer, store_raw
 from finetune_pipeline.stages.readiness import data_readiness
-from finetune_pipeline.stages.splits import SplitsRecord, build_dataset_splits, token_stats
+from finetune_pipeline.stages.splits import SplitsRecord, build_dataset_splits, end_of_turn_check, token_stats
 
 QUARANTINE_PREVIEW_ROWS = 200
 SOURCE_TAG = "finetune/source_file"  # run tag the sensor sets: the file that was dropped
@@ -273,14 +273,22 @@ def token_stats_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
                 "few_truncated",
                 asset=k,
                 description="At most 5% of training rows are longer than training.max_length (they get truncated).",
-            )
+            ),
+            dg.AssetCheckSpec(
+                "end_of_turn_contract",
+                asset=k,
+                blocking=True,
+                description="Tokenised as training will tokenise them, every training row trains its assistant "
+                "turns through the end-of-turn token and none is all-masked (else the model never learns to stop).",
+            ),
         ],
     )
     def token_stats_(context: dg.AssetExecutionContext, state: StateStore) -> dg.MaterializeResult:
         """Token-length distribution of each split (base model tokenizer, chat template applied) against training.max_length: how many rows would be truncated."""
         ts = token_stats(state.pipeline(spec.name), spec)
         share = ts.share_over_max_length
-        context.log.info(f"token lengths: {ts.stats}")
+        eot = end_of_turn_check(state.pipeline(spec.name), spec)
+        context.log.info(f"token lengths: {ts.stats}; end-of-turn check: {eot.message}")
         return dg.MaterializeResult(
             metadata={
                 **{f"{s}_tokens": dg.MetadataValue.json(ts.stats[s]) for s in SPLITS},
@@ -298,7 +306,18 @@ def token_stats_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
                     if share <= 0.05
                     else f"{share:.1%} of training rows exceed training.max_length={max_len}: raise it or set "
                     "cleaning.max_tokens",
-                )
+                ),
+                dg.AssetCheckResult(
+                    check_name="end_of_turn_contract",
+                    passed=eot.passed,
+                    metadata={k: v for k, v in eot.metadata.items() if k != "example"}
+                    | (
+                        {"example": dg.MetadataValue.json(eot.metadata["example"])}
+                        if eot.metadata.get("example")
+                        else {}
+                    ),
+                    description=None if eot.passed else eot.message,
+                ),
             ],
         )
 

@@ -131,3 +131,40 @@ def token_stats(layout: PipelineLayout, spec: LoadedSpec) -> TokenStats:
     stats = {s: length_stats(lengths[s], max_len) for s in SPLITS}
     layout.token_stats.write_text(json.dumps(stats, indent=2))
     return TokenStats(stats, max_len, token_histogram(lengths, max_len))
+
+
+EOT_SAMPLE_ROWS = 1000  # training rows the pre-training end-of-turn check tokenises (evenly spread over the split)
+
+
+@dataclass
+class EndOfTurnCheck:
+    """The end-of-turn contract on the training split before the adapter starts (the child checks trl's own rows
+    again): its verdict, a message that shows one failing row and what to fix, and the counts."""
+
+    passed: bool
+    message: str
+    metadata: dict[str, Any]
+
+
+def end_of_turn_check(layout: PipelineLayout, spec: LoadedSpec) -> EndOfTurnCheck:
+    """Tokenise (a spread sample of) the training rows with the chat template and loss mask training will use and
+    check that every loss-carrying turn ends with the end-of-turn token inside the mask and no row is all-masked."""
+    from finetune_pipeline.models.base import load_tokenizer
+    from finetune_pipeline.training import contract
+    from finetune_pipeline.training.chat import resolve_chat_template
+
+    t = spec.spec.training
+    tok = load_tokenizer(layout.read_base().tokenizer_dir, spec.spec.model.trust_remote_code)
+    try:
+        chat = resolve_chat_template(tok, t.chat_template, spec.base_dir, need_markers=t.assistant_only_loss)
+    except (ValueError, FileNotFoundError) as e:  # the training child would stop on the same error
+        return EndOfTurnCheck(False, str(e), {"chat_template": t.chat_template})
+    chat.install(tok)
+    train = layout.read_split_frames(columns=["row_id", "messages"])["train"]
+    step = max(1, -(-len(train) // EOT_SAMPLE_ROWS))
+    sample = train.iloc[::step]
+    report = contract.check_messages(tok, chat.template, sample["messages"].tolist(), t)
+    if report.example:  # name the row as the splits do, not by its place in the sample
+        report.example["row"] = str(sample["row_id"].iloc[report.example["row"]])
+    meta = {**report.as_metadata(), "chat_template": chat.source, "rows_in_split": len(train)}
+    return EndOfTurnCheck(report.passed, report.message(), meta)
