@@ -35,6 +35,19 @@ def test_shingles_and_exact_jaccard() -> None:
     assert dedup.jaccard(sh.row(0), sh.row(2)) == 0.0
 
 
+def test_pair_jaccard_equals_jaccard_pair_by_pair() -> None:
+    """The vectorised verification against the one-pair definition, repeated shingles and empty entries included."""
+    rng = np.random.default_rng(1)
+    texts = [" ".join(rng.choice(WORDS[:30], int(rng.integers(0, 12)))) for _ in range(200)]
+    texts += ["a b c a b c a b c", "a b c", ""]
+    sh = dedup.shingle(texts, 3)
+    left, right = rng.integers(0, len(texts), 500), rng.integers(0, len(texts), 500)
+    left[:3], right[:3] = [200, 202, 202], [201, 202, 0]
+    want = [dedup.jaccard(sh.row(a), sh.row(b)) for a, b in zip(left, right, strict=True)]
+    assert dedup.pair_jaccard(sh, left, right).tolist() == pytest.approx(want)
+    assert want[:2] == pytest.approx([1 / 3, 1.0]) and len(dedup.pair_jaccard(sh, left[:0], right[:0])) == 0
+
+
 def test_near_duplicates_within_a_drop_record_the_matched_row(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     rows = [_row(f"r{i}", _sentence(rng), _sentence(rng)) for i in range(300)]

@@ -125,6 +125,31 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return inter / (len(a) + len(b) - inter)
 
 
+def pair_jaccard(sh: Shingles, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """``jaccard`` of entries ``left[i]`` and ``right[i]`` for every i at once: one sort of (pair, hash, side)
+    triples, duplicates within an entry dropped, then per pair the hashes found on both sides."""
+    m = len(left)
+    if m == 0:
+        return np.zeros(0)
+    take = np.concatenate([left, right])
+    sizes = sh.sizes[take]
+    within = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    h = sh.hashes[np.repeat(sh.offsets[:-1][take], sizes) + within]
+    pair = np.repeat(np.tile(np.arange(m), 2), sizes)
+    side = np.repeat(np.arange(2 * m) >= m, sizes)
+    order = np.lexsort((side, h, pair))
+    pair, h, side = pair[order], h[order], side[order]
+    first = np.ones(len(h), bool)
+    first[1:] = (pair[1:] != pair[:-1]) | (h[1:] != h[:-1]) | (side[1:] != side[:-1])
+    pair, h, side = pair[first], h[first], side[first]
+    n_left = np.bincount(pair[~side], minlength=m)
+    n_right = np.bincount(pair[side], minlength=m)
+    both = (pair[1:] == pair[:-1]) & (h[1:] == h[:-1])  # the same hash on the left, then on the right
+    inter = np.bincount(pair[1:][both], minlength=m)
+    union = n_left + n_right - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
 def lsh_bands(threshold: float, num_perm: int) -> int:
     """Number of LSH bands (a divisor of num_perm) that best separates pairs above and below the threshold,
     weighting a missed duplicate four times a false candidate (candidates are verified exactly afterwards)."""
@@ -195,17 +220,19 @@ def side_stats(sides: Shingles, share: float, min_rows: int = BOILERPLATE_MIN_RO
     entry = np.repeat(np.arange(n_entries, dtype=np.uint64), sides.sizes)
     keys = np.sort(((sides.hashes >> np.uint64(row_bits)) << np.uint64(row_bits)) | entry)
     h = keys >> np.uint64(row_bits)
-    owner = (keys & np.uint64((1 << row_bits) - 1)).astype(np.int64)
+    owner = (keys & np.uint64((1 << row_bits) - 1)).view(np.int64)  # small values: a view, no copy
     same = h[1:] == h[:-1]
     dup = np.zeros(len(keys), bool)
     dup[1:] |= same
     dup[:-1] |= same
     cutoff = max(share * (n_entries // 2), min_rows - 1) if share < 1 else np.inf
-    start = np.flatnonzero(np.concatenate([[True], ~same])) if len(keys) else np.zeros(0, np.int64)
+    # a shingle in more than `cutoff` entries is a run of at least c + 1 equal sorted hashes: h[i] == h[i + c]
+    c = int(np.floor(cutoff)) if np.isfinite(cutoff) else len(h)
+    if c >= len(h) or not (h[c:] == h[: len(h) - c]).any():  # the usual case: no boilerplate, no groups needed
+        return SideStats(sides.sizes, np.bincount(owner[dup], minlength=n_entries), np.zeros(0, np.uint64), row_bits)
+    start = np.flatnonzero(np.concatenate([[True], ~same]))
     df = np.diff(np.append(start, len(keys)))
     boiler_group = df > cutoff
-    if not boiler_group.any():  # the usual case: nothing to drop
-        return SideStats(sides.sizes, np.bincount(owner[dup], minlength=n_entries), np.zeros(0, np.uint64), row_bits)
     keep = ~np.repeat(boiler_group, df)
     return SideStats(
         sizes=np.bincount(owner[keep], minlength=n_entries),
@@ -400,33 +427,32 @@ def near_duplicates(
         cand = cand[eligible_query[cand[:, 1]]]
     if eligible_match is not None:
         cand = cand[eligible_match[cand[:, 0]]]
-    best = np.full(n, -1, np.int64)
-    same_floor = same_prompt_threshold(threshold)
-    sims = np.zeros((n, 2))
-    conflict_of: dict[int, tuple[int, float, float]] = {}
-    for a, q in cand.tolist():
-        if best[q] >= 0:
-            continue  # an earlier verified match is already known
-        sp = jaccard(distinct.row(2 * a), distinct.row(2 * q))
-        if sp < threshold:
-            continue
-        sa = jaccard(distinct.row(2 * a + 1), distinct.row(2 * q + 1))
-        if sa >= threshold or (sp == 1.0 and informative[a] and informative[q] and sa >= same_floor):
-            best[q], sims[q] = a, (sp, sa)
-        elif conflicts and informative[a] and informative[q] and q not in conflict_of:
-            conflict_of[q] = (a, sp, sa)
-    hit = np.flatnonzero(best >= 0)
-    conf = pd.DataFrame(
-        [(q, a, round(sp, 4), round(sa, 4)) for q, (a, sp, sa) in sorted(conflict_of.items()) if best[q] < 0],
-        columns=CONFLICT_FIELDS,
-    )
+    # verify every candidate at once; candidates are ordered by later row, then earliest match first
+    earlier, later = (cand[:, 0], cand[:, 1]) if len(cand) else (np.zeros(0, np.int64),) * 2
+    sp = pair_jaccard(distinct, 2 * earlier, 2 * later)
+    close = sp >= threshold
+    earlier, later, sp = earlier[close], later[close], sp[close]
+    sa = pair_jaccard(distinct, 2 * earlier + 1, 2 * later + 1)
+    both_informative = informative[earlier] & informative[later]
+    dup = (sa >= threshold) | ((sp == 1.0) & both_informative & (sa >= same_prompt_threshold(threshold)))
+    hit, at = np.unique(later[dup], return_index=True)  # the earliest verified match of each row
+    pick = np.flatnonzero(dup)[at]
+    conf = pd.DataFrame(columns=CONFLICT_FIELDS)
+    if conflicts:
+        rest = np.flatnonzero(~dup & both_informative & ~np.isin(later, hit))
+        q, at = np.unique(later[rest], return_index=True)
+        c = rest[at]
+        conf = pd.DataFrame(
+            {"row": q, "matched": earlier[c], "prompt_similarity": sp[c].round(4), "answer_similarity": sa[c].round(4)}
+        )
+    sims = np.stack([sp[pick], sa[pick]], axis=1)
     return NearDuplicates(
         row=hit,
-        matched=best[hit],
-        similarity=sims[hit].min(axis=1) if len(hit) else np.zeros(0),
+        matched=earlier[pick],
+        similarity=sims.min(axis=1) if len(hit) else np.zeros(0),
         candidates=len(cand),
-        prompt_similarity=sims[hit, 0],
-        answer_similarity=sims[hit, 1],
+        prompt_similarity=sims[:, 0],
+        answer_similarity=sims[:, 1],
         conflicts=conf,
         boilerplate_shingles=len(stats.boilerplate),
     )
