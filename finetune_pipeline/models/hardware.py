@@ -82,7 +82,8 @@ def matmul_gflops(dtype: str, device: str = "cpu", seconds: float = 0.25, max_si
 
 
 def _machine_key() -> str:
-    """This CPU model and flags, torch's version and thread count: what the measured speeds depend on."""
+    """This CPU model and flags, torch's version and thread count, and the instruction sets torch and oneDNN are
+    told to stop at: what the measured speeds depend on."""
     import hashlib
     import platform
 
@@ -94,7 +95,8 @@ def _machine_key() -> str:
         flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
     except OSError:
         model = flags = ""
-    raw = "|".join([platform.machine(), model, flags, torch.__version__, str(torch.get_num_threads())])
+    isa = [f"{k}={os.environ.get(k, '')}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")]  # they cap the ISA
+    raw = "|".join([platform.machine(), model, flags, torch.__version__, str(torch.get_num_threads()), *isa])
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
