@@ -50,3 +50,50 @@ def make_spec(**sections: dict):  # type: ignore[no-untyped-def]
     for k, v in sections.items():
         raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
     return PipelineSpec.model_validate(raw)
+
+
+def prepared_splits(tmp_path: Path, name: str, base: Path, messages: list[str], n_train: int, n_val: int):  # type: ignore[no-untyped-def]
+    """State of pipeline ``name`` under ``tmp_path/state`` as dataset_splits and base_model leave it: the rows split in
+    order (train, validation, the rest test) with the manifest and its counts, and the base model record; plus an empty
+    ``tmp_path/dagster`` for the test instance. Returns the pipeline's layout."""
+    import pandas as pd
+
+    from finetune_pipeline.layout import BaseModelRecord, PipelineLayout, SplitsManifest
+
+    layout = PipelineLayout(tmp_path / "state", name)
+    layout.splits.mkdir(parents=True)
+    n = len(messages)
+    frame = pd.DataFrame(
+        {
+            "row_id": [f"r{i}" for i in range(n)],
+            "messages": messages,
+            "drop": "d",
+            "source_line": range(n),
+            "content_hash": [f"h{i}" for i in range(n)],
+            "label": None,
+        }
+    )
+    cut = n_train + n_val
+    parts = {"train": frame[:n_train], "validation": frame[n_train:cut], "test": frame[cut:]}
+    for split, part in parts.items():
+        part.reset_index(drop=True).to_parquet(layout.split(split))
+    counts = {s: len(p) for s, p in parts.items()}
+    SplitsManifest(drops=["d"], digests={s: s for s in parts}, version="v", counts=counts, spec_hash="s").save(
+        layout.splits_manifest
+    )
+    BaseModelRecord(path=str(base), kind="local", digest="w", source="x", tokenizer_dir=str(base)).save(
+        layout.base_model
+    )
+    (tmp_path / "dagster").mkdir()
+    return layout
+
+
+def local_resources(tmp_path: Path) -> dict:
+    """The Dagster resources on the real local stores under ``tmp_path`` (state, MLflow on SQLite, Optuna)."""
+    from finetune_pipeline.defs.resources import MlflowTracking, OptunaStorage, StateStore
+
+    return {
+        "state": StateStore(root=str(tmp_path / "state")),
+        "mlflow_tracking": MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"),
+        "optuna": OptunaStorage(),
+    }

@@ -93,49 +93,17 @@ def _dagster_world(tmp_path, tiny_model, extra: str):  # type: ignore[no-untyped
     """Spec 'rd' on the tiny model with 40 rows already split (32/4/4) and the base model recorded; its resources."""
     import json
 
-    import pandas as pd
-
-    from finetune_pipeline.defs.resources import MlflowTracking, StateStore
-    from finetune_pipeline.layout import BaseModelRecord, PipelineLayout, SplitsManifest
     from finetune_pipeline.spec import parse_spec
-    from finetune_pipeline_tests.conftest import chat_row
+    from finetune_pipeline_tests.conftest import chat_row, local_resources, prepared_splits
 
     spec = parse_spec(
         f"name: rd\nsource: {{incoming_dir: in}}\nregistry: {{model_name: m}}\n"
         f"model: {{base: {tiny_model}, lora: {{r: 4, alpha: 8, dropout: 0.0}}}}\n{extra}",
         path=tmp_path / "rd.yaml",
     )
-    layout = PipelineLayout(tmp_path / "state", "rd")
-    layout.splits.mkdir(parents=True)
-    frame = pd.DataFrame(
-        {
-            "row_id": [f"r{i}" for i in range(40)],
-            "messages": [json.dumps(chat_row(i)["messages"]) for i in range(40)],
-            "drop": "d",
-            "source_line": range(40),
-            "content_hash": [f"h{i}" for i in range(40)],
-            "label": None,
-        }
-    )
-    parts = {"train": frame[:32], "validation": frame[32:36], "test": frame[36:]}
-    for name, part in parts.items():
-        part.reset_index(drop=True).to_parquet(layout.split(name))
-    SplitsManifest(
-        drops=["d"],
-        digests={s: s for s in parts},
-        version="v",
-        counts={s: len(p) for s, p in parts.items()},
-        spec_hash="s",
-    ).save(layout.splits_manifest)
-    BaseModelRecord(path=str(tiny_model), kind="local", digest="w", source="x", tokenizer_dir=str(tiny_model)).save(
-        layout.base_model
-    )
-    resources = {
-        "state": StateStore(root=str(tmp_path / "state")),
-        "mlflow_tracking": MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"),
-    }
-    (tmp_path / "dagster").mkdir()
-    return spec, layout, resources
+    messages = [json.dumps(chat_row(i)["messages"]) for i in range(40)]
+    layout = prepared_splits(tmp_path, "rd", tiny_model, messages, 32, 4)
+    return spec, layout, local_resources(tmp_path)
 
 
 def test_unmet_spec_minimums_stop_the_adapter_in_a_dagster_run(tmp_path, tiny_model) -> None:  # type: ignore[no-untyped-def]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune_pipeline_tests.conftest import chat_row, make_spec
+from finetune_pipeline_tests.conftest import chat_row, local_resources, make_spec, prepared_splits
 
 ROWS = [json.dumps(chat_row(i)["messages"]) for i in range(40)]
 LORA = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
@@ -117,11 +117,8 @@ def test_the_sweep_asset_runs_parallel_trials_through_dagster_pipes(tmp_path: Pa
     """Two trial children at once, each through its own Pipes session in the same step: their log lines reach the
     Dagster run and the study gets both trials."""
     import dagster as dg
-    import pandas as pd
 
-    from finetune_pipeline.defs.resources import MlflowTracking, OptunaStorage, StateStore
     from finetune_pipeline.defs.training_assets import sweep_asset
-    from finetune_pipeline.layout import BaseModelRecord, PipelineLayout, SplitsManifest
     from finetune_pipeline.spec import parse_spec
 
     spec = parse_spec(
@@ -133,31 +130,8 @@ def test_the_sweep_asset_runs_parallel_trials_through_dagster_pipes(tmp_path: Pa
         "search_space: {learning_rate: {type: categorical, choices: [0.005, 0.002]}}}\n",
         path=tmp_path / "sw.yaml",
     )
-    layout = PipelineLayout(tmp_path / "state", "sw")
-    layout.splits.mkdir(parents=True)
-    frame = pd.DataFrame(
-        {
-            "row_id": [f"r{i}" for i in range(40)],
-            "messages": ROWS,
-            "drop": "d",
-            "source_line": range(40),
-            "content_hash": [f"h{i}" for i in range(40)],
-        }
-    )
-    for name, part in {"train": frame[:32], "validation": frame[32:], "test": frame[32:]}.items():
-        part.reset_index(drop=True).to_parquet(layout.split(name))
-    SplitsManifest(
-        drops=["d"], digests={"train": "a", "validation": "b", "test": "c"}, version="v", counts={}, spec_hash="s"
-    ).save(layout.splits_manifest)
-    BaseModelRecord(path=str(tiny_model), kind="local", digest="w", source="x", tokenizer_dir=str(tiny_model)).save(
-        layout.base_model
-    )
-    resources = {
-        "state": StateStore(root=str(tmp_path / "state")),
-        "mlflow_tracking": MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"),
-        "optuna": OptunaStorage(),
-    }
-    (tmp_path / "dagster").mkdir()
+    prepared_splits(tmp_path, "sw", tiny_model, ROWS, 32, 4)
+    resources = local_resources(tmp_path)
     with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
         res = dg.materialize([sweep_asset(spec)], instance=instance, resources=resources)
         assert res.success

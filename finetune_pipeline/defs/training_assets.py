@@ -49,7 +49,7 @@ def base_model_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
 def sweep_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
     @dg.asset(
         key=key(spec, "hyperparameter_sweep"),
-        deps=[key(spec, "dataset_splits"), key(spec, "base_model")],
+        deps=[key(spec, "dataset_splits"), key(spec, "base_model"), key(spec, "data_readiness")],  # gates first
         group_name=spec.name,
         code_version=code_version(SWEEP),
         kinds={"optuna", "mlflow"},
