@@ -412,3 +412,18 @@ def test_measured_speeds_are_kept_per_machine(tmp_path: Path) -> None:
     assert len(files) == 1 and json.loads(files[0].read_text()) == first
     files[0].write_text(json.dumps({"float32": 1.0}))  # a later process reads the stored figure, not a new timing
     assert hardware.dtype_speeds("cpu", ("float32",), cache_dir=tmp_path) == {"float32": 1.0}
+
+
+def test_memory_estimate_projects_only_the_loss_positions(tiny_model: Path) -> None:
+    """The lean loss projects only the positions that carry loss onto the vocabulary: the logits term scales with
+    that share (three float32 copies: logits, softmax, gradient)."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune_pipeline.training.cost import estimate_memory
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    t = TRAIN.model_copy(update={"per_device_train_batch_size": 4})
+    full, lean = (estimate_memory(model, ModelSpec(), t, "float32", "cuda", 100.0, s) for s in (1.0, 0.25))
+    vocab = model.config.vocab_size
+    assert full["activations_mb"] - lean["activations_mb"] == pytest.approx(4 * 100 * 0.75 * vocab * 12 / 2**20)
+    assert full["weights_mb"] == lean["weights_mb"] and "runtime_mb" not in full  # runtime is measured on CPU only

@@ -223,7 +223,9 @@ def setup(req: TrainRequest, log: LogFn = print, extra_callbacks: list[Any] | No
     log(f"end-of-turn check on the tokenised training rows: {report.message()}")
     if not report.passed:
         raise contract.EndOfTurnContractError(f"training stopped before its first step: {report.message()}")
-    memory = cost.estimate_memory(trainer.model, req.model, t, dtype, device, _batch_tokens(trainer.train_dataset, t))
+    memory = cost.estimate_memory(
+        trainer.model, req.model, t, dtype, device, _batch_tokens(trainer.train_dataset, t), _loss_share(trainer)
+    )
     log(
         f"estimated peak memory {memory['total_mb']:.0f} MB ("
         + ", ".join(f"{k.removesuffix('_mb')} {v:.0f}" for k, v in memory.items() if k != "total_mb")
@@ -397,6 +399,19 @@ def _batch_tokens(ds: Any, t: TrainingSpec) -> float:
     if t.packing or t.padding_free:
         return sum(sorted(lengths)[-t.per_device_train_batch_size :]) / t.per_device_train_batch_size
     return float(max(lengths))
+
+
+def _loss_share(trainer: Any) -> float:
+    """Share of the training tokens that carry loss (the lean loss projects only those onto the vocabulary); 1.0 when
+    the trainer computes the full logits."""
+    from finetune_pipeline.training.trainer import lean_ok
+
+    ds = trainer.train_dataset
+    if "labels" not in ds.column_names or not lean_ok(trainer):
+        return 1.0
+    labels = ds["labels"]
+    total = sum(len(r) for r in labels)
+    return sum(sum(1 for x in r if x != -100) for r in labels) / total if total else 1.0
 
 
 def _model(req: TrainRequest, dtype: str) -> Any:
