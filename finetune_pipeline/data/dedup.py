@@ -275,6 +275,22 @@ def _with_sentinels(sides: Shingles, stats: SideStats) -> Shingles:
     return Shingles(hashes, offsets)
 
 
+def _bucket_pairs(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (earlier, later) of entries with equal keys: each entry against the first few earlier entries of its
+    bucket (``MAX_PAIRS_PER_ROW``; buckets of many copies stay cheap), earliest first."""
+    order = np.argsort(key, kind="stable")  # equal keys stay in ascending position
+    ks = key[order]
+    new_group = np.concatenate([[True], ks[1:] != ks[:-1]])
+    start = np.maximum.accumulate(np.where(new_group, np.arange(len(ks)), 0))
+    rank = np.arange(len(ks)) - start
+    earlier, later = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for m in range(min(MAX_PAIRS_PER_ROW, int(rank.max(initial=0)))):
+        sel = rank > m
+        earlier.append(order[start[sel] + m])
+        later.append(order[sel])
+    return np.concatenate(earlier), np.concatenate(later)
+
+
 def _candidate_pairs(
     sh: Shingles, rows: np.ndarray, threshold: float, num_perm: int, sizes: np.ndarray, shared: np.ndarray
 ) -> np.ndarray:
@@ -314,19 +330,11 @@ def _candidate_pairs(
     mixers = (np.arange(1, r + 1, dtype=np.uint64) * _M1) | np.uint64(1)
     found = []
     for b in range(bands):
-        key = (sig[:, b * r : (b + 1) * r] * mixers).sum(axis=1)
-        order = np.argsort(key, kind="stable")  # equal keys stay in ascending row position
-        ks = key[order]
-        new_group = np.concatenate([[True], ks[1:] != ks[:-1]])
-        start = np.maximum.accumulate(np.where(new_group, np.arange(len(ks)), 0))
-        rank = np.arange(len(ks)) - start
-        # each row against the first few earlier rows of its bucket (buckets of many copies stay cheap)
-        for m in range(min(MAX_PAIRS_PER_ROW, int(rank.max(initial=0)))):
-            sel = rank > m
-            found.append(order[start[sel] + m] * len(flagged) + order[sel])
-    if not found:
-        return none
+        earlier, later = _bucket_pairs((sig[:, b * r : (b + 1) * r] * mixers).sum(axis=1))
+        found.append(earlier * len(flagged) + later)
     codes = np.unique(np.concatenate(found))
+    if len(codes) == 0:
+        return none
     pos = rows[flagged]
     return np.stack([pos[codes // len(flagged)], pos[codes % len(flagged)]], axis=1)
 
@@ -368,17 +376,9 @@ def _same_prompt_pairs(distinct: Shingles, informative: np.ndarray) -> np.ndarra
     repeated = pd.Series(key).duplicated(keep=False).to_numpy()  # a hash table: the usual case sorts nothing
     if not repeated.any():
         return none
-    rows, key = rows[repeated], key[repeated]
-    order = np.argsort(key, kind="stable")  # equal keys stay in ascending row position
-    ks = key[order]
-    new_group = np.concatenate([[True], ks[1:] != ks[:-1]])
-    start = np.maximum.accumulate(np.where(new_group, np.arange(len(ks)), 0))
-    rank = np.arange(len(ks)) - start
-    found = []
-    for m in range(min(MAX_PAIRS_PER_ROW, int(rank.max()))):  # each row against the first few earlier rows
-        sel = rank > m
-        found.append(np.stack([rows[order[start[sel] + m]], rows[order[sel]]], axis=1))
-    return np.concatenate(found)
+    rows = rows[repeated]
+    earlier, later = _bucket_pairs(key[repeated])
+    return np.stack([rows[earlier], rows[later]], axis=1)
 
 
 def near_duplicates(
