@@ -310,12 +310,7 @@ def token_stats_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
                 dg.AssetCheckResult(
                     check_name="end_of_turn_contract",
                     passed=eot.passed,
-                    metadata={k: v for k, v in eot.metadata.items() if k != "example"}
-                    | (
-                        {"example": dg.MetadataValue.json(eot.metadata["example"])}
-                        if eot.metadata.get("example")
-                        else {}
-                    ),
+                    metadata=eot.metadata,
                     description=None if eot.passed else eot.message,
                 ),
             ],
