@@ -308,7 +308,11 @@ def finalize(session: Session, fitted: Fitted) -> TrainResult:
 
     req, trainer, tok, log = session.req, session.trainer, session.tok, session.log
     init = session.init
-    changed = sum(int(not torch.equal(init[n], p.detach())) for n, p in trainer.model.named_parameters() if n in init)
+    changed = sum(  # the trainer may have moved the model (to CUDA) since the snapshot
+        int(not torch.equal(init[n], p.detach().to(init[n].device)))
+        for n, p in trainer.model.named_parameters()
+        if n in init
+    )
     world_zero = trainer.is_world_process_zero()
     eos_rate, eos_samples = math.nan, []
     if req.measure_cost and world_zero and req.runtime.eos_check_samples and req.eval_messages:
