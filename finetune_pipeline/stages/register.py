@@ -180,7 +180,7 @@ def _metric_links(spec: LoadedSpec, ev: EvalRecord, adapter: AdapterRecord) -> l
     scores = ("tuned.", "tuned_vs_base.", "tuned_vs_champion.")
     return [
         MetricLink(adapter.train_run_id, ("train_loss",), on("train")),
-        MetricLink(adapter.train_run_id, ("eval_loss_curve",), on("validation")),
+        MetricLink(adapter.train_run_id, ("eval_loss",), on("validation")),  # final value and the curve
         MetricLink(ev.run_id, scores, split_dataset(spec, "test", ev.test_digest)),
     ]
 

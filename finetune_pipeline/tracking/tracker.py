@@ -3,7 +3,7 @@
 It holds its own ``MlflowClient(tracking_uri, registry_uri)`` built from the pipeline's ``TrackingTarget`` (the
 Dagster resource makes it), so what it reads and writes never depends on MLflow's process-wide URI, the
 environment's MLFLOW_TRACKING_URI or what ran before in the process. Runs are opened through the client too
-(``Tracker.run``), not through ``mlflow.start_run``'s active-run stack.
+(``Tracker.run``), not through the fluent API's active-run stack.
 
 The stages call domain-level methods: open a run and log to it (``run`` -> ``RunLog``), a sweep trial
 (``log_trial``), register a version (``find_version`` / ``register_version``), read the champion, move aliases,
