@@ -120,7 +120,7 @@ def test_registered_model_alone_in_a_fresh_process_registers_once_in_the_pipelin
     assert world["outputs"] == ["REGISTERED True 1", "REGISTERED True 1"]
     assert world["n_materialized"] == 2  # both processes materialised it ...
     client = _client(world["uri"])
-    assert [v.version for v in client.search_model_versions("name = 'trk-model'")] == ["1"]  # ... one version
+    assert [str(v.version) for v in client.search_model_versions("name = 'trk-model'")] == ["1"]  # ... one version
     exp = client.get_experiment_by_name("trk")
     runs = [r.info.run_name for r in client.search_runs([exp.experiment_id])]
     assert runs.count("register") == 1, runs  # the second found the version: no run, no model
