@@ -208,3 +208,48 @@ def test_lineage_command_reads_new_and_old_versions(world: dict) -> None:
     assert "logged_model" not in prev and prev["source_run"]["name"] == "register"
     assert prev["runs"]["train_run_id"]["run_id"] == world["train_run"]
     assert {d["digest"] for d in prev["runs"]["train_run_id"]["datasets"]} == {"train", "validation"}
+
+
+def test_runs_open_and_close_through_the_trackers_own_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs, nested trials, dataset inputs and statuses through the Tracker alone, with MLflow's environment
+    pointing at another store: everything lands in the Tracker's store, nothing in the other one."""
+    import pandas as pd
+
+    from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
+    from finetune_pipeline.tracking.tracker import Tracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    tracker = Tracker(TrackingTarget(f"sqlite:///{tmp_path / 'own.db'}", str(tmp_path / "art")), "p")
+    lin = Lineage("p", "p/hyperparameter_sweep", "dagster-run", None, "cv", "sh")
+    with tracker.run("sweep", lin) as sweep:
+        sweep.log_dataset(pd.DataFrame({"row_id": ["a", "b"]}), "p/dataset_splits/train", "d1", "x.parquet", "training")
+        for n in range(2):
+            tracker.log_trial(
+                sweep.run_id,
+                lin,
+                n,
+                {"lr": 0.1 * (n + 1)},
+                "COMPLETE",
+                {"eval_loss": 1.0 - n, "x": float("nan")},
+                [(1, 2.0), (2, 1.5)],
+                "study",
+            )
+        sweep.log_metrics({"best_eval_loss": 0.0, "none": None})
+    with pytest.raises(RuntimeError), tracker.run("train", lin):
+        raise RuntimeError("training crashed")
+    client = tracker.client
+    runs = {r.info.run_name: r for r in client.search_runs([tracker.experiment_id])}
+    assert set(runs) == {"sweep", "trial-0", "trial-1", "train"}
+    assert runs["sweep"].info.status == "FINISHED" and runs["train"].info.status == "FAILED"
+    for n in range(2):
+        trial = runs[f"trial-{n}"]
+        assert trial.data.tags["mlflow.parentRunId"] == runs["sweep"].info.run_id
+        assert trial.data.tags["dagster.run_id"] == "dagster-run" and trial.data.tags["optuna.trial"] == str(n)
+        assert set(trial.data.metrics) == {"eval_loss", "train_loss"}  # NaN is "not measured"
+    assert [m.value for m in client.get_metric_history(runs["trial-0"].info.run_id, "train_loss")] == [2.0, 1.5]
+    inputs = runs["sweep"].inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.digest, i.tags[0].value) for i in inputs] == [
+        ("p/dataset_splits/train", "d1", "training")
+    ]
+    assert set(runs["sweep"].data.metrics) == {"best_eval_loss"}
+    assert not (tmp_path / "elsewhere.db").exists()
