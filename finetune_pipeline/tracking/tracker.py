@@ -147,11 +147,9 @@ class Tracker:
         r = self.client.create_run(self.experiment_id, run_name=name, tags=resolve_tags(all_tags))
         try:
             yield RunLog(self.client, r.info.run_id, self.experiment_id)
-        except KeyboardInterrupt:
-            self.client.set_terminated(r.info.run_id, "KILLED")
-            raise
-        except BaseException:
-            self.client.set_terminated(r.info.run_id, "FAILED")
+        except BaseException as exc:
+            with contextlib.suppress(Exception):  # the block's error is the one to see
+                self.client.set_terminated(r.info.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
         self.client.set_terminated(r.info.run_id, "FINISHED")
 
@@ -191,7 +189,8 @@ class Tracker:
         """Log the served model as an MLflow 3 LoggedModel produced by ``source_run_id`` (the training run, which
         holds its dataset inputs), with ``params``, the ``metrics`` the runs measured (each linked to its dataset and
         digest), recorded as an input of the runs in ``input_of``; then register it as a new version of
-        ``model_name`` carrying ``version_tags``. A failure after the LoggedModel exists marks it FAILED."""
+        ``model_name`` carrying ``version_tags``. A failure before the version exists marks the LoggedModel FAILED
+        (a retry makes a new one: the version is what ``find_version`` looks for)."""
         from mlflow.entities import LoggedModelInput
 
         model = registry.create_logged_model(
@@ -202,10 +201,11 @@ class Tracker:
             registry.link_metrics(self.client, model.model_id, metrics)
             for run_id in dict.fromkeys(r for r in input_of if r):
                 self.client.log_inputs(run_id, models=[LoggedModelInput(model.model_id)])
-            return registry.create_version(self.client, self.target.tracking_uri, model_name, model, version_tags)
         except BaseException:
-            self.client.finalize_logged_model(model.model_id, "FAILED")
+            with contextlib.suppress(Exception):  # the first error is the one to see
+                self.client.finalize_logged_model(model.model_id, "FAILED")
             raise
+        return registry.create_version(self.client, self.target.tracking_uri, model_name, model, version_tags)
 
     def champion(self, model_name: str) -> Champion | None:
         """The version holding ``champion`` (None when there is none; an unreadable registry raises)."""
