@@ -156,6 +156,18 @@ def test_version_comes_from_a_logged_model_with_its_run_datasets_and_scores(worl
     by_key = {m.key: m.value for m in model.metrics}
     assert by_key["tuned.perplexity"] == eval_run.data.metrics["tuned.perplexity"]
     assert model.model_id in {i.model_id for i in eval_run.inputs.model_inputs}
+    # files logged under the version later (a release bundle) land in the LoggedModel's artifacts
+    from finetune_pipeline.tracking.mlflow_store import TrackingTarget
+    from finetune_pipeline.tracking.tracker import Tracker
+
+    bundle = world["tmp"] / "bundle"
+    bundle.mkdir(exist_ok=True)
+    (bundle / "notes.txt").write_text("release notes")
+    tracker = Tracker(TrackingTarget(world["uri"], None), "trk")
+    assert tracker.logged_model_id("trk-model", "1") == model.model_id
+    where = tracker.log_version_artifacts("trk-model", "1", bundle, "release")
+    assert where == f"models:/{model.model_id}/release"
+    assert Path(model.artifact_location.removeprefix("file://"), "release", "notes.txt").read_text() == "release notes"
     # linking added no point to the runs' own curves
     history = client.get_metric_history(mv.run_id, "train_loss")
     assert [h.step for h in history] == [1, 2, 3, 4]

@@ -241,6 +241,23 @@ class Tracker:
     def record_reload_diff(self, model_name: str, version: str, diff: float) -> None:
         registry.record_reload_diff(self.client, model_name, version, diff)
 
+    def logged_model_id(self, model_name: str, version: str) -> str | None:
+        """The LoggedModel a version was registered from (None for versions registered before LoggedModels)."""
+        source = self.client.get_model_version(model_name, version).source or ""
+        return source.removeprefix("models:/") if source.startswith("models:/m-") else None
+
+    def log_version_artifacts(self, model_name: str, version: str, folder: Path, artifact_path: str) -> str:
+        """Files that belong to a version (a release bundle, a report) under ``artifact_path``: in its LoggedModel's
+        artifacts (they then travel with the version's download), or, for an older version, in its source run.
+        Returns where they went (``models:/<model_id>/<path>`` or ``runs:/<run_id>/<path>``)."""
+        model_id = self.logged_model_id(model_name, version)
+        if model_id is not None:
+            self.client.log_model_artifacts(model_id, str(folder), artifact_path)
+            return f"models:/{model_id}/{artifact_path}"
+        run_id = self.client.get_model_version(model_name, version).run_id
+        self.client.log_artifacts(run_id, str(folder), artifact_path)
+        return f"runs:/{run_id}/{artifact_path}"
+
     def load_version(self, model_name: str, version: str) -> tuple[Any, Any]:
         """(model, tokenizer) loaded back from the registry's copy of a version's weights."""
         return registry.load_registered(self.client, self.target.tracking_uri, model_name, version)
