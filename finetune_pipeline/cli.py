@@ -159,28 +159,25 @@ def _summary(pipeline: str) -> None:
             print(f"promotion: {md['promotion_reason'].value}")
 
 
-def lineage(model_uri: str) -> None:
-    from finetune_pipeline.tracking.mlflow_store import configure, trace
+def _tracker():  # type: ignore[no-untyped-def]
+    """A registry-only Tracker on the state root's MLflow store (MLFLOW_TRACKING_URI or the PostgreSQL profile's
+    database when set, as for `mlflow ui`)."""
+    from finetune_pipeline.tracking.mlflow_store import TrackingTarget
+    from finetune_pipeline.tracking.tracker import Tracker
 
     env = _apply_env()
-    configure(env["FINETUNE_MLFLOW_BACKEND_URI"], None)
-    print(json.dumps(trace(model_uri), indent=2))
+    return Tracker(TrackingTarget(env["FINETUNE_MLFLOW_BACKEND_URI"], None))
 
 
-def _registry() -> None:
-    from finetune_pipeline.tracking.mlflow_store import configure
-
-    _apply_env()
-    layout = StateLayout(state_root())
-    configure(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{layout.mlflow_db}", layout.mlflow_artifacts)
+def lineage(model_uri: str) -> None:
+    print(json.dumps(_tracker().trace(model_uri), indent=2))
 
 
 def promote(name: str, version: str, reason: str) -> None:
     from finetune_pipeline.stages.register import AliasRefused, promote_version
 
-    _registry()
     try:
-        prev = promote_version(name, version, reason)
+        prev = promote_version(_tracker(), name, version, reason)
     except AliasRefused as exc:
         raise SystemExit(str(exc)) from exc
     print(f"{name}: champion v{prev or '-'} -> v{version} ({reason})")
@@ -190,9 +187,8 @@ def rollback(name: str, reason: str) -> None:
     from finetune_pipeline.stages.register import AliasRefused
     from finetune_pipeline.stages.register import rollback as do_rollback
 
-    _registry()
     try:
-        old, new = do_rollback(name, reason)
+        old, new = do_rollback(_tracker(), name, reason)
     except AliasRefused as exc:
         raise SystemExit(str(exc)) from exc
     print(f"{name}: champion v{old} -> v{new} (rollback: {reason})")

@@ -50,7 +50,7 @@ def make_world(root: Path, tiny_model: Path, spec: str = SPEC) -> dict:
         (incoming / f"drop{i}.jsonl").write_text("".join(lines[:160]))
     (root / "specs").mkdir()
     (root / "specs" / "mini.yaml").write_text(spec.format(incoming=incoming, model=tiny_model))
-    # MLflow's own variables are not inherited: mlflow.set_tracking_uri in an earlier in-process test exports one
+    # MLflow's own variables are not inherited: the CLI must find the state root's store by itself
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
         "FINETUNE_HOME": str(root / "state"),
@@ -123,26 +123,12 @@ def mlflow_client(world: dict):  # type: ignore[no-untyped-def]
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-@contextlib.contextmanager
-def mlflow_at(world: dict) -> Iterator[None]:
-    """MLflow's global URIs pointed at the world's store for a block, then put back (for mlflow.* loaders)."""
-    import mlflow
+def tracker_of(world: dict):  # type: ignore[no-untyped-def]
+    """The world's pipeline Tracker (its own client on the state root's store)."""
+    from finetune_pipeline.tracking.mlflow_store import TrackingTarget
+    from finetune_pipeline.tracking.tracker import Tracker
 
-    uri = f"sqlite:///{world['root'] / 'state' / 'mlflow' / 'mlflow.db'}"
-    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before[0])
-        mlflow.set_registry_uri(before[1])
-        for k, v in saved.items():  # set_tracking_uri also exports the URI to the environment: put it back
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return Tracker(TrackingTarget(f"sqlite:///{world['root'] / 'state' / 'mlflow' / 'mlflow.db'}", None), "mini")
 
 
 def latest(instance: dg.DagsterInstance, name: str) -> dict:
@@ -228,6 +214,8 @@ def test_pipeline_trains_evaluates_and_registers(trained: dict, env: dict) -> No
     assert train_run.data.tags["dagster.run_id"] == adapter["_run"]
     assert train_run.data.tags["dagster.asset_key"] == "mini/adapter"
     assert train_run.data.tags["finetune.spec_hash"]
+    # MLflow 3: the version comes from a LoggedModel whose source run is the training run (with its datasets)
+    assert mv.run_id == t["finetune.train_run_id"] and mv.source.startswith("models:/m-")
     inputs = {d.dataset.name: d.dataset.digest for d in train_run.inputs.dataset_inputs}
     assert inputs == {
         "mini/dataset_splits/train": splits["train_digest"],
@@ -235,10 +223,7 @@ def test_pipeline_trains_evaluates_and_registers(trained: dict, env: dict) -> No
     }
 
     # the registered model reloads and gives the trained adapter's logits
-    from finetune_pipeline.tracking.mlflow_store import load_registered
-
-    with mlflow_at(env):
-        served, _ = load_registered("mini-model", str(mv.version))
+    served, _ = tracker_of(env).load_version("mini-model", str(mv.version))
     tok = AutoTokenizer.from_pretrained(adapter["path"])
     diff = max_logit_diff(tuned_model(str(env["model"]), spec.model, adapter["path"]), served, tok)
     assert diff < 1e-4
@@ -249,6 +234,11 @@ def test_pipeline_trains_evaluates_and_registers(trained: dict, env: dict) -> No
     assert chain["runs"]["train_run_id"]["datasets"][0]["digest"] in {
         splits["train_digest"],
         splits["validation_digest"],
+    }
+    assert {d["digest"] for d in chain["logged_model"]["datasets"]} == {
+        splits["train_digest"],
+        splits["validation_digest"],
+        splits["test_digest"],
     }
 
 

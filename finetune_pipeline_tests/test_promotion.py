@@ -11,7 +11,8 @@ import pytest
 
 from finetune_pipeline.layout import AdapterRecord, BaseModelRecord, PipelineLayout, SplitsManifest
 from finetune_pipeline.spec import RuntimeSpec, TrainingSpec, parse_spec
-from finetune_pipeline.tracking import mlflow_store
+from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
+from finetune_pipeline.tracking.tracker import Tracker
 from finetune_pipeline_tests.conftest import chat_row
 
 SPEC = """
@@ -64,10 +65,9 @@ def _world(tmp_path: Path, tiny_model: Path, **kw):  # type: ignore[no-untyped-d
         path=str(tiny_model), kind="local", digest="b", source=str(tiny_model), tokenizer_dir=str(tiny_model)
     ).save(layout.base_model)
     train = _splits(layout, 12, "test-v1")
-    target = mlflow_store.TrackingTarget(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts")
-    mlflow_store.experiment_for(target, "prom")
-    lin = mlflow_store.Lineage("prom", "prom/x", "run-1", None, "c", spec.spec_hash)
-    return spec, layout, train, target, lin
+    tracker = Tracker(TrackingTarget(f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "artifacts")), "prom")
+    lin = Lineage("prom", "prom/x", "run-1", None, "c", spec.spec_hash)
+    return spec, layout, train, tracker, lin
 
 
 def _adapter(layout: PipelineLayout, spec, rows, key: str, lr: float, seed: int = 0, steps: int = 6) -> AdapterRecord:  # type: ignore[no-untyped-def]
@@ -108,13 +108,13 @@ def _record(layout: PipelineLayout, spec, key: str, path: Path) -> AdapterRecord
     return rec
 
 
-def _eval_and_register(layout, spec, key, target, lin, logs=None):  # type: ignore[no-untyped-def]
+def _eval_and_register(layout, spec, key, tracker, lin, logs=None):  # type: ignore[no-untyped-def]
     from finetune_pipeline.stages.evaluate import evaluate_adapter
     from finetune_pipeline.stages.register import register
 
     log = (lambda m: logs.append(m)) if logs is not None else (lambda m: None)
-    out = evaluate_adapter(layout, spec, key, target, lin, log=log)
-    return out, register(layout, spec, out.record.eval_key, target, lin, log=log)
+    out = evaluate_adapter(layout, spec, key, tracker, lin, log=log)
+    return out, register(layout, spec, out.record.eval_key, tracker, lin, log=log)
 
 
 @pytest.fixture(scope="module")
@@ -122,27 +122,27 @@ def champion_world(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path): 
     """A registered champion (v1), trained well enough to beat base on perplexity (shared by this module's
     tests: none of them may move the champion)."""
     tmp_path = tmp_path_factory.mktemp("prom")
-    spec, layout, train, target, lin = _world(tmp_path, tiny_model)
+    spec, layout, train, tracker, lin = _world(tmp_path, tiny_model)
     _adapter(layout, spec, train, "champ", lr=5e-3)
-    out, reg = _eval_and_register(layout, spec, "champ", target, lin)
+    out, reg = _eval_and_register(layout, spec, "champ", tracker, lin)
     assert reg.promoted and reg.reason == "no champion yet" and out.record.report.champion_version is None
-    return spec, layout, train, target, lin, reg
+    return spec, layout, train, tracker, lin, reg
 
 
 def test_champion_copy_is_never_promoted_and_evidence_is_on_the_version(champion_world) -> None:  # type: ignore[no-untyped-def]
     from mlflow import MlflowClient
 
-    spec, layout, train, target, lin, first = champion_world
+    spec, layout, train, tracker, lin, first = champion_world
     copy = layout.adapter("copy")
     shutil.copytree(layout.adapter("champ"), copy)
     _record(layout, spec, "copy", copy)
-    out, reg = _eval_and_register(layout, spec, "copy", target, lin)
+    out, reg = _eval_and_register(layout, spec, "copy", tracker, lin)
     r = out.record.report
     assert r.champion_version == first.version and set(out.record.scores) == {"base", "tuned", "champion"}
     for m, iv in r.vs_champion.items():  # same weights, same rows: every delta is exactly 0
         assert iv.delta == iv.low == iv.high == 0.0, m
     assert not reg.promoted and "champion kept" in reg.reason and reg.champion_version == first.version
-    client = MlflowClient(tracking_uri=target.tracking_uri, registry_uri=target.tracking_uri)
+    client = MlflowClient(tracking_uri=tracker.target.tracking_uri, registry_uri=tracker.target.tracking_uri)
     assert str(client.get_model_version_by_alias("prom-model", "champion").version) == first.version
     mv = client.get_model_version("prom-model", reg.version)
     assert mv.tags["finetune.decision.promoted"] == "false"
@@ -171,11 +171,11 @@ def _damaged(layout: PipelineLayout, spec, key: str, seed: int) -> None:  # type
 def test_a_worse_candidate_is_never_promoted(champion_world, seed: int) -> None:  # type: ignore[no-untyped-def]
     """A damaged adapter against the champion, five damage and bootstrap seeds: never promoted. (learning_rate 0
     is refused by the spec, so the damaged adapter is the deliberately worse model.)"""
-    spec, layout, train, target, lin, first = champion_world
+    spec, layout, train, tracker, lin, first = champion_world
     spec = _spec(Path(spec.path).parent, Path(spec.spec.model.base), seed=seed)
     _damaged(layout, spec, f"damaged-{seed}", seed)
     try:
-        out, reg = _eval_and_register(layout, spec, f"damaged-{seed}", target, lin)
+        out, reg = _eval_and_register(layout, spec, f"damaged-{seed}", tracker, lin)
     except Exception as exc:  # the base gate may refuse it outright: also never promoted
         from finetune_pipeline.stages.register import GateFailed
 
@@ -186,29 +186,29 @@ def test_a_worse_candidate_is_never_promoted(champion_world, seed: int) -> None:
 
 
 def test_a_grown_test_split_rescores_the_champion_before_deciding(champion_world) -> None:  # type: ignore[no-untyped-def]
-    spec, layout, train, target, lin, first = champion_world
+    spec, layout, train, tracker, lin, first = champion_world
     copy = layout.adapter("copy2")
     shutil.copytree(layout.adapter("champ"), copy)
     _record(layout, spec, "copy2", copy)
     logs: list[str] = []
-    before, _ = _eval_and_register(layout, spec, "copy2", target, lin, logs)
+    before, _ = _eval_and_register(layout, spec, "copy2", tracker, lin, logs)
     assert len(before.record.scores["champion"].predictions) == 12
     logs.clear()
     _splits(layout, 16, "test-v2")  # a new drop grew the test split
-    after, reg = _eval_and_register(layout, spec, "copy2", target, lin, logs)
+    after, reg = _eval_and_register(layout, spec, "copy2", tracker, lin, logs)
     assert any(f"champion v{first.version}: generating 16 answers" in m for m in logs)
     assert after.record.test_digest == "test-v2" and after.record.report.n_samples == 16
     assert len(after.record.scores["champion"].predictions) == 16
     assert after.record.report.vs_champion["perplexity"].n == 16 and not reg.promoted
     logs.clear()
-    again, _ = _eval_and_register(layout, spec, "copy2", target, lin, logs)  # nothing changed: all cached
+    again, _ = _eval_and_register(layout, spec, "copy2", tracker, lin, logs)  # nothing changed: all cached
     assert again.reused and not any("generating" in m for m in logs)
     _splits(layout, 12, "test-v1")  # the module's other tests expect the first split
 
 
 def test_the_champion_is_not_rescored_against_itself(champion_world) -> None:  # type: ignore[no-untyped-def]
-    spec, layout, train, target, lin, first = champion_world
+    spec, layout, train, tracker, lin, first = champion_world
     logs: list[str] = []
-    out, reg = _eval_and_register(layout, spec, "champ", target, lin, logs)
+    out, reg = _eval_and_register(layout, spec, "champ", tracker, lin, logs)
     assert out.reused and out.record.report.champion_version is None and not any("generating" in m for m in logs)
     assert reg.version == first.version and reg.promoted and "already the champion" in reg.reason

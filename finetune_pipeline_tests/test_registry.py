@@ -8,7 +8,8 @@ import pytest
 from finetune_pipeline.evaluation.report import EvalRecord, EvalReport
 from finetune_pipeline.layout import AdapterRecord, BaseModelRecord, PipelineLayout
 from finetune_pipeline.spec import RuntimeSpec, TrainingSpec, parse_spec
-from finetune_pipeline.tracking import mlflow_store
+from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
+from finetune_pipeline.tracking.tracker import Tracker
 from finetune_pipeline_tests.conftest import chat_row
 
 SPEC = """
@@ -21,15 +22,15 @@ registry: {{model_name: reg-model, min_improvement_over_base: {gate}}}
 
 
 def _world(tmp_path: Path, tiny_model: Path, gate: float = 0.0):  # type: ignore[no-untyped-def]
-    """A spec, a state root with a base-model record as base_model leaves it, rows, and an MLflow target."""
+    """A spec, a state root with a base-model record as base_model leaves it, rows, and the pipeline's Tracker."""
     spec = parse_spec(SPEC.format(model=tiny_model, gate=gate), path=tmp_path / "reg.yaml")
     layout = PipelineLayout(tmp_path / "state", "reg")
     BaseModelRecord(
         path=str(tiny_model), kind="local", digest="b", source=str(tiny_model), tokenizer_dir=str(tiny_model)
     ).save(layout.base_model)
     rows = [json.dumps(chat_row(i)["messages"]) for i in range(12)]
-    target = mlflow_store.TrackingTarget(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts")
-    return spec, layout, rows, target
+    tracker = Tracker(TrackingTarget(f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "artifacts")), "reg")
+    return spec, layout, rows, tracker
 
 
 def _adapter(layout: PipelineLayout, spec, rows, key: str) -> AdapterRecord:  # type: ignore[no-untyped-def]
@@ -83,14 +84,13 @@ def test_register_round_trips_and_is_idempotent(tiny_model: Path, tmp_path: Path
     """(Promotion against a champion on the same rows: test_promotion.py.)"""
     from finetune_pipeline.stages.register import register
 
-    spec, layout, rows, target = _world(tmp_path, tiny_model)
-    lin = mlflow_store.Lineage("reg", "reg/registered_model", "run-1", None, "c", spec.spec_hash)
+    spec, layout, rows, tracker = _world(tmp_path, tiny_model)
+    lin = Lineage("reg", "reg/registered_model", "run-1", None, "c", spec.spec_hash)
     _adapter(layout, spec, rows, "k1")
-    mlflow_store.experiment_for(target, "reg")
-    first = register(layout, spec, _eval(layout, "e1", "k1", 20.0, 10.0), target, lin, log=lambda m: None)
+    first = register(layout, spec, _eval(layout, "e1", "k1", 20.0, 10.0), tracker, lin, log=lambda m: None)
     assert first.promoted and first.aliases == ["challenger", "champion"] and first.reason == "no champion yet"
     assert first.reload_max_logit_diff < 1e-4  # the registry copy gives the trained logits
-    again = register(layout, spec, "e1", target, lin, log=lambda m: None)
+    again = register(layout, spec, "e1", tracker, lin, log=lambda m: None)
     assert again.version == first.version  # the same adapter is not registered twice
 
 
@@ -99,23 +99,23 @@ def test_failed_gate_registers_nothing(tiny_model: Path, tmp_path: Path) -> None
 
     from finetune_pipeline.stages.register import GateFailed, register
 
-    spec, layout, rows, target = _world(tmp_path, tiny_model, gate=5.0)
-    lin = mlflow_store.Lineage("reg", "reg/registered_model", "run-1", None, "c", spec.spec_hash)
+    spec, layout, rows, tracker = _world(tmp_path, tiny_model, gate=5.0)
+    lin = Lineage("reg", "reg/registered_model", "run-1", None, "c", spec.spec_hash)
     _adapter(layout, spec, rows, "k1")
     with pytest.raises(GateFailed, match="tuned - base 1.0000; the lower bound must be >= 5.0"):
-        register(layout, spec, _eval(layout, "e1", "k1", 11.0, 10.0), target, lin, log=lambda m: None)
-    client = MlflowClient(tracking_uri=target.tracking_uri, registry_uri=target.tracking_uri)
+        register(layout, spec, _eval(layout, "e1", "k1", 11.0, 10.0), tracker, lin, log=lambda m: None)
+    uri = tracker.target.tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     assert client.search_model_versions("name = 'reg-model'") == []
 
 
 def test_only_a_missing_alias_means_no_champion(tmp_path: Path) -> None:
     """A registry that cannot be read must fail the step, never read as "no champion" (which would move it)."""
-    mlflow_store.configure(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "art")
-    mlflow_store.experiment_id("p", tmp_path / "art")
-    assert mlflow_store.champion("no-such-model") is None
+    tracker = Tracker(TrackingTarget(f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "art")), "p")
+    assert tracker.experiment_id and tracker.champion("no-such-model") is None
     (tmp_path / "mlflow.db").write_bytes(b"this is not a database" * 100)
     with pytest.raises(Exception) as exc:
-        mlflow_store.champion("no-such-model")
+        Tracker(tracker.target, "p").champion("no-such-model")
     assert "RESOURCE_DOES_NOT_EXIST" not in str(exc.value)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune_pipeline.tracking import mlflow_store
+from finetune_pipeline.tracking.mlflow_store import RELOAD_TAG
 from finetune_pipeline_tests.test_promotion import _adapter, _eval_and_register, _record, _world
 
 
@@ -34,9 +34,9 @@ def _post(port: int, body: dict, timeout: float = 120) -> object:
 
 
 def test_served_champion_answers_like_the_evaluation(tmp_path: Path, tiny_model: Path) -> None:
-    spec, layout, train, target, lin = _world(tmp_path, tiny_model)
+    spec, layout, train, tracker, lin = _world(tmp_path, tiny_model)
     _adapter(layout, spec, train, "champ", lr=5e-3)
-    out, reg = _eval_and_register(layout, spec, "champ", target, lin)
+    out, reg = _eval_and_register(layout, spec, "champ", tracker, lin)
     assert reg.promoted
     frames = layout.read_split_frames()
     row = json.loads(frames["test"]["messages"][0])
@@ -45,7 +45,7 @@ def test_served_champion_answers_like_the_evaluation(tmp_path: Path, tiny_model:
     port = _free_port()
     env = {
         **os.environ,
-        "MLFLOW_TRACKING_URI": target.tracking_uri,
+        "MLFLOW_TRACKING_URI": tracker.target.tracking_uri,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     cmd = [
@@ -86,31 +86,31 @@ def test_promote_rollback_history_and_unverified_versions(tmp_path: Path, tiny_m
 
     from finetune_pipeline.stages.register import AliasRefused, promote_version, register, rollback
 
-    spec, layout, train, target, lin = _world(tmp_path, tiny_model)
+    spec, layout, train, tracker, lin = _world(tmp_path, tiny_model)
     _adapter(layout, spec, train, "champ", lr=5e-3)
-    _, first = _eval_and_register(layout, spec, "champ", target, lin)
+    _, first = _eval_and_register(layout, spec, "champ", tracker, lin)
     shutil.copytree(layout.adapter("champ"), layout.adapter("copy"))
     _record(layout, spec, "copy", layout.adapter("copy"))
-    out, second = _eval_and_register(layout, spec, "copy", target, lin)
+    out, second = _eval_and_register(layout, spec, "copy", tracker, lin)
     name = spec.spec.registry.model_name
-    client = MlflowClient(tracking_uri=target.tracking_uri, registry_uri=target.tracking_uri)
+    client = MlflowClient(tracking_uri=tracker.target.tracking_uri, registry_uri=tracker.target.tracking_uri)
     assert not second.promoted and second.aliases == ["challenger"]
 
-    prev = promote_version(name, second.version, "ops decision")
+    prev = promote_version(tracker, name, second.version, "ops decision")
     assert prev == first.version
     assert str(client.get_model_version_by_alias(name, "champion").version) == second.version
     assert str(client.get_model_version_by_alias(name, "previous-champion").version) == first.version
-    assert rollback(name, "bad answers in production") == (second.version, first.version)
+    assert rollback(tracker, name, "bad answers in production") == (second.version, first.version)
     assert str(client.get_model_version_by_alias(name, "champion").version) == first.version
-    history = mlflow_store.champion_history(name)
+    history = tracker.champion_history(name)
     assert [h["version"] for h in history] == [first.version, second.version, first.version]
     assert "rollback from v2: bad answers in production" in history[-1]["reason"]
 
     # a version whose registry copy does not reproduce the trained logits loses its aliases and cannot be promoted
-    client.set_model_version_tag(name, second.version, mlflow_store.RELOAD_TAG, "1.0")
-    again = register(layout, spec, out.record.eval_key, target, lin, log=lambda m: None)
+    client.set_model_version_tag(name, second.version, RELOAD_TAG, "1.0")
+    again = register(layout, spec, out.record.eval_key, tracker, lin, log=lambda m: None)
     assert again.aliases == [] and "reload check failed" in again.reason
     aliases = dict(client.get_registered_model(name).aliases)
     assert second.version not in {str(aliases.get(a)) for a in ("challenger", "champion")}
     with pytest.raises(AliasRefused, match="reload_same_logits"):
-        promote_version(name, second.version, "try")
+        promote_version(tracker, name, second.version, "try")

@@ -114,3 +114,18 @@ def test_asset_bodies_are_short_shells(path: Path) -> None:
         if (_decorated(node) and lines > 60) or (inner and lines > 80):
             long.append(f"{node.name}: {lines} lines")
     assert not long, long
+
+
+GLOBAL_MLFLOW = ("set_tracking_uri", "set_registry_uri", "_use_tracking_uri", "mlflow.start_run", "mlflow.log_")
+
+
+@pytest.mark.parametrize("path", sorted(PKG.rglob("*.py")), ids=lambda p: str(p.relative_to(PKG)))
+def test_nothing_uses_mlflows_process_wide_uri(path: Path) -> None:
+    """Tracking goes through a Tracker holding its own MlflowClient: no module sets MLflow's process-wide URIs or
+    logs through the fluent active-run API (which reads them). The one scoped exception, inside MLflow's own SQL
+    registry, lives in tracking/registry.py::_registry_sees."""
+    text = path.read_text()
+    found = [name for name in GLOBAL_MLFLOW if name in text]
+    assert not found, f"{path.name} uses {found}: go through finetune_pipeline.tracking.tracker.Tracker"
+    if path.name != "registry.py":
+        assert "_tracking_uri =" not in text, f"{path.name} assigns MLflow's process-wide tracking URI"

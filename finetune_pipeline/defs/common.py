@@ -11,7 +11,8 @@ import pandas as pd
 
 from finetune_pipeline.keys import code_version
 from finetune_pipeline.spec import LoadedSpec
-from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
+from finetune_pipeline.tracking.mlflow_store import Lineage
+from finetune_pipeline.tracking.tracker import Tracker
 from finetune_pipeline.training.launch import ChildLaunch
 
 
@@ -90,5 +91,5 @@ def png_markdown(png: bytes, alt: str) -> dg.MarkdownMetadataValue:
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
 
 
-def mlflow_link(target: TrackingTarget, experiment_id: str, run_id: str) -> dict[str, Any]:
-    return {"mlflow_run_id": run_id, "mlflow_run": dg.MetadataValue.url(target.run_url(experiment_id, run_id))}
+def mlflow_link(tracker: Tracker, run_id: str) -> dict[str, Any]:
+    return {"mlflow_run_id": run_id, "mlflow_run": dg.MetadataValue.url(tracker.run_url(run_id))}

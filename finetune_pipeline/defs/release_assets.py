@@ -14,7 +14,6 @@ from finetune_pipeline.keys import code_version
 from finetune_pipeline.spec import LoadedSpec
 from finetune_pipeline.stages.evaluate import EvalOutcome, evaluate_adapter
 from finetune_pipeline.stages.register import RELOAD_TOLERANCE, GateFailed, register
-from finetune_pipeline.tracking.mlflow_store import experiment_for
 
 EVALUATE, REGISTER = "finetune_pipeline.stages.evaluate", "finetune_pipeline.stages.register"
 
@@ -49,12 +48,12 @@ def eval_report_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
         context: dg.AssetExecutionContext, state: StateStore, mlflow_tracking: MlflowTracking
     ) -> dg.MaterializeResult:
         """Base, tuned and the current champion on the same test rows, with paired bootstrap intervals."""
-        target = mlflow_tracking.target(state)
+        tracker = mlflow_tracking.tracker(state, spec.name)
         out = evaluate_adapter(
             state.pipeline(spec.name),
             spec,
             latest_version(context, key(spec, "adapter")),
-            target,
+            tracker,
             lineage(context, spec, EVALUATE),
             log=logger(context),
         )
@@ -62,7 +61,7 @@ def eval_report_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
             metadata={
                 **eval_metadata(out),
                 "path": dg.MetadataValue.path(str(state.pipeline(spec.name).eval(out.record.eval_key))),
-                **mlflow_link(target, out.experiment, out.record.run_id),
+                **mlflow_link(tracker, out.record.run_id),
             },
             data_version=dg.DataVersion(out.record.eval_key),
             check_results=[gate_check(out, spec), forgetting_check(out)],
@@ -168,13 +167,13 @@ def registered_model_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
     def registered_model(
         context: dg.AssetExecutionContext, state: StateStore, mlflow_tracking: MlflowTracking
     ) -> dg.MaterializeResult:
-        target = mlflow_tracking.target(state)
+        tracker = mlflow_tracking.tracker(state, spec.name)
         try:
             reg = register(
                 state.pipeline(spec.name),
                 spec,
                 latest_version(context, key(spec, "eval_report")),
-                target,
+                tracker,
                 lineage(context, spec, REGISTER),
                 log=logger(context),
             )
@@ -197,7 +196,7 @@ def registered_model_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
                 "model_card": dg.MetadataValue.md(reg.model_card or "(no card: the reload check failed)"),
                 "adapter_key": reg.adapter_key,
                 "serve": f"mlflow models serve -m models:/{reg.name}@champion --env-manager local -h 127.0.0.1",
-                **mlflow_link(target, experiment_for(target, spec.name), reg.register_run_id),
+                **mlflow_link(tracker, reg.register_run_id),
             },
             data_version=dg.DataVersion(f"{reg.name}-v{reg.version}"),
             check_results=[

@@ -15,6 +15,7 @@ import dagster as dg
 from finetune_pipeline import paths
 from finetune_pipeline.layout import PipelineLayout, StateLayout
 from finetune_pipeline.tracking.mlflow_store import TrackingTarget
+from finetune_pipeline.tracking.tracker import Tracker
 
 
 class StateStore(dg.ConfigurableResource):
@@ -34,6 +35,7 @@ class MlflowTracking(dg.ConfigurableResource):
     root; empty artifact_root = FINETUNE_ARTIFACT_URI, else a folder under the state root."""
 
     tracking_uri: str = ""
+    registry_uri: str = ""  # empty = the tracking URI
     artifact_root: str = ""
     ui_url: str = "http://127.0.0.1:5000"
 
@@ -46,7 +48,12 @@ class MlflowTracking(dg.ConfigurableResource):
             tracking_uri=self.tracking_uri or default_uri,
             artifact_root=self.artifact_root or paths.artifact_uri() or str(layout.mlflow_artifacts),
             ui_url=self.ui_url,
+            registry_uri=self.registry_uri,
         )
+
+    def tracker(self, state: StateStore, pipeline: str) -> Tracker:
+        """The pipeline's Tracker: its own MlflowClient on this target (MLflow's process-wide URI is never used)."""
+        return Tracker(self.target(state), pipeline)
 
 
 class OptunaStorage(dg.ConfigurableResource):

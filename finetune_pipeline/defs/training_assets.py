@@ -59,12 +59,12 @@ def sweep_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
         context: dg.AssetExecutionContext, state: StateStore, mlflow_tracking: MlflowTracking, optuna: OptunaStorage
     ) -> dg.MaterializeResult:
         """Optuna search over the spec's search space; the best parameters feed the adapter."""
-        target = mlflow_tracking.target(state)
+        tracker = mlflow_tracking.tracker(state, spec.name)
         out = sweep(
             state.pipeline(spec.name),
             spec,
             optuna.uri_for(state),
-            target,
+            tracker,
             lineage(context, spec, SWEEP),
             launch=pipes_launch(context),
             log=logger(context),
@@ -82,7 +82,7 @@ def sweep_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
                 "reused": out.reused,
                 "trial_steps": out.trial_steps,
                 **{name: png_markdown(png, name.replace("_", " ")) for name, png in out.plots.items()},
-                **mlflow_link(target, out.experiment, rec.mlflow_run_id),
+                **mlflow_link(tracker, rec.mlflow_run_id),
             },
             data_version=dg.DataVersion(out.data_version),
         )
@@ -115,17 +115,17 @@ def adapter_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
         context: dg.AssetExecutionContext, state: StateStore, mlflow_tracking: MlflowTracking
     ) -> dg.MaterializeResult:
         """Fine-tuned adapter (LoRA/QLoRA) or full model, trained by trl's SFTTrainer in a child process (Dagster Pipes)."""
-        target = mlflow_tracking.target(state)
+        tracker = mlflow_tracking.tracker(state, spec.name)
         out = train_adapter(
             state.pipeline(spec.name),
             spec,
-            target,
+            tracker,
             lineage(context, spec, *ADAPTER),
             launch=pipes_launch(context),
             log=logger(context),
         )
         meta = adapter_metadata(out, spec)
-        meta.update(mlflow_link(target, out.experiment, out.record.train_run_id))
+        meta.update(mlflow_link(tracker, out.record.train_run_id))
         return dg.MaterializeResult(
             metadata=meta, data_version=dg.DataVersion(out.record.adapter_key), check_results=[eos_check(out, spec)]
         )

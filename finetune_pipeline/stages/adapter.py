@@ -13,8 +13,8 @@ from finetune_pipeline.plots import loss_curve
 from finetune_pipeline.spec import LoadedSpec, PipelineSpec
 from finetune_pipeline.stages.datasets import log_splits
 from finetune_pipeline.stages.sweep import finished_sweep
-from finetune_pipeline.tracking import mlflow_store
-from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
+from finetune_pipeline.tracking.mlflow_store import Lineage
+from finetune_pipeline.tracking.tracker import RunLog, Tracker
 from finetune_pipeline.training.launch import CHILD_MODULE, PID_FILE, ChildLaunch, child_launch
 from finetune_pipeline.training.sft import RESULT_FILE, TrainRequest, TrainResult
 
@@ -51,7 +51,7 @@ def tuned_spec(layout: PipelineLayout, spec: LoadedSpec) -> tuple[PipelineSpec, 
 def train_adapter(
     layout: PipelineLayout,
     spec: LoadedSpec,
-    tracking: TrackingTarget,
+    tracker: Tracker,
     lineage: Lineage,
     launch: Launch,
     log: LogFn = print,
@@ -61,7 +61,7 @@ def train_adapter(
     manifest, base = layout.read_manifest(), layout.read_base()
     tuned, sweep_run = tuned_spec(layout, spec)
     key = keys.adapter_key(manifest, base, tuned, keys.code_version(*CODE))
-    exp = mlflow_store.experiment_for(tracking, spec.name)
+    exp = tracker.experiment_id
     out = layout.adapter(key)
     fingerprint = keys.training_fingerprint(manifest.drops, spec.spec_hash)
     if layout.adapter_record(key).exists():
@@ -71,9 +71,9 @@ def train_adapter(
     work = layout.adapter_work(key)
     work.mkdir(parents=True, exist_ok=True)
     frames = layout.read_split_frames()
-    with mlflow_store.run(exp, "train", lineage, **{"finetune.sweep_run_id": sweep_run}) as run:
-        log_splits(layout, spec, frames, manifest.digests, ["train", "validation"])
-        mlflow_store.log_params({**tuned.searchable_values(), **_logged_settings(tuned)})
+    with tracker.run("train", lineage, **{"finetune.sweep_run_id": sweep_run}) as run:
+        log_splits(run, layout, spec, frames, manifest.digests, ["train", "validation"])
+        run.log_params({**tuned.searchable_values(), **_logged_settings(tuned)})
         req = TrainRequest(
             base_path=base.path,
             model=tuned.model,
@@ -97,7 +97,7 @@ def train_adapter(
         rec = AdapterRecord(
             adapter_key=key,
             path=str(out),
-            train_run_id=run.info.run_id,
+            train_run_id=run.run_id,
             sweep_run_id=sweep_run,
             spec_hash=spec.spec_hash,
             code_version=keys.code_version(*CODE),
@@ -109,16 +109,16 @@ def train_adapter(
             cost=reported,
             reproducibility=result.reproducibility,
         )
-        _record_run(rec, result)
+        _record_run(run, rec, result)
         outcome = AdapterOutcome(rec, result, False, exp, fingerprint)
         png = outcome.loss_png(spec.name)
         if png is not None:
-            mlflow_store.log_png(png, "loss_curve.png")
+            run.log_png(png, "loss_curve.png")
         rec.save(work / layout.adapter_record(key).name)
         for f in (layout.train_request(key), layout.train_request(key).with_name(PID_FILE)):
             f.unlink(missing_ok=True)
         shutil.rmtree(layout.checkpoints(key), ignore_errors=True)
-        mlflow_store.log_artifacts(work, artifact_path="adapter")
+        run.log_artifacts(work, artifact_path="adapter")
     shutil.rmtree(out, ignore_errors=True)
     work.rename(out)
     return outcome
@@ -138,12 +138,12 @@ def _logged_settings(tuned: PipelineSpec) -> dict[str, Any]:
     }
 
 
-def _record_run(rec: AdapterRecord, result: TrainResult) -> None:
+def _record_run(run: RunLog, rec: AdapterRecord, result: TrainResult) -> None:
     """Reproducibility tags, loss curves and the cost figures (as the child reported them) on the training run."""
     from finetune_pipeline.training.repro import flatten
 
-    mlflow_store.set_tags(flatten(rec.reproducibility_record()))
-    mlflow_store.log_series("train_loss", result.loss_history)
-    mlflow_store.log_series("eval_loss_curve", result.eval_history)
+    run.set_tags(flatten(rec.reproducibility_record()))
+    run.log_series("train_loss", result.loss_history)
+    run.log_series("eval_loss_curve", result.eval_history)
     numeric = {k: v for k, v in rec.cost.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    mlflow_store.log_metrics(numeric)
+    run.log_metrics(numeric)

@@ -12,8 +12,8 @@ from finetune_pipeline.evaluation.report import EvalRecord
 from finetune_pipeline.layout import AdapterRecord, PipelineLayout
 from finetune_pipeline.spec import LoadedSpec
 from finetune_pipeline.stages.datasets import log_splits
-from finetune_pipeline.tracking import mlflow_store
-from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
+from finetune_pipeline.tracking.mlflow_store import ADAPTER_TAG, Lineage
+from finetune_pipeline.tracking.tracker import Tracker
 
 LogFn = Callable[[str], None]
 
@@ -36,17 +36,19 @@ def margins(spec: LoadedSpec) -> tuple[dict[str, float], dict[str, float]]:
     return {pm: r.min_improvement_over_base}, {pm: r.promotion_min_delta}
 
 
-def champion_source(layout: PipelineLayout, spec: LoadedSpec, adapter_key: str, test_digest: str, log: LogFn) -> Any:
+def champion_source(
+    layout: PipelineLayout, spec: LoadedSpec, tracker: Tracker, adapter_key: str, test_digest: str, log: LogFn
+) -> Any:
     """The current champion to score on the same rows, or None (no champion, or the champion is this very
     adapter). Loaded from its adapter when that is on this machine (evaluated exactly like a challenger), else
     from the registry's copy of its weights."""
     from finetune_pipeline.evaluation.evaluate import ChampionSource
 
     name = spec.spec.registry.model_name
-    champ = mlflow_store.champion(name)
+    champ = tracker.champion(name)
     if champ is None:
         return None
-    akey = champ.tags.get("finetune.adapter_key", "")
+    akey = champ.tags.get(ADAPTER_TAG, "")
     if akey == adapter_key:
         return None
     cache = layout.champion_outputs(
@@ -63,7 +65,7 @@ def champion_source(layout: PipelineLayout, spec: LoadedSpec, adapter_key: str, 
                 return load_for_eval(rec.path, spec.spec.model, None)
             return load_for_eval(layout.read_base().path, spec.spec.model, rec.path)
         log(f"champion v{champ.version}: loading it from the registry")
-        return mlflow_store.load_registered(name, champ.version)
+        return tracker.load_version(name, champ.version)
 
     return ChampionSource(champ.version, cache, load)
 
@@ -72,7 +74,7 @@ def evaluate_adapter(
     layout: PipelineLayout,
     spec: LoadedSpec,
     adapter_key: str,
-    tracking: TrackingTarget,
+    tracker: Tracker,
     lineage: Lineage,
     log: LogFn = print,
 ) -> EvalOutcome:
@@ -88,9 +90,9 @@ def evaluate_adapter(
     if not layout.adapter_record(adapter_key).exists():
         raise FileNotFoundError(f"adapter {adapter_key} not found: materialize {spec.name}/adapter first")
     adapter = AdapterRecord.load(layout.adapter_record(adapter_key))
-    exp = mlflow_store.experiment_for(tracking, spec.name)
+    exp = tracker.experiment_id
     test_digest = manifest.digests["test"]
-    champion = champion_source(layout, spec, adapter_key, test_digest, log)
+    champion = champion_source(layout, spec, tracker, adapter_key, test_digest, log)
     ref = f"{s.registry.model_name}/{champion.version}" if champion else None
     key = keys.eval_key(adapter_key, test_digest, s.evaluation, ref)
     m_base, m_champ = margins(spec)
@@ -102,8 +104,8 @@ def evaluate_adapter(
         log(f"adapter, test data and champion unchanged: reusing eval {key} (MLflow run {rec.run_id})")
         return EvalOutcome(rec, True, exp, render_markdown(report, title), interval_plot(report))
     frames = layout.read_split_frames()
-    with mlflow_store.run(exp, "eval", lineage, **{"finetune.train_run_id": adapter.train_run_id}) as run:
-        log_splits(layout, spec, frames, manifest.digests, ["test"])
+    with tracker.run("eval", lineage, **{"finetune.train_run_id": adapter.train_run_id}) as run:
+        log_splits(run, layout, spec, frames, manifest.digests, ["test"])
         report, scores = evaluate(
             base.path,
             s.model,
@@ -118,17 +120,15 @@ def evaluate_adapter(
             log=log,
         )
         for who in ("base", "tuned", "champion"):
-            mlflow_store.log_metrics({f"{who}.{m}": v for m, v in (getattr(report, who) or {}).items()})
+            run.log_metrics({f"{who}.{m}": v for m, v in (getattr(report, who) or {}).items()})
         for who, ivs in (("tuned_vs_base", report.vs_base), ("tuned_vs_champion", report.vs_champion)):
             for m, iv in ivs.items():
-                mlflow_store.log_metrics(
-                    {f"{who}.{m}.delta": iv.delta, f"{who}.{m}.low": iv.low, f"{who}.{m}.high": iv.high}
-                )
+                run.log_metrics({f"{who}.{m}.delta": iv.delta, f"{who}.{m}.low": iv.low, f"{who}.{m}.high": iv.high})
         md = render_markdown(report, title)
         rec = EvalRecord(
             eval_key=key,
             adapter_key=adapter_key,
-            run_id=run.info.run_id,
+            run_id=run.run_id,
             test_digest=test_digest,
             report=report,
             scores=scores,
@@ -136,12 +136,12 @@ def evaluate_adapter(
         layout.eval_markdown(key).parent.mkdir(parents=True, exist_ok=True)
         layout.eval_markdown(key).write_text(md)
         rec.save(layout.eval_record(key))
-        mlflow_store.log_artifact(layout.eval_markdown(key))
-        mlflow_store.log_text(_html(md, title), "report.html")
-        mlflow_store.log_artifact(layout.eval_record(key))
+        run.log_artifact(layout.eval_markdown(key))
+        run.log_text(_html(md, title), "report.html")
+        run.log_artifact(layout.eval_record(key))
         png = interval_plot(report)
         if png:
-            mlflow_store.log_png(png, "intervals.png")
+            run.log_png(png, "intervals.png")
     return EvalOutcome(rec, False, exp, md, png)
 
 

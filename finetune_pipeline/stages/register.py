@@ -3,16 +3,22 @@ paired evidence of the evaluation and move aliases."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from finetune_pipeline.evaluation.report import EvalRecord, with_intervals
 from finetune_pipeline.layout import AdapterRecord, PipelineLayout, Registration
 from finetune_pipeline.spec import LoadedSpec
+from finetune_pipeline.stages.datasets import split_dataset
 from finetune_pipeline.stages.evaluate import margins
-from finetune_pipeline.tracking import mlflow_store
-from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
+from finetune_pipeline.tracking.mlflow_store import ADAPTER_TAG, Lineage
+from finetune_pipeline.tracking.registry import MetricLink, ServedModel
+from finetune_pipeline.tracking.tracker import Tracker
 
 LogFn = Callable[[str], None]
 RELOAD_TOLERANCE = 1e-3
@@ -37,7 +43,7 @@ def register(
     layout: PipelineLayout,
     spec: LoadedSpec,
     eval_key: str,
-    tracking: TrackingTarget,
+    tracker: Tracker,
     lineage: Lineage,
     log: LogFn = print,
 ) -> Registration:
@@ -55,8 +61,8 @@ def register(
             f"the lower bound must be >= {gate}): the model is not registered"
         )
     adapter = AdapterRecord.load(layout.adapter_record(ev.adapter_key))
-    name, version, register_run = _register_once(layout, spec, ev, adapter, tracking, lineage, log)
-    diff = _reload_diff(layout, spec, adapter, name, version)
+    name, version, register_run = _register_once(layout, spec, ev, adapter, tracker, lineage, log)
+    diff = _reload_diff(layout, spec, tracker, adapter, name, version)
     log(f"{name} v{version} reloaded from the registry: max |logit difference| vs trained = {diff:.2e}")
     primary, score = report.primary_metric, report.tuned[report.primary_metric]
     reg = Registration(
@@ -76,9 +82,9 @@ def register(
         primary_metric=primary,
     )
     if diff < RELOAD_TOLERANCE:
-        reg = _promote(reg, spec, ev, adapter)
+        reg = _promote(reg, spec, tracker, ev, adapter)
     else:
-        mlflow_store.clear_aliases(name, version)
+        tracker.clear_aliases(name, version)
     reg.save(layout.registration)
     log(f"{name} v{version}: aliases {reg.aliases}; {reg.reason}")
     return reg
@@ -89,29 +95,26 @@ def _register_once(
     spec: LoadedSpec,
     ev: EvalRecord,
     adapter: AdapterRecord,
-    tracking: TrackingTarget,
+    tracker: Tracker,
     lineage: Lineage,
     log: LogFn,
 ) -> tuple[str, str, str]:
-    """(name, version, register run id): an adapter already registered is not registered again."""
+    """(name, version, register run id): an adapter already registered is not registered again. A new version is
+    made from an MLflow 3 LoggedModel whose source run is the training run (with its dataset inputs), carrying
+    the training and evaluation metrics, each linked to the split (name, digest) it was measured on."""
     name = spec.spec.registry.model_name
-    existing = mlflow_store.find_version_by_tag(name, "finetune.adapter_key", adapter.adapter_key)
+    existing = tracker.find_version(name, adapter.adapter_key)
     if existing is not None:
         log(f"adapter {adapter.adapter_key} is already registered as {name} v{existing.version}")
         return name, str(existing.version), existing.tags.get("finetune.register_run_id", "")
-    from finetune_pipeline.models import chat_generation
-    from finetune_pipeline.models.merge import standalone_model
-
-    exp = mlflow_store.experiment_for(tracking, spec.name)
     links = {"finetune.eval_run_id": ev.run_id, "finetune.train_run_id": adapter.train_run_id}
-    with mlflow_store.run(exp, "register", lineage, **links) as run:
-        merged, tok = standalone_model(layout.read_base().path, spec.spec.model, adapter.path)
+    with tracker.run("register", lineage, **links) as run:
         tags = {
-            "finetune.adapter_key": adapter.adapter_key,
+            ADAPTER_TAG: adapter.adapter_key,
             "finetune.train_run_id": adapter.train_run_id,
             "finetune.sweep_run_id": adapter.sweep_run_id,
             "finetune.eval_run_id": ev.run_id,
-            "finetune.register_run_id": run.info.run_id,
+            "finetune.register_run_id": run.run_id,
             "finetune.spec_hash": spec.spec_hash,
             "finetune.splits_version": adapter.splits_version,
             **{f"finetune.dataset_digest.{sp}": d for sp, d in adapter.split_digests.items()},
@@ -120,30 +123,80 @@ def _register_once(
             "finetune.base_weights_digest": adapter.base_weights_digest,
             "dagster.run_id": lineage.dagster_run_id,
         }
-        e = spec.spec.evaluation
-        defaults = {
-            "max_new_tokens": e.max_new_tokens,
-            "temperature": 0.0,
-            "batch_size": e.batch_size,
-            "model_name": name,
-        }
         log("logging the merged chat model (weights, tokenizer with chat template, generation defaults) to MLflow")
-        _, version = mlflow_store.log_and_register(
-            merged, tok, name, tags, _SERVING_CODE, [Path(chat_generation.__file__)], defaults
-        )
-        return name, version, run.info.run_id
+        with _served_model(layout, spec, adapter) as served:
+            new = tracker.register_version(
+                name,
+                served,
+                source_run_id=adapter.train_run_id or run.run_id,
+                params=_model_params(spec, adapter),
+                version_tags=tags,
+                metrics=_metric_links(spec, ev, adapter),
+                input_of=(ev.run_id, run.run_id),
+            )
+        log(f"{name} v{new.version} from LoggedModel {new.model_id} (source run {new.source_run_id})")
+        return name, new.version, run.run_id
 
 
-def _reload_diff(layout: PipelineLayout, spec: LoadedSpec, adapter: AdapterRecord, name: str, version: str) -> float:
+@contextmanager
+def _served_model(layout: PipelineLayout, spec: LoadedSpec, adapter: AdapterRecord) -> Iterator[ServedModel]:
+    """The merged chat model in a temporary folder (weights, tokenizer with its chat template, the generation
+    defaults evaluation used), with the serving code MLflow loads it with."""
+    from finetune_pipeline.models import chat_generation
+    from finetune_pipeline.models.merge import standalone_model
+    from finetune_pipeline.tracking.registry import chat_signature
+
+    e = spec.spec.evaluation
+    merged, tok = standalone_model(layout.read_base().path, spec.spec.model, adapter.path)
+    defaults = {
+        "max_new_tokens": e.max_new_tokens,
+        "temperature": 0.0,
+        "batch_size": e.batch_size,
+        "model_name": spec.spec.registry.model_name,
+    }
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d) / "model"
+        merged.save_pretrained(folder, safe_serialization=True)
+        tok.save_pretrained(folder)
+        (folder / "serving.json").write_text(json.dumps(defaults, indent=2))
+        yield ServedModel(folder, _SERVING_CODE, [Path(chat_generation.__file__)], chat_signature(e.max_new_tokens))
+
+
+def _model_params(spec: LoadedSpec, adapter: AdapterRecord) -> dict[str, Any]:
+    """What the LoggedModel shows as its parameters: the trained-with values and the model settings."""
+    m = spec.spec.model
+    lora = {} if m.method == "full" else {"lora.r": m.lora.r, "lora.alpha": m.lora.alpha}
+    return {**adapter.params, "base_model": m.base, "method": m.method, **lora, "adapter_key": adapter.adapter_key}
+
+
+def _metric_links(spec: LoadedSpec, ev: EvalRecord, adapter: AdapterRecord) -> list[MetricLink]:
+    """Training loss on the train split, validation loss on the validation split (from the training run) and the
+    evaluation scores on the test split (from the eval run)."""
+    d = adapter.split_digests
+
+    def on(split: str) -> Any:
+        return split_dataset(spec, split, d[split]) if split in d else None
+
+    scores = ("tuned.", "tuned_vs_base.", "tuned_vs_champion.")
+    return [
+        MetricLink(adapter.train_run_id, ("train_loss",), on("train")),
+        MetricLink(adapter.train_run_id, ("eval_loss",), on("validation")),  # final value and the curve
+        MetricLink(ev.run_id, scores, split_dataset(spec, "test", ev.test_digest)),
+    ]
+
+
+def _reload_diff(
+    layout: PipelineLayout, spec: LoadedSpec, tracker: Tracker, adapter: AdapterRecord, name: str, version: str
+) -> float:
     """Largest logit difference between the registry copy and the trained model, measured once per version."""
-    diff = mlflow_store.reload_diff(name, version)
+    diff = tracker.reload_diff(name, version)
     if diff is not None:
         return diff
     from finetune_pipeline.models.merge import max_logit_diff, tuned_model
 
-    model, tok = mlflow_store.load_registered(name, version)
+    model, tok = tracker.load_version(name, version)
     diff = max_logit_diff(tuned_model(layout.read_base().path, spec.spec.model, adapter.path), model, tok)
-    mlflow_store.record_reload_diff(name, version, diff)
+    tracker.record_reload_diff(name, version, diff)
     return diff
 
 
@@ -160,23 +213,25 @@ def _facts(spec: LoadedSpec, adapter: AdapterRecord) -> dict[str, str]:
     }
 
 
-def _promote(reg: Registration, spec: LoadedSpec, ev: EvalRecord, adapter: AdapterRecord) -> Registration:
+def _promote(
+    reg: Registration, spec: LoadedSpec, tracker: Tracker, ev: EvalRecord, adapter: AdapterRecord
+) -> Registration:
     """Decide on the paired evidence (same rows as the current champion), store the evidence and the model card
     on the version, then move the aliases."""
     from finetune_pipeline.evaluation.card import evidence_tags, model_card
     from finetune_pipeline.evaluation.promotion import decide
 
     s = spec.spec
-    champ = mlflow_store.champion(reg.name)
+    champ = tracker.champion(reg.name)
     d = decide(
         reg.version, ev.report, champ.version if champ else None, s.registry.promotion_min_delta, s.registry.floors
     )
     tags = evidence_tags(ev, d, s.evaluation.bootstrap_seed, s.evaluation.bootstrap_resamples)
     card = model_card(reg.name, reg.version, ev, d, _facts(spec, adapter), spec.spec.description)
-    mlflow_store.record_evidence(reg.name, reg.version, tags, card)
-    mlflow_store.set_challenger(reg.name, reg.version)
+    tracker.record_evidence(reg.name, reg.version, tags, card)
+    tracker.set_challenger(reg.name, reg.version)
     if d.promote and (champ is None or champ.version != reg.version):
-        mlflow_store.move_champion(reg.name, reg.version, d.reason, datetime.now(UTC).isoformat(timespec="seconds"))
+        tracker.move_champion(reg.name, reg.version, d.reason, datetime.now(UTC).isoformat(timespec="seconds"))
     champion_score = (ev.report.champion or {}).get(reg.primary_metric)
     return reg.model_copy(
         update={
@@ -196,30 +251,32 @@ class AliasRefused(RuntimeError):
     """A manual promote or rollback that would move champion onto an unverified version."""
 
 
-def promote_version(name: str, version: str, reason: str, force_unverified: bool = False) -> str | None:
+def promote_version(
+    tracker: Tracker, name: str, version: str, reason: str, force_unverified: bool = False
+) -> str | None:
     """Move ``champion`` to ``version`` by hand (with the reason recorded in the champion history); only a version
     whose registry copy passed reload_same_logits. Returns the previous champion."""
-    diff = mlflow_store.reload_diff(name, version)
+    diff = tracker.reload_diff(name, version)
     if (diff is None or not diff < RELOAD_TOLERANCE) and not force_unverified:
         raise AliasRefused(
             f"{name} v{version} has no passing reload_same_logits record ({diff}): materialize registered_model "
             "for it first"
         )
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    return mlflow_store.move_champion(name, version, f"manual promote: {reason}", now)
+    return tracker.move_champion(name, version, f"manual promote: {reason}", now)
 
 
-def rollback(name: str, reason: str) -> tuple[str, str]:
+def rollback(tracker: Tracker, name: str, reason: str) -> tuple[str, str]:
     """Give ``champion`` back to the version that held it before the current one (from the champion history).
     Returns (from version, to version)."""
-    current = mlflow_store.champion(name)
+    current = tracker.champion(name)
     if current is None:
         raise AliasRefused(f"{name} has no champion to roll back")
-    history = mlflow_store.champion_history(name)
+    history = tracker.champion_history(name)
     previous = next(
         (h["previous"] for h in reversed(history) if h["version"] == current.version and h["previous"]), None
     )
     if previous is None or previous == current.version:
         raise AliasRefused(f"{name} v{current.version} has no earlier champion in its history")
-    promote_version(name, previous, f"rollback from v{current.version}: {reason}")
+    promote_version(tracker, name, previous, f"rollback from v{current.version}: {reason}")
     return current.version, previous

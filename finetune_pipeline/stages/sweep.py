@@ -11,8 +11,8 @@ from finetune_pipeline.hashing import short_hash
 from finetune_pipeline.layout import PipelineLayout, SweepRecord
 from finetune_pipeline.spec import LoadedSpec
 from finetune_pipeline.stages.datasets import log_splits
-from finetune_pipeline.tracking import mlflow_store
-from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
+from finetune_pipeline.tracking.mlflow_store import Lineage
+from finetune_pipeline.tracking.tracker import Tracker
 from finetune_pipeline.training.launch import ChildLaunch
 
 LogFn = Callable[[str], None]
@@ -50,7 +50,7 @@ def sweep(
     layout: PipelineLayout,
     spec: LoadedSpec,
     storage_uri: str,
-    tracking: TrackingTarget,
+    tracker: Tracker,
     lineage: Lineage,
     launch: Callable[[ChildLaunch], dict[str, Any]] | None = None,
     log: LogFn = print,
@@ -60,7 +60,7 @@ def sweep(
     from finetune_pipeline.plots import study_plots
     from finetune_pipeline.tuning.sweep import TrialReport, run_sweep, subprocess_launch
 
-    exp = mlflow_store.experiment_for(tracking, spec.name)
+    exp = tracker.experiment_id
     done = finished_sweep(layout, spec)
     if done is not None:
         log(f"sweep {done.study} already finished for this data (MLflow run {done.mlflow_run_id}): reusing it")
@@ -70,10 +70,10 @@ def sweep(
 
     def on_trial(t: TrialReport) -> None:
         metrics = {"eval_loss": t.eval_loss, "tokens_per_second": t.tokens_per_second}
-        mlflow_store.log_trial(exp, lineage, t.number, t.params, t.state, metrics, t.loss_history, name)
+        tracker.log_trial(parent.run_id, lineage, t.number, t.params, t.state, metrics, t.loss_history, name)
 
-    with mlflow_store.run(exp, "sweep", lineage) as parent:
-        log_splits(layout, spec, frames, manifest.digests, ["train", "validation"])
+    with tracker.run("sweep", lineage) as parent:
+        log_splits(parent, layout, spec, frames, manifest.digests, ["train", "validation"])
         res = run_sweep(
             study_name=name,
             base_path=base.path,
@@ -86,14 +86,14 @@ def sweep(
             on_trial=on_trial,
             launch=launch or subprocess_launch,
         )
-        mlflow_store.log_metrics({f"best_{spec.spec.sweep.objective}": res.best_value})
-        mlflow_store.log_params({f"best.{p}": v for p, v in res.best_params.items()})
-        mlflow_store.set_tags({"optuna.study": res.study_name})
+        parent.log_metrics({f"best_{spec.spec.sweep.objective}": res.best_value})
+        parent.log_params({f"best.{p}": v for p, v in res.best_params.items()})
+        parent.set_tags({"optuna.study": res.study_name})
     rec = SweepRecord(
         study=res.study_name,
         best_params=res.best_params,
         best_value=res.best_value,
-        mlflow_run_id=parent.info.run_id,
+        mlflow_run_id=parent.run_id,
         data_version=manifest.version,
         trials_complete=res.n_complete,
         trials_pruned=res.n_pruned,
