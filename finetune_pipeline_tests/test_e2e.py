@@ -410,4 +410,4 @@ def test_ui_pages_in_a_browser(trained: dict, env: dict, tmp_path: Path) -> None
     shots = tmp_path / "screenshots"
     ui_walkthrough(env, shots)
     print(f"screenshots: {sorted(p.name for p in shots.glob('*.png'))} in {shots}")
-    assert len(list(shots.glob("*.png"))) == 10
+    assert len(list(shots.glob("*.png"))) == 9
