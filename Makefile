@@ -10,7 +10,7 @@ export FINETUNE_HOME        ?= $(CURDIR)/.finetune
 export DAGSTER_HOME         ?= $(if $(FINETUNE_POSTGRES_URL),$(CURDIR)/deploy/postgres,$(CURDIR))
 export FINETUNE_DAGSTER_DIR ?= $(FINETUNE_HOME)/dagster
 
-.PHONY: setup demo test dev mlflow-ui validate bench-data bench-train bench-sweep clean-state
+.PHONY: setup setup-browser demo test dev mlflow-ui optuna-dashboard validate bench-data bench-train bench-sweep clean-state
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,14 @@ setup: $(VENV)/.installed
 demo: setup  ## run the ticket_triage pipeline end to end (ingest, sweep, train, eval, register)
 	$(BIN)/finetune-pipeline demo --pipeline ticket_triage
 
-test: setup  ## the test suite (three tiers; the end-to-end tier drives the real dagster CLI)
+# Debian's Chromium for the browser tests (Playwright drives it). Installed as root with apt-get; where that is not
+# possible the browser tests are skipped and the summary says why.
+setup-browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "chromium not installed (needs root and apt-get): the browser tests will be skipped"
+
+test: setup setup-browser  ## the test suite (three tiers; the end-to-end tier drives the real dagster CLI and a browser)
 	$(BIN)/python -m pytest -q
 
 validate: setup
@@ -40,6 +47,9 @@ dev: setup  ## Dagster UI on http://127.0.0.1:3000 (daemon included: sensor and 
 
 mlflow-ui: setup  ## MLflow UI on http://127.0.0.1:5000
 	eval "$$($(BIN)/finetune-pipeline env)" && $(BIN)/mlflow ui --backend-store-uri "$$FINETUNE_MLFLOW_BACKEND_URI" -h 127.0.0.1 -p 5000
+
+optuna-dashboard: setup  ## optuna-dashboard on http://127.0.0.1:8080: every pipeline's sweep studies (trials, parameters, pruning)
+	eval "$$($(BIN)/finetune-pipeline env)" && $(BIN)/optuna-dashboard "$$FINETUNE_OPTUNA_URI" --host 127.0.0.1 --port 8080
 
 bench-data: setup  ## data layer on 1M generated rows vs the per-row loop and datasketch (writes .finetune/bench/data_bench.json)
 	$(BIN)/python bench/data_bench.py --rows $(or $(ROWS),1000000)

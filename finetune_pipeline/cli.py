@@ -42,6 +42,8 @@ def dagster_env() -> dict[str, str]:
         env["FINETUNE_DAGSTER_POSTGRES_URL"] = pg.url("dagster")
     mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI") or (pg.url("mlflow") if pg else None)
     env["FINETUNE_MLFLOW_BACKEND_URI"] = mlflow_uri or f"sqlite:///{StateLayout(root).mlflow_db}"  # for `mlflow ui`
+    optuna_uri = os.environ.get("FINETUNE_OPTUNA_STORAGE") or (pg.url("optuna") if pg else None)
+    env["FINETUNE_OPTUNA_URI"] = optuna_uri or f"sqlite:///{StateLayout(root).optuna_db}"  # for optuna-dashboard
     return env
 
 

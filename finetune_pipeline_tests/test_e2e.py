@@ -305,3 +305,99 @@ def test_failed_gate_never_registers(tmp_path: Path, tiny_model: Path) -> None:
         assert instance.get_latest_materialization_event(dg.AssetKey(["mini", "registered_model"])) is None
     client = mlflow_client(w)
     assert client.search_model_versions("name = 'mini-model'") == []
+
+
+# ---- the UIs in a real browser (Playwright + Debian's chromium) ------------------------------------------------
+
+
+def ui_walkthrough(world: dict, shots: Path) -> dict[str, str]:
+    """Start the Dagster UI, the MLflow UI and optuna-dashboard on 127.0.0.1 against the world's finished run, open
+    the pages a user reads, assert what they must show, and screenshot each into ``shots``. Returns page texts."""
+    from finetune_pipeline_tests.ui_driver import browser_page, chromium_or_skip, free_port, server
+
+    chromium = chromium_or_skip()
+    shots.mkdir(parents=True, exist_ok=True)
+    state = Path(world["env"]["FINETUNE_HOME"])
+    store = f"sqlite:///{state / 'mlflow' / 'mlflow.db'}"
+    d, m, o = free_port(), free_port(), free_port()
+    py = sys.executable
+    dagster_ui = [py, "-m", "dagster_webserver", "-h", "127.0.0.1", "-p", str(d), "-m", "finetune_pipeline.definitions"]
+    mlflow_ui = [py, "-m", "mlflow", "ui", "--backend-store-uri", store, "-h", "127.0.0.1", "-p", str(m)]
+    optuna_ui = [str(Path(py).parent / "optuna-dashboard"), f"sqlite:///{state / 'optuna' / 'optuna.db'}"]
+    optuna_ui += ["--host", "127.0.0.1", "--port", str(o)]
+    texts: dict[str, str] = {}
+    env = world["env"]
+    with (
+        server(dagster_ui, env, f"http://127.0.0.1:{d}/server_info", shots / "dagster-webserver.log"),
+        server(mlflow_ui, env, f"http://127.0.0.1:{m}/health", shots / "mlflow-ui.log"),
+        server(optuna_ui, env, f"http://127.0.0.1:{o}/dashboard", shots / "optuna-dashboard.log"),
+        browser_page(chromium) as page,
+    ):
+
+        def visit(name: str, url: str, must_show: list[str]) -> str:
+            page.goto(url)
+            for text in must_show:  # waits until the page's data has loaded
+                page.get_by_text(text, exact=False).first.wait_for()
+            page.screenshot(path=str(shots / f"{name}.png"))
+            texts[name] = page.inner_text("body")
+            return texts[name]
+
+        def rendered_image(key: str, alt: str, name: str) -> None:
+            """The metadata row ``key`` holds a markdown image: open it as a user does and check it rendered."""
+            row = page.locator("tr", has_text=key).first
+            row.scroll_into_view_if_needed()
+            row.get_by_text("Show Markdown").click()
+            img = page.locator(f"img[alt='{alt}']").first
+            img.wait_for()
+            assert img.get_attribute("src").startswith("data:image/png;base64,"), alt
+            assert img.evaluate("el => el.complete && el.naturalWidth > 100"), f"the {alt} image did not render"
+            img.screenshot(path=str(shots / f"{name}.png"))
+            page.keyboard.press("Escape")
+
+        dagster = f"http://127.0.0.1:{d}/assets/mini"
+        # the adapter's metadata table (its training figures) and its loss plot
+        text = visit("dagster-adapter", f"{dagster}/adapter", ["adapter_key", "tokens_per_second"])
+        for key in ("eval_loss", "flop_utilisation", "lora_tensors_changed", "loss_curve"):
+            assert key in text, f"adapter metadata lacks {key}"
+        rendered_image("loss_curve", "loss curve", "dagster-adapter-loss-curve")
+        # the evaluation: its table and the interval plot
+        text = visit("dagster-eval-report", f"{dagster}/eval_report", ["primary_metric"])
+        assert "intervals_plot" in text
+        rendered_image("intervals_plot", "intervals", "dagster-eval-report-intervals")
+        # the registered model: version, aliases and the model card
+        text = visit("dagster-registered-model", f"{dagster}/registered_model", ["model_card", "champion"])
+        assert "mini-model" in text and "promotion_reason" in text
+        row = page.locator("tr", has_text="model_card").first
+        row.scroll_into_view_if_needed()
+        row.get_by_text("Show Markdown").click()
+        card = page.get_by_role("dialog")
+        card.get_by_text("Fine-tuned by finetune_pipeline").wait_for()
+        assert "Evaluation (" in card.inner_text() and "Decision:" in card.inner_text()
+        page.screenshot(path=str(shots / "dagster-model-card.png"))
+        page.keyboard.press("Escape")
+        # MLflow: the champion version's page carries the card (its description) and the aliases
+        text = visit(
+            "mlflow-model-version",
+            f"http://127.0.0.1:{m}/#/models/mini-model/versions/1",
+            ["Fine-tuned by finetune_pipeline", "champion"],
+        )
+        assert "Evaluation (" in text and "finetune.adapter_key" in text
+        # optuna-dashboard: the sweep's study with its trials
+        import optuna
+
+        studies = optuna.get_all_study_names(f"sqlite:///{state / 'optuna' / 'optuna.db'}")
+        assert studies, "the sweep left no study"
+        visit("optuna-dashboard", f"http://127.0.0.1:{o}/dashboard", [studies[0], "Direction: MINIMIZE"])
+        page.get_by_text(studies[0]).first.click()
+        text = visit("optuna-dashboard-study", page.url, ["Best Trial"])
+        assert "learning_rate" in text, "the study page shows no sampled parameter"
+    return texts
+
+
+def test_ui_pages_in_a_browser(trained: dict, env: dict, tmp_path: Path) -> None:
+    """The Dagster UI, the MLflow UI and optuna-dashboard, as a user opens them after a finished run: the adapter's
+    metadata table and loss plot, the eval report's interval plot, the model card, the version page, the studies."""
+    shots = tmp_path / "screenshots"
+    ui_walkthrough(env, shots)
+    print(f"screenshots: {sorted(p.name for p in shots.glob('*.png'))} in {shots}")
+    assert len(list(shots.glob("*.png"))) == 9
