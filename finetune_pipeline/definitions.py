@@ -1,6 +1,7 @@
-"""Dagster entry point: every spec in the specs folder becomes its own asset group.
+"""Dagster entry point: every spec in the specs folder, and every FineTunePipeline component in the dg project's
+defs folder, becomes its own asset group.
 
-The folder is ``FINETUNE_SPECS`` (default ``./specs``). Importing this module must stay light: no torch.
+The specs folder is ``FINETUNE_SPECS`` (default ``./specs``). Importing this module must stay light: no torch.
 """
 
 from __future__ import annotations
@@ -17,20 +18,34 @@ from finetune_pipeline.defs.resources import default_resources
 from finetune_pipeline.paths import specs_dir
 from finetune_pipeline.spec import load_specs_report
 
+# the dg project (pyproject.toml with [tool.dg]) this package runs from: an editable install or a checkout
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-def build_definitions(folder: Path | None = None) -> dg.Definitions:
+
+def build_definitions(folder: Path | None = None, project_root: Path | None = PROJECT_ROOT) -> dg.Definitions:
+    """Every spec in the specs folder, plus every FineTunePipeline component in the dg project's defs folder
+    (``finetune_pipeline/pipelines/NAME/defs.yaml``; none when ``project_root`` is None)."""
     folder = folder or specs_dir()
     if not folder.is_dir():
         raise FileNotFoundError(
             f"specs folder {folder} does not exist: set FINETUNE_SPECS or run from the repository root"
         )
     specs, broken = load_specs_report(folder)
+    components = component_definitions(project_root)
     return dg.Definitions.merge(
         *[build_pipeline_defs(s) for s in specs],
+        *components,
         dg.Definitions(
             assets=spec_error_assets(broken), resources=default_resources(), executor=dg.in_process_executor
         ),
     )
+
+
+def component_definitions(project_root: Path | None) -> list[dg.Definitions]:
+    """The components of the defs folder (dg's own loader), when this package runs from a dg project checkout."""
+    if project_root is None or not (project_root / "pyproject.toml").is_file():
+        return []
+    return [dg.load_from_defs_folder(path_within_project=project_root)]
 
 
 def spec_error_assets(broken: dict[Path, list[str]]) -> list[dg.AssetSpec]:
