@@ -15,11 +15,8 @@ import dagster as dg
 
 from finetune_pipeline.defs.pipeline import build_pipeline_defs
 from finetune_pipeline.defs.resources import default_resources
-from finetune_pipeline.paths import specs_dir
+from finetune_pipeline.paths import PROJECT_ROOT, specs_dir
 from finetune_pipeline.spec import load_specs_report
-
-# the dg project (pyproject.toml with [tool.dg]) this package runs from: an editable install or a checkout
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def build_definitions(folder: Path | None = None, project_root: Path | None = PROJECT_ROOT) -> dg.Definitions:

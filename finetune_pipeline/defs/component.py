@@ -26,8 +26,10 @@ import dagster as dg
 from pydantic import BaseModel, ConfigDict, Field
 
 from finetune_pipeline.defs.pipeline import build_pipeline_defs
+from finetune_pipeline.defs.resources import default_resources
 from finetune_pipeline.spec import LoadedSpec, PipelineSpec, SpecError, load_spec, validate_spec_data
 
+TYPE_NAME = "finetune_pipeline.FineTunePipeline"  # the public name (the package root imports it lazily)
 SPEC_PATH_HELP = (
     "A spec file (YAML, the same format as specs/*.yaml), relative to this defs.yaml's folder; "
     "instead of giving the spec's fields here."
@@ -98,7 +100,7 @@ class FineTunePipelineScaffolder(dg.Scaffolder):
         name = name if re.match(r"[A-Za-z]", name) else f"p_{name}"
         root = request.project_root or Path.cwd()
         data = Path(_relpath(root / "data" / "ticket_triage" / "incoming", target))
-        (target / "defs.yaml").write_text(starter_yaml(request.type_name, name, str(data)))
+        (target / "defs.yaml").write_text(starter_yaml(TYPE_NAME, name, str(data)))
 
 
 def _relpath(path: Path, start: Path) -> str:
@@ -183,4 +185,4 @@ class FineTunePipeline(dg.Component):
         return cls(LoadedSpec(spec=spec, path=Path(source).resolve()))
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
-        return build_pipeline_defs(self.spec)
+        return dg.Definitions.merge(build_pipeline_defs(self.spec), dg.Definitions(resources=default_resources()))
