@@ -1,9 +1,12 @@
 """Declarative automation (``automation.mode: declarative``): AutomationConditions on the assets instead of the
-ingest run requests and the retraining schedule. The daemon's default automation sensor evaluates them.
+ingest run requests and the retraining schedule. Two automation sensors per pipeline evaluate them (Dagster's
+daemon ticks them): ``NAME_ingest_automation`` (raw_dataset, cleaned_dataset, base_model; on by default when
+``automation.sensor_enabled``) and ``NAME_train_automation`` (the rest; on by default when
+``automation.schedule_enabled``), the same switches as the sensor and the schedule of the other mode.
 
-- raw_dataset / cleaned_dataset: eager, so a drop the incoming sensor registered is ingested on the next tick.
-- base_model: materialised when missing (on the first tick too), unless its last run failed (no retry loop: fix
-  the cause and materialise it by hand).
+- raw_dataset / cleaned_dataset / base_model: when missing (every registered drop, also those registered before
+  the condition first ran) or when the upstream updated; not while a run is in progress, and not again after a
+  failed run of that partition (no retry loop: fix the cause and materialise it by hand).
 - dataset_splits, the root of training: when a drop whose blocking checks passed was updated since the last
   request, no drop is being ingested, and a ``retrain_cron`` tick passed since the last request: at most once per tick.
 - everything after it (token_stats ... registered_model): when an upstream asset updated (or is requested in the
@@ -51,16 +54,47 @@ def downstream_condition() -> dg.AutomationCondition:
     ).with_label("upstream updated and its blocking checks passed")
 
 
+def ingest_condition() -> dg.AutomationCondition:
+    return (
+        ((AC.missing() & ~AC.execution_failed()) | AC.any_deps_updated().since_last_handled())
+        & ~AC.any_deps_missing()
+        & ~AC.any_deps_in_progress()
+        & ~AC.in_progress()
+    ).with_label("missing (last run not failed) or upstream updated")
+
+
 def condition_for(spec: LoadedSpec, asset_name: str) -> dg.AutomationCondition:
     cron = spec.spec.automation.retrain_cron
     assert cron, "automation.mode declarative needs automation.retrain_cron (the spec validation says so)"
-    if asset_name in INGEST:
-        return AC.eager()
-    if asset_name == BASE:
-        return (AC.missing() & ~AC.in_progress() & ~AC.execution_failed()).with_label("missing, last run not failed")
+    if asset_name in (*INGEST, BASE):
+        return ingest_condition()
     if asset_name == TRAIN_ROOT:
         return train_root_condition(cron)
     return downstream_condition()
+
+
+def automation_sensors(spec: LoadedSpec) -> list[dg.AutomationConditionSensorDefinition]:
+    auto = spec.spec.automation
+    ingest_keys = [dg.AssetKey([spec.name, n]) for n in (*INGEST, BASE)]
+    ingest = dg.AssetSelection.assets(*ingest_keys)
+    running = {True: dg.DefaultSensorStatus.RUNNING, False: dg.DefaultSensorStatus.STOPPED}
+    return [
+        dg.AutomationConditionSensorDefinition(
+            f"{spec.name}_ingest_automation",
+            target=ingest,
+            default_status=running[auto.sensor_enabled],
+            minimum_interval_seconds=auto.sensor_interval_seconds,
+            description="Declarative automation of ingestion: each registered drop is ingested eagerly.",
+        ),
+        dg.AutomationConditionSensorDefinition(
+            f"{spec.name}_train_automation",
+            target=dg.AssetSelection.groups(spec.name) - ingest,
+            default_status=running[auto.schedule_enabled],
+            minimum_interval_seconds=auto.sensor_interval_seconds,
+            description=f"Declarative automation of training: when a drop passed its gates, at most once per "
+            f"'{auto.retrain_cron}', every upstream blocking check passed.",
+        ),
+    ]
 
 
 def with_conditions(spec: LoadedSpec, assets: list[dg.AssetsDefinition]) -> list[dg.AssetsDefinition]:
