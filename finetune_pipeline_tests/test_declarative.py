@@ -49,7 +49,7 @@ def defs_of(text: str, path: Path) -> dg.Definitions:
 
 
 def at(minute: int) -> datetime.datetime:
-    return datetime.datetime(2026, 12, 4, 10, minute, tzinfo=datetime.timezone.utc)
+    return datetime.datetime(2026, 12, 4, 10, minute, tzinfo=datetime.UTC)
 
 
 def test_declarative_mode_swaps_the_run_requests_for_conditions(tmp_path: Path) -> None:
@@ -68,7 +68,9 @@ def test_declarative_mode_swaps_the_run_requests_for_conditions(tmp_path: Path) 
     assert not defs.schedules
     default = defs_of(text.replace("mode: declarative, ", ""), tmp_path / "d.yaml")
     assert {a.automation_condition for a in default.resolve_asset_graph().asset_nodes} == {None}
-    with pytest.raises(SpecError, match="automation: mode declarative trains at most once per retrain_cron tick: set retrain_cron"):
+    with pytest.raises(
+        SpecError, match="automation: mode declarative trains at most once per retrain_cron tick: set retrain_cron"
+    ):
         parse_spec(text.replace('retrain_cron: "*/10 * * * *"', "retrain_cron: null"))
 
 
