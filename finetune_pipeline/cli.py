@@ -95,6 +95,9 @@ def register_drops(pipeline: str | None = None) -> dict[str, list[str]]:
     specs, broken = load_specs_report(specs_dir())
     for path, problems in broken.items():
         print(f"{path}: broken spec skipped:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+    from finetune_pipeline.defs.component import component_specs  # the defs folder's FineTunePipeline components
+
+    specs += [s for s in component_specs() if s.name not in {t.name for t in specs}]
     for spec in specs:
         if pipeline and spec.name != pipeline:
             continue

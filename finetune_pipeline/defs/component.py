@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from finetune_pipeline.defs.pipeline import build_pipeline_defs
 from finetune_pipeline.defs.resources import default_resources
+from finetune_pipeline.paths import PROJECT_ROOT
 from finetune_pipeline.spec import LoadedSpec, PipelineSpec, SpecError, load_spec, validate_spec_data
 
 TYPE_NAME = "finetune_pipeline.FineTunePipeline"  # the public name (the package root imports it lazily)
@@ -186,3 +187,12 @@ class FineTunePipeline(dg.Component):
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
         return dg.Definitions.merge(build_pipeline_defs(self.spec), dg.Definitions(resources=default_resources()))
+
+
+def component_specs(project_root: Path | None = PROJECT_ROOT) -> list[LoadedSpec]:
+    """The specs of the FineTunePipeline components in a dg project's defs folder (register-drops reads them, as
+    the sensor does)."""
+    if project_root is None or not (project_root / "pyproject.toml").is_file():
+        return []
+    tree = dg.ComponentTree.for_project(path_within_project=project_root)
+    return [c.spec for c in tree.get_all_components(of_type=FineTunePipeline)]
