@@ -1,6 +1,7 @@
 """Tier 2: the FineTunePipeline component loaded by Dagster's own component machinery (a defs folder sandbox):
 the same definitions as a spec file, the same problems with file and line, the scaffolded starter, the schema."""
 
+import json
 import re
 import sys
 import textwrap
@@ -9,9 +10,10 @@ from pathlib import Path
 import dagster as dg
 import jsonschema
 import pytest
+import yaml
 from dagster.components.testing import create_defs_folder_sandbox
 
-from finetune_pipeline.defs.component import FineTunePipeline, attributes_json_schema
+from finetune_pipeline.defs.component import FineTunePipeline, attributes_json_schema, defs_yaml_json_schema
 from finetune_pipeline.defs.pipeline import build_pipeline_defs
 from finetune_pipeline.defs.resources import default_resources
 from finetune_pipeline.spec import SpecError, load_spec
@@ -111,8 +113,6 @@ def test_broken_attributes_report_the_spec_checks_problems_with_line(tmp_path: P
 
 
 def test_attributes_schema_is_the_spec_schema_and_names_the_field(tmp_path: Path) -> None:
-    import yaml
-
     schema = attributes_json_schema()
     v = jsonschema.Draft202012Validator(schema)
     demo = yaml.safe_load((REPO / "specs" / "ticket_triage.yaml").read_text())
@@ -139,12 +139,26 @@ def test_scaffolded_starter_passes_the_spec_validation() -> None:
     with create_defs_folder_sandbox() as sandbox:
         folder = sandbox.scaffold_component(component_cls=FineTunePipeline, defs_path="my_pipeline")
         text = (folder / "defs.yaml").read_text()
-        assert text.splitlines()[3] == "type: finetune_pipeline.FineTunePipeline"
+        assert "\ntype: finetune_pipeline.FineTunePipeline\n" in text
+        # the modeline names the committed defs.yaml schema, relative to the new folder (editor completion)
+        modeline = text.splitlines()[0].split("$schema=")[1]
+        assert (folder / modeline).resolve() == REPO / "finetune_pipeline" / "component.schema.json"
+        validator = jsonschema.Draft202012Validator(json.loads((folder / modeline).read_text()))
+        assert list(validator.iter_errors(yaml.safe_load(text))) == []
+        broken = yaml.safe_load(text.replace("r: 8", "r: 0"))
+        assert [list(e.absolute_path) for e in validator.iter_errors(broken)] == [["attributes", "model", "lora", "r"]]
         with sandbox.load_component_and_build_defs(defs_path=folder) as (component, defs):
             assert component.spec.name == "my_pipeline"
             assert component.spec.spec.registry.model_name == "my-pipeline"
             assert {"my_pipeline_ingest", "my_pipeline_train"} <= {j.name for j in defs.jobs or []}
             assert component.spec.incoming_dir == (sandbox.project_root / "data" / "ticket_triage" / "incoming")
+
+
+def test_committed_defs_yaml_schema_is_current() -> None:
+    committed = json.loads((REPO / "finetune_pipeline" / "component.schema.json").read_text())
+    assert committed == defs_yaml_json_schema(), (
+        "regenerate: python -m finetune_pipeline.defs.component > finetune_pipeline/component.schema.json"
+    )
 
 
 def test_component_is_importable_from_the_package_root_without_dagster_or_torch() -> None:

@@ -18,6 +18,7 @@ finetune_pipeline.FineTunePipeline my_pipeline``.
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,30 @@ def attributes_json_schema() -> dict[str, Any]:
     schema["else"] = {"required": required}
     schema["title"] = "FineTunePipeline attributes: a fine-tuning pipeline spec"
     return schema
+
+
+def defs_yaml_json_schema() -> dict[str, Any]:
+    """JSON schema of a whole defs.yaml (``type`` + ``attributes``): committed as component.schema.json, which the
+    scaffolded defs.yaml names in its yaml-language-server modeline for editor completion."""
+    attributes = attributes_json_schema()
+    defs = attributes.pop("$defs", {})
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "defs.yaml of a FineTunePipeline component",
+        "type": "object",
+        "properties": {
+            "type": {"const": TYPE_NAME, "description": "The component type."},
+            "attributes": attributes,
+            "requirements": {"type": "object"},
+            "post_processing": {"type": "object"},
+        },
+        "required": ["type", "attributes"],
+        "additionalProperties": False,
+        "$defs": defs,
+    }
+
+
+SCHEMA_FILE = Path(__file__).resolve().parent.parent / "component.schema.json"
 
 
 def _null_else(node: Any) -> Any:
@@ -100,20 +125,19 @@ class FineTunePipelineScaffolder(dg.Scaffolder):
         name = re.sub(r"\W", "_", target.name)
         name = name if re.match(r"[A-Za-z]", name) else f"p_{name}"
         root = request.project_root or Path.cwd()
-        data = Path(_relpath(root / "data" / "ticket_triage" / "incoming", target))
-        (target / "defs.yaml").write_text(starter_yaml(TYPE_NAME, name, str(data)))
+        data = _relpath(root / "data" / "ticket_triage" / "incoming", target)
+        (target / "defs.yaml").write_text(starter_yaml(TYPE_NAME, name, data, _relpath(SCHEMA_FILE, target)))
 
 
 def _relpath(path: Path, start: Path) -> str:
-    import os
-
     return os.path.relpath(path.resolve(), start.resolve())
 
 
-def starter_yaml(type_name: str, name: str, incoming: str) -> str:
+def starter_yaml(type_name: str, name: str, incoming: str, schema: str) -> str:
     return f"""\
+# yaml-language-server: $schema={schema}
 # A fine-tuning pipeline as a Dagster component. The attributes are a pipeline spec: every field is documented in
-# finetune_pipeline/spec.py (editor completion: the schema of `dg utils inspect-component {type_name}`).
+# finetune_pipeline/spec.py; the schema above gives completion in editors with the YAML language server.
 # Check: dg check yaml && dg check defs. Run: dg launch --job {name}_train (after ingesting a drop).
 type: {type_name}
 attributes:
@@ -196,3 +220,9 @@ def component_specs(project_root: Path | None = PROJECT_ROOT) -> list[LoadedSpec
         return []
     tree = dg.ComponentTree.for_project(path_within_project=project_root)
     return [c.spec for c in tree.get_all_components(of_type=FineTunePipeline)]
+
+
+if __name__ == "__main__":  # python -m finetune_pipeline.defs.component > finetune_pipeline/component.schema.json
+    import json
+
+    print(json.dumps(defs_yaml_json_schema(), indent=2))
