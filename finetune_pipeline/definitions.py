@@ -28,7 +28,12 @@ def build_definitions(folder: Path | None = None, project_root: Path | None = PR
             f"specs folder {folder} does not exist: set FINETUNE_SPECS or run from the repository root"
         )
     specs, broken = load_specs_report(folder)
-    components = component_definitions(project_root)
+    components, names = component_definitions(project_root)
+    for s in [s for s in specs if s.name in names]:  # a component keeps its name; the spec file is reported
+        specs.remove(s)
+        broken[s.path or folder] = [
+            f"{s.path}: the name '{s.name}' is taken by the component {names[s.name]}; pipeline names must be unique"
+        ]
     return dg.Definitions.merge(
         *[build_pipeline_defs(s) for s in specs],
         *components,
@@ -38,16 +43,21 @@ def build_definitions(folder: Path | None = None, project_root: Path | None = PR
     )
 
 
-def component_definitions(project_root: Path | None) -> list[dg.Definitions]:
-    """The components of the defs folder (dg's own loader), when this package runs from a dg project checkout."""
-    if project_root is None or not (project_root / "pyproject.toml").is_file():
-        return []
-    return [dg.load_from_defs_folder(path_within_project=project_root)]
+def component_definitions(project_root: Path | None) -> tuple[list[dg.Definitions], dict[str, Path | None]]:
+    """The components of the defs folder (dg's own loader) when this package runs from a dg project checkout, and
+    the FineTunePipeline names they use (with their defs.yaml)."""
+    from finetune_pipeline.defs.component import FineTunePipeline
+
+    if project_root is None or not any((project_root / f).is_file() for f in ("pyproject.toml", "dg.toml")):
+        return [], {}
+    tree = dg.ComponentTree.for_project(path_within_project=project_root)
+    names = {c.spec.name: c.spec.path for c in tree.get_all_components(of_type=FineTunePipeline)}
+    return [tree.build_defs()], names
 
 
 def spec_error_assets(broken: dict[Path, list[str]]) -> list[dg.AssetSpec]:
     """A broken spec must not take the other pipelines down: it is reported as a warning (printed by
-    ``dagster definitions validate``) and as an asset ``spec_errors/<file>`` whose description lists the problems."""
+    ``dg check defs``) and as an asset ``spec_errors/<file>`` whose description lists the problems."""
     out = []
     for path, problems in broken.items():
         msg = f"pipeline spec {path} is broken and was skipped:\n" + "\n".join(f"  - {p}" for p in problems)

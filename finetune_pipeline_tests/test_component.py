@@ -154,6 +154,30 @@ def test_scaffolded_starter_passes_the_spec_validation() -> None:
             assert component.spec.incoming_dir == (sandbox.project_root / "data" / "ticket_triage" / "incoming")
 
 
+def test_code_location_loads_specs_and_components_and_reports_a_name_taken_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from finetune_pipeline.definitions import build_definitions
+
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    (specs / "comp.yaml").write_text(SPEC)
+    (specs / "other.yaml").write_text(SPEC.replace("name: comp", "name: other"))
+    with create_defs_folder_sandbox() as sandbox:
+        folder = sandbox.defs_folder_path / "comp"
+        folder.mkdir()
+        (folder / "defs.yaml").write_text(as_component(SPEC))
+        monkeypatch.syspath_prepend(str(sandbox.project_root / "src"))
+        with pytest.warns(UserWarning, match="the name 'comp' is taken by the component"):
+            defs = build_definitions(specs, project_root=sandbox.project_root)
+        keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+        for name in [m for m in sys.modules if m.startswith(sandbox.project_name)]:
+            del sys.modules[name]
+    assert {"comp/adapter", "other/adapter", "spec_errors/comp"} <= keys
+    comp_sensor = next(s for s in defs.sensors or [] if s.name == "comp_incoming_sensor")
+    assert str(folder / "incoming") in (comp_sensor.description or "")  # the component's, not the spec file's
+
+
 def test_committed_defs_yaml_schema_is_current() -> None:
     committed = json.loads((REPO / "finetune_pipeline" / "component.schema.json").read_text())
     assert committed == defs_yaml_json_schema(), (
