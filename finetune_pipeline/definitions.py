@@ -46,11 +46,11 @@ def build_definitions(folder: Path | None = None, project_root: Path | None = PR
 def component_definitions(project_root: Path | None) -> tuple[list[dg.Definitions], dict[str, Path | None]]:
     """The components of the defs folder (dg's own loader) when this package runs from a dg project checkout, and
     the FineTunePipeline names they use (with their defs.yaml)."""
-    from finetune_pipeline.defs.component import FineTunePipeline
+    from finetune_pipeline.defs.component import FineTunePipeline, project_tree
 
-    if project_root is None or not any((project_root / f).is_file() for f in ("pyproject.toml", "dg.toml")):
+    tree = project_tree(project_root)
+    if tree is None:
         return [], {}
-    tree = dg.ComponentTree.for_project(path_within_project=project_root)
     names = {c.spec.name: c.spec.path for c in tree.get_all_components(of_type=FineTunePipeline)}
     return [tree.build_defs()], names
 

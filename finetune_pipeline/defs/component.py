@@ -213,13 +213,18 @@ class FineTunePipeline(dg.Component):
         return dg.Definitions.merge(build_pipeline_defs(self.spec), dg.Definitions(resources=default_resources()))
 
 
+def project_tree(project_root: Path | None = PROJECT_ROOT) -> dg.ComponentTree | None:
+    """The component tree of a dg project's defs folder (None where project_root is no dg project)."""
+    if project_root is None or not any((project_root / f).is_file() for f in ("pyproject.toml", "dg.toml")):
+        return None
+    return dg.ComponentTree.for_project(path_within_project=project_root)
+
+
 def component_specs(project_root: Path | None = PROJECT_ROOT) -> list[LoadedSpec]:
     """The specs of the FineTunePipeline components in a dg project's defs folder (register-drops reads them, as
     the sensor does)."""
-    if project_root is None or not (project_root / "pyproject.toml").is_file():
-        return []
-    tree = dg.ComponentTree.for_project(path_within_project=project_root)
-    return [c.spec for c in tree.get_all_components(of_type=FineTunePipeline)]
+    tree = project_tree(project_root)
+    return [c.spec for c in tree.get_all_components(of_type=FineTunePipeline)] if tree else []
 
 
 if __name__ == "__main__":  # python -m finetune_pipeline.defs.component > finetune_pipeline/component.schema.json
