@@ -38,12 +38,12 @@ setup-browser:
 test: setup setup-browser  ## the test suite (three tiers; the end-to-end tier drives the real dagster CLI and a browser)
 	$(BIN)/python -m pytest -q
 
-validate: setup
-	eval "$$($(BIN)/finetune-pipeline env)" && $(BIN)/dagster definitions validate -m finetune_pipeline.definitions
+validate: setup  ## load the code location (every spec and component) with dg check defs
+	eval "$$($(BIN)/finetune-pipeline env)" && $(BIN)/dg check defs
 
-dev: setup  ## Dagster UI on http://127.0.0.1:3000 (daemon included: sensor and schedule run)
+dev: setup  ## Dagster UI on http://127.0.0.1:3000 (daemon included: sensors, schedule, automation conditions)
 	mkdir -p $(FINETUNE_DAGSTER_DIR)
-	eval "$$($(BIN)/finetune-pipeline env)" && $(BIN)/dagster dev -h 127.0.0.1 -p 3000
+	eval "$$($(BIN)/finetune-pipeline env)" && $(BIN)/dg dev -h 127.0.0.1 -p 3000
 
 mlflow-ui: setup  ## MLflow UI on http://127.0.0.1:5000
 	eval "$$($(BIN)/finetune-pipeline env)" && $(BIN)/mlflow ui --backend-store-uri "$$FINETUNE_MLFLOW_BACKEND_URI" -h 127.0.0.1 -p 5000

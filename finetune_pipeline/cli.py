@@ -1,11 +1,11 @@
-"""`finetune-pipeline`: register dropped files, run the demo end to end through the dagster CLI, trace lineage.
+"""`finetune-pipeline`: register dropped files, run the demo end to end through the dg CLI, trace lineage.
 
 finetune-pipeline demo [--pipeline ticket_triage]   ingest every drop, then train/eval/register
 finetune-pipeline register-drops                     add a partition per finished file (what the sensor does)
 finetune-pipeline lineage models:/NAME@champion      follow a registered model back to its runs and drops
 finetune-pipeline promote NAME VERSION --reason "..."  move champion to a verified version (history kept)
 finetune-pipeline rollback NAME --reason "..."          give champion back to the previous champion
-finetune-pipeline env                                print the environment the dagster CLI needs (eval it)
+finetune-pipeline env                                print the environment the dg / dagster CLIs need (eval it)
 """
 
 from __future__ import annotations
@@ -20,7 +20,15 @@ import time
 from pathlib import Path
 
 from finetune_pipeline.layout import StateLayout
-from finetune_pipeline.paths import DATABASES, STATE_ENV, postgres_profile, state_root
+from finetune_pipeline.paths import (
+    DATABASES,
+    PROJECT_ROOT,
+    SPECS_ENV,
+    STATE_ENV,
+    postgres_profile,
+    specs_dir,
+    state_root,
+)
 
 POSTGRES_DAGSTER_HOME = Path("deploy") / "postgres"  # the instance config of the PostgreSQL profile
 
@@ -89,6 +97,9 @@ def register_drops(pipeline: str | None = None) -> dict[str, list[str]]:
     specs, broken = load_specs_report(specs_dir())
     for path, problems in broken.items():
         print(f"{path}: broken spec skipped:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+    from finetune_pipeline.defs.component import component_specs  # the defs folder's FineTunePipeline components
+
+    specs += [s for s in component_specs() if s.name not in {t.name for t in specs}]
     for spec in specs:
         if pipeline and spec.name != pipeline:
             continue
@@ -115,10 +126,12 @@ def register_drops(pipeline: str | None = None) -> dict[str, list[str]]:
     return added
 
 
-def _dagster(*args: str) -> None:
-    cmd = [sys.executable, "-m", "dagster", *args, "-m", "finetune_pipeline.definitions"]
-    print("$ dagster " + " ".join(args), flush=True)
-    subprocess.run(cmd, check=True)
+def _dg(*args: str) -> None:
+    """Dagster's `dg` CLI (dagster-dg-cli) in this project: the code location is pyproject's [tool.dg.project]."""
+    cmd = [sys.executable, "-c", "import sys; from dagster_dg_cli.cli import main; sys.exit(main())", *args]
+    print("$ dg " + " ".join(args), flush=True)
+    env = {**os.environ, SPECS_ENV: str(specs_dir()), STATE_ENV: str(state_root())}  # absolute: dg runs in the project
+    subprocess.run(cmd, check=True, cwd=PROJECT_ROOT, env=env)
 
 
 def demo(pipeline: str) -> None:
@@ -134,10 +147,8 @@ def demo(pipeline: str) -> None:
         if d in cleaned:
             print(f"drop {d} already ingested")
             continue
-        _dagster(
-            "asset", "materialize", "--select", f"{pipeline}/raw_dataset,{pipeline}/cleaned_dataset", "--partition", d
-        )
-    _dagster("job", "execute", "-j", f"{pipeline}_train")
+        _dg("launch", "--assets", f"{pipeline}/raw_dataset,{pipeline}/cleaned_dataset", "--partition", d)
+    _dg("launch", "--job", f"{pipeline}_train")
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s; state under {env[STATE_ENV]}")
     _summary(pipeline)
 

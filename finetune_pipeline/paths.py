@@ -12,6 +12,8 @@ STATE_ENV = "FINETUNE_HOME"
 SPECS_ENV = "FINETUNE_SPECS"
 POSTGRES_ENV = "FINETUNE_POSTGRES_URL"  # the scale-out switch: a PostgreSQL server URL (no database name)
 ARTIFACTS_ENV = "FINETUNE_ARTIFACT_URI"  # where MLflow artifacts go (a folder or a URI such as s3://bucket/path)
+# the checkout this package runs from (editable install): the dg project, pyproject.toml with [tool.dg]
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DATABASES = {"dagster": "finetune_dagster", "mlflow": "finetune_mlflow", "optuna": "finetune_optuna"}
 
 

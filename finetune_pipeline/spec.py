@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -802,12 +803,29 @@ class RegistrySpec(_Strict):
 
 
 class AutomationSpec(_Strict):
+    mode: Literal["sensor_schedule", "declarative"] = Field(
+        "sensor_schedule",
+        description="sensor_schedule: the incoming sensor requests one ingest run per drop and the retraining "
+        "schedule (retrain_cron) requests training when the data changed. declarative: Dagster's declarative "
+        "automation instead (AutomationConditions on the assets, evaluated by the daemon's default automation "
+        "sensor): new drops are ingested eagerly, training materialises when a drop that passed its blocking checks "
+        "arrived and every blocking check upstream passed, at most once per retrain_cron tick; the incoming sensor "
+        "then only registers drops as partitions.",
+    )
     sensor_enabled: bool = Field(True, description="Start the incoming-folder sensor by default.")
     sensor_interval_seconds: int = Field(30, gt=0, description="Seconds between sensor ticks.")
     retrain_cron: str | None = Field(
         "0 3 * * *", description="Cron for the retraining schedule (skips when the training data is unchanged)."
     )
     schedule_enabled: bool = Field(False, description="Start the retraining schedule by default.")
+
+    @model_validator(mode="after")
+    def _declarative_needs_cron(self) -> AutomationSpec:
+        if self.mode == "declarative" and not self.retrain_cron:
+            raise ValueError(
+                "mode declarative trains at most once per retrain_cron tick: set retrain_cron (e.g. '0 3 * * *')"
+            )
+        return self
 
 
 class PipelineSpec(_Strict):
@@ -1053,7 +1071,20 @@ def parse_spec(text: str, source: str = "<spec>", path: Path | None = None) -> L
         raise SpecError(source, [_yaml_problem(exc, text, source)]) from exc
     if not isinstance(data, dict):
         raise SpecError(source, [f"{source}: the spec must be a YAML mapping with at least name, source and registry"])
-    problems = _duplicate_keys(node, source)
+    spec = validate_spec_data(data, source, lambda loc: _line_of(node, loc), _duplicate_keys(node, source))
+    return LoadedSpec(spec=spec, path=path.resolve() if path else None)
+
+
+def validate_spec_data(
+    data: dict[str, Any],
+    source: str,
+    line_of: Callable[[tuple[Any, ...]], int | None],
+    problems: list[str] | None = None,
+) -> PipelineSpec:
+    """Validate a spec mapping already parsed from YAML; raise SpecError with every problem as
+    ``source:line: field.path: message``. ``line_of(loc)`` gives the line of a field path (a spec file, or the
+    ``attributes`` of a Dagster component's defs.yaml: both routes report the same problems)."""
+    problems = list(problems or [])
     no_source = "source" not in data and "sources" not in data
     if no_source:
         problems.append(
@@ -1067,13 +1098,13 @@ def parse_spec(text: str, source: str = "<spec>", path: Path | None = None) -> L
                 continue
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
             dotted = ".".join(str(p) for p in loc) or "<root>"
-            line = _line_of(node, loc)
+            line = line_of(loc)
             where = f"{source}:{line}" if line else source
             problems.append(f"{where}: {dotted}: {_friendly(err)}")
         raise SpecError(source, problems) from None
     if problems:
         raise SpecError(source, problems)
-    return LoadedSpec(spec=spec, path=path.resolve() if path else None)
+    return spec
 
 
 def load_spec(path: str | Path) -> LoadedSpec:

@@ -1,4 +1,5 @@
-"""Tier 3: the real CLI (`finetune-pipeline`, `dagster asset materialize`, `dagster job execute`) on a small spec,
+"""Tier 3: the real CLI (`finetune-pipeline`, `dg launch --assets/--job`, and `dagster job execute`, which this
+project's users still run) on a small spec,
 with real SQLite-backed Dagster, MLflow and Optuna under a temporary state root. Asserts behaviour, not exit codes."""
 
 import contextlib
@@ -76,13 +77,21 @@ def dagster_cli(world: dict, *args: str) -> str:
     return cli(world, sys.executable, "-m", "dagster", *args, "-m", "finetune_pipeline.definitions")
 
 
+DG = "import sys; from dagster_dg_cli.cli import main; sys.exit(main())"  # the `dg` script of this interpreter
+
+
+def dg_cli(world: dict, *args: str) -> str:
+    """`dg ARGS` in the repository (the dg project: pyproject's [tool.dg]); it prints no SupersessionWarning."""
+    out = cli(world, sys.executable, "-c", DG, *args)
+    assert "SupersessionWarning" not in out, out[-3000:]
+    return out
+
+
 def ingest_all(world: dict) -> list[str]:
     out = cli(world, sys.executable, "-m", "finetune_pipeline.cli", "register-drops")
     keys = [ln.split("registered drop ")[1].split()[0] for ln in out.splitlines() if "registered drop" in ln]
     for k in keys:
-        dagster_cli(
-            world, "asset", "materialize", "--select", "mini/raw_dataset,mini/cleaned_dataset", "--partition", k
-        )
+        dg_cli(world, "launch", "--assets", "mini/raw_dataset,mini/cleaned_dataset", "--partition", k)
     return keys
 
 
@@ -92,6 +101,7 @@ def trained(world: dict) -> dict:
     that runs the job again does not change what another test reads."""
     keys = ingest_all(world)
     assert len(keys) == 2
+    # `dagster job execute` is how this project's users run jobs: it keeps working next to `dg launch --job`
     log = dagster_cli(world, "job", "execute", "-j", "mini_train")
     with instance_of(world) as instance:
         cleaned = instance.get_materialized_partitions(dg.AssetKey(["mini", "cleaned_dataset"]))
@@ -250,7 +260,7 @@ def test_unchanged_data_does_not_retrain_and_new_drop_triggers_schedule(trained:
     exp = client.get_experiment_by_name("mini")
     n_runs = len(client.search_runs([exp.experiment_id]))
     versions = len(client.search_model_versions("name = 'mini-model'"))
-    dagster_cli(env, "job", "execute", "-j", "mini_train")
+    dg_cli(env, "launch", "--job", "mini_train")
     with instance_of(env) as instance:
         adapter = latest(instance, "adapter")
         sweep = latest(instance, "hyperparameter_sweep")

@@ -18,13 +18,15 @@ def build_sensor(spec: LoadedSpec, ingest_job: Any) -> dg.SensorDefinition:
     parts = drops_partitions(spec)
     auto = spec.spec.automation
     folders = ", ".join(str(spec.incoming_of(s)) for s in spec.spec.source_list())
+    declarative = auto.mode == "declarative"
+    what = "Registers" if declarative else "Ingests"
 
     @dg.sensor(
         name=f"{spec.name}_incoming_sensor",
-        job=ingest_job,
+        job=None if declarative else ingest_job,
         minimum_interval_seconds=auto.sensor_interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING if auto.sensor_enabled else dg.DefaultSensorStatus.STOPPED,
-        description=f"Ingests each finished file dropped into {folders} as one partition (by content hash).",
+        description=f"{what} each finished file dropped into {folders} as one partition (by content hash).",
     )
     def incoming_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         previous = json.loads(context.cursor).get("seen", {}) if context.cursor else {}
@@ -38,8 +40,12 @@ def build_sensor(spec: LoadedSpec, ingest_job: Any) -> dg.SensorDefinition:
                 cursor=cursor,
             )
         keys = [d.key for d in scan.ready]
+        if declarative:  # the raw/cleaned assets' eager AutomationCondition ingests the new partitions
+            context.log.info(f"registered {len(keys)} drop(s) as partitions; declarative automation ingests them")
         return dg.SensorResult(
-            run_requests=[
+            run_requests=[]
+            if declarative
+            else [
                 dg.RunRequest(partition_key=d.key, run_key=f"{spec.name}:{d.key}", tags={SOURCE_TAG: str(d.path)})
                 for d in scan.ready
             ],
@@ -86,7 +92,7 @@ def drift_of_new_drops(
 
 def build_schedule(spec: LoadedSpec, train_job: Any) -> dg.ScheduleDefinition | None:
     auto = spec.spec.automation
-    if not auto.retrain_cron:
+    if not auto.retrain_cron or auto.mode == "declarative":
         return None
 
     @dg.schedule(

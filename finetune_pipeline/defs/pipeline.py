@@ -1,4 +1,5 @@
-"""build_pipeline_defs(spec): one spec -> one prefixed asset group with its jobs, sensor and schedule."""
+"""build_pipeline_defs(spec): one spec -> one prefixed asset group with its jobs, sensor and schedule (or, with
+``automation.mode: declarative``, AutomationConditions on the assets; see declarative.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import dagster as dg
 from finetune_pipeline.defs.automation import build_schedule, build_sensor
 from finetune_pipeline.defs.common import drops_partitions, key
 from finetune_pipeline.defs.data_assets import build_data_assets
+from finetune_pipeline.defs.declarative import automation_sensors, with_conditions
 from finetune_pipeline.defs.release_assets import build_release_assets
 from finetune_pipeline.defs.training_assets import build_training_assets
 from finetune_pipeline.spec import LoadedSpec
@@ -16,6 +18,9 @@ def build_pipeline_defs(spec: LoadedSpec) -> dg.Definitions:
     """All definitions for one pipeline spec (resources are supplied once, by the caller)."""
     data_assets = build_data_assets(spec)
     model_assets = [*build_training_assets(spec), *build_release_assets(spec)]
+    declarative = spec.spec.automation.mode == "declarative"
+    if declarative:  # AutomationConditions (and their sensors) instead of ingest run requests and a schedule
+        data_assets, model_assets = with_conditions(spec, data_assets), with_conditions(spec, model_assets)
     ingest = dg.define_asset_job(
         f"{spec.name}_ingest",
         selection=dg.AssetSelection.assets(key(spec, "raw_dataset"), key(spec, "cleaned_dataset")),
@@ -36,6 +41,6 @@ def build_pipeline_defs(spec: LoadedSpec) -> dg.Definitions:
     return dg.Definitions(
         assets=[*data_assets, *model_assets],
         jobs=[ingest, train],
-        sensors=[build_sensor(spec, ingest)],
+        sensors=[build_sensor(spec, ingest), *(automation_sensors(spec) if declarative else [])],
         schedules=[schedule] if schedule else [],
     )

@@ -7,6 +7,7 @@ passwords, tokens) belong in those environment variables, never in a spec.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -73,6 +74,14 @@ def _env(name: str) -> dg.EnvVar | str:
 
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:
+    """The resources every pipeline uses. The same objects while the environment is unchanged, so the code
+    location and each FineTunePipeline component (which brings its own, to work in any dg project) merge."""
+    keys = ("MLFLOW_TRACKING_URI", "FINETUNE_MLFLOW_UI", "FINETUNE_OPTUNA_STORAGE")
+    return dict(_default_resources(tuple(os.environ.get(k) for k in keys)))
+
+
+@functools.cache
+def _default_resources(_env_key: tuple[str | None, ...]) -> dict[str, dg.ConfigurableResource]:
     return {
         "state": StateStore(),
         "mlflow_tracking": MlflowTracking(
