@@ -81,7 +81,9 @@ def _fresh_process(tmp: Path, elsewhere: str, cwd: Path) -> str:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict:
     """adapter and eval_report materialised in this process; then registered_model alone, twice, each time in a
-    fresh process whose MLFLOW_TRACKING_URI names another SQLite store (and whose working folder is empty)."""
+    fresh process whose MLFLOW_TRACKING_URI names another SQLite store (and whose working folder is empty).
+    Slow for this tier: one training child and two fresh interpreters (470 s measured on the shared, loaded 2-core
+    machine; most of it is the children's imports)."""
     from finetune_pipeline.defs.release_assets import eval_report_asset
     from finetune_pipeline.defs.training_assets import adapter_asset
     from finetune_pipeline.spec import load_spec
