@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
-from finetune_pipeline.data.readers import chunks
+from finetune_pipeline.data.readers import chunks, json_stream
 from finetune_pipeline.data.readers.record_formats import formats_of
 from finetune_pipeline.data.readers.result import Dropped, FileProblem, ReadResult, Reject
 from finetune_pipeline.data.readers.text import RAW_PREVIEW_CHARS, BadRecord, load_json, preview
@@ -74,9 +75,216 @@ def _latin1_key(key: str) -> str:
     return '"' + key.encode("utf-8").decode("latin-1") + '"'
 
 
-def read(dropped: Dropped, source: SourceSpec, from_jsonl: bool = False) -> ReadResult:
-    """A JSON array of records, or an object holding lists of records; a document cut off mid-way keeps its
-    complete records.
+def read(dropped: Dropped, source: SourceSpec, from_jsonl: bool = False, stream: bool = True) -> ReadResult:
+    """A JSON array of records, an object holding a list of records, or an object of records keyed by id; a
+    document cut off mid-way keeps its complete records. Arrays, objects with one list and id-keyed objects are
+    streamed (json_stream.py: memory holds a block and a batch of records, not the file); ``stream=False`` and the
+    other objects read the document whole."""
+    where = dropped.where
+    with dropped.open() as f:
+        s = json_stream.Stream(f)
+        pos = s.ws(0)
+        if pos >= len(s.text):
+            raise FileProblem("empty_file", f"{where}: the file is empty: drop a file with at least one record")
+        c = s.char(pos)
+        if c not in "[{":
+            raise FileProblem(
+                "invalid_json",
+                f"{where}: a .json file must hold an array of records or an object holding one (it starts with "
+                f"{preview(s.raw(pos, pos + 20))!r}); use .jsonl for JSON Lines, .csv for CSV",
+            )
+        if not stream:
+            return _read_whole(dropped, source, from_jsonl)
+        if c == "[":
+            return _streamed(where, source, [], lambda rejects, notes: _array(s, pos, rejects, notes))
+        shape = None if source.json_records_key else _shape(s, pos, from_jsonl)
+    if shape is None:
+        return _read_whole(dropped, source, from_jsonl)
+    cols = source.columns
+    lists = [m for m in shape if m[1] == "list"]
+    objects = sum(1 for m in shape if m[1] == "object")
+    values = source.json_records == "values" or (
+        shape and objects == len(shape) and not formats_of({m[0]: None for m in shape}, cols)
+    )
+    if values:
+        how = "source.json_records: values" if source.json_records == "values" else "detected"
+        note = f"records read from the values of the top-level object ({len(shape)} records keyed by id, {how})"
+        if cols.id:
+            note += f"; a record without '{cols.id}' gets its key as its id"
+        return _streamed(where, source, [note], lambda rejects, notes: _values(dropped, cols.id, rejects))
+    if len(lists) == 1:
+        key, _, start, line = lists[0]
+        note = f"records read from key {json.dumps(key)}"
+        return _streamed(where, source, [note], lambda rejects, notes: _array_at(dropped, start, line, rejects, notes))
+    if formats_of({m[0]: None for m in shape}, cols) or source.record_hook:  # the whole document is one record
+        return _read_whole(dropped, source, from_jsonl)
+    raise FileProblem(
+        "no_records",
+        f"{where}: the JSON object has {len(lists)} lists ({', '.join(m[0] for m in lists) or 'none'}), not one list "
+        f"of records; the top level is {_describe(shape)}. {_fix(shape)}",
+    )
+
+
+Member = tuple[str, str, int, int]  # key, kind (list, object, value), where its value starts, its line
+
+
+def _shape(s: json_stream.Stream, pos: int, from_jsonl: bool) -> list[Member] | None:
+    """The top-level object's members (lists stepped over, never held); None when it is cut off or malformed."""
+    out: list[Member] = []
+    try:
+        for key, start, _, line, obj in json_stream.members(s, pos, skip_lists=True):
+            kind = "list" if obj is ... else "object" if isinstance(obj, dict) else "value"
+            out.append((key, kind, start, line))
+    except json_stream.Malformed:
+        return None
+    after = s.ws(s.after)
+    if s.char(after) and not from_jsonl and s.char(after) in "{[":  # several JSON values: JSON Lines in a .json
+        raise HoldsJsonLines()
+    return out
+
+
+def _describe(shape: list[Member]) -> str:
+    n = Counter(kind for _, kind, _, _ in shape)
+    parts = [f"{n[k]} {k}{'s' if n[k] != 1 else ''}" for k in ("list", "object", "value") if n[k]]
+    return f"an object of {len(shape)} members ({', '.join(parts) or 'empty'})"
+
+
+def _fix(shape: list[Member]) -> str:
+    objects = sum(1 for m in shape if m[1] == "object")
+    fixes = []
+    if any(m[1] == "list" for m in shape):
+        fixes.append("set source.json_records_key to the key of the list that holds the records")
+    if objects:
+        fixes.append(
+            "set source.json_records: values to read each object value as one record (its key becomes the row id)"
+        )
+    fixes.append("set source.record_hook to a 'module:function' if the whole object is one record")
+    return "To read it: " + "; or ".join(fixes) + "."
+
+
+def _array(s: json_stream.Stream, pos: int, rejects: list[Reject], notes: list[str]) -> Iterator[tuple[bytes, int]]:
+    """The top-level array's records; content after its end is a reject (one array per file)."""
+    for raw, line, _ in json_stream.elements(s, pos, rejects, notes):
+        yield raw, line
+    if s.after >= 0:
+        after = s.ws(s.after)
+        if s.char(after):
+            line = s.at(after)
+            rejects.append(
+                Reject(
+                    line,
+                    "invalid_json",
+                    f"content after the end of the JSON array at line {line} is not read: put one array per file "
+                    "(or use JSON Lines, one record per line)",
+                    s.preview_at(after),
+                )
+            )
+
+
+def _array_at(
+    dropped: Dropped, start: int, line: int, rejects: list[Reject], notes: list[str]
+) -> Iterator[tuple[bytes, int]]:
+    """The records of the list starting at byte ``start`` (on ``line``)."""
+    with dropped.open_at(start) as f:
+        s = json_stream.Stream(f, start, line)
+        s.ws(0)
+        for raw, rec_line, _ in json_stream.elements(s, 0, rejects, notes):
+            yield raw, rec_line
+
+
+def _values(dropped: Dropped, id_field: str | None, rejects: list[Reject]) -> Iterator[tuple[bytes, int]]:
+    """The top-level object's values as records; a record without the id field gets its key there."""
+    with dropped.open() as f:
+        s = json_stream.Stream(f)
+        pos = s.ws(0)
+        count = 0
+        try:
+            for key, start, end, line, obj in json_stream.members(s, pos, skip_lists=False):
+                raw = s.raw(start - s.base, end - s.base)
+                if id_field and isinstance(obj, dict) and _latin1(id_field) not in obj:
+                    sep = b"" if not obj else b", "
+                    head = json.dumps({id_field: key}, ensure_ascii=False).encode()[:-1]
+                    raw = head + sep + raw[1:].lstrip()
+                count += 1
+                yield raw, line
+        except json_stream.Malformed:
+            line = s.at(min(len(s.text), s.lpos))
+            rejects.append(
+                Reject(
+                    line,
+                    "truncated_json",
+                    f"the JSON object is cut off or malformed after {count} complete records (near line {line}); "
+                    "the records before it are kept. Re-export the file in full.",
+                    "",
+                )
+            )
+
+
+def _latin1(key: str) -> str:
+    """A key as raw_decode sees it in a document read as Latin-1."""
+    return key.encode("utf-8").decode("latin-1")
+
+
+def _streamed(
+    where: str,
+    source: SourceSpec,
+    notes: list[str],
+    scan: Callable[[list[Reject], list[str]], Iterator[tuple[bytes, int]]],
+) -> ReadResult:
+    """Records from ``scan`` (bytes, line) in batches through the shared loop. The scan's rejects (a cut-off
+    tail) are not records but count as rows in; its notes follow ``notes``, the record-format note comes last."""
+    scan_rejects: list[Reject] = []
+    scan_notes: list[str] = []
+    counted = [0]
+
+    def batches() -> Iterator[chunks.Batch]:
+        raws: list[bytes] = []
+        lines: list[int] = []
+        size, first = 0, True
+        for raw, line in scan(scan_rejects, scan_notes):
+            raws.append(raw)
+            lines.append(line)
+            size += len(raw)
+            counted[0] += 1
+            full = len(raws) >= chunks.CHUNK_LINES or size >= chunks.CHUNK_BYTES
+            if full and (not first or len(raws) >= chunks.DETECT_SAMPLE):
+                yield chunks.batch_of(raws, lines)
+                raws, lines, size, first = [], [], 0, False
+        if raws:
+            yield chunks.batch_of(raws, lines)
+
+    sample, stream = chunks.sampled(batches(), load_json)
+    fmt_notes: list[str] = []
+    if sample:
+        fmt = chunks.choose_format(source, sample, where, fmt_notes)
+    elif not scan_rejects:
+        raise FileProblem(
+            "no_records",
+            f"{where}: the JSON document holds no records (an empty list): drop a file with at least one record",
+        )
+    else:
+        fmt = source.record_format if source.record_format != "auto" else "chat"
+    sink = chunks.Sink(source, fmt, where)
+    rejects: list[Reject] = []
+
+    def one_by_one(b: chunks.Batch, idx: np.ndarray) -> None:
+        for i in idx.tolist():
+            rec, line = load_json(b.raw(i)), int(b.lines[i])
+            try:
+                sink.add(rec, line)
+            except BadRecord as bad:
+                raw = preview(json.dumps(rec, ensure_ascii=False, default=str))
+                rejects.append(Reject(line, bad.reason, bad.detail, raw))
+
+    chunks.read_batches(stream, sink, one_by_one, multiline=True)
+    rejects = sorted(scan_rejects + rejects, key=lambda r: r.line)
+    notes = notes + scan_notes + fmt_notes
+    return ReadResult("json", fmt, sink.tables, rejects, counted[0] + len(scan_rejects), 0, notes, sink.formats)
+
+
+def _read_whole(dropped: Dropped, source: SourceSpec, from_jsonl: bool = False) -> ReadResult:
+    """The document read whole (for objects that need it: source.json_records_key, a cut-off object, an object
+    that is one record; and the reference the streamed reading is tested against).
 
     The structure is walked with the stdlib's C scanner (json raw_decode) over the bytes read as Latin-1, so that
     character positions are byte positions and each record keeps its span and source line; the records' bytes then

@@ -62,10 +62,12 @@ class Dropped:
         return self.data
 
     def open(self) -> BinaryIO:
-        if self.data is not None:
-            return io.BytesIO(self.data)
-        f = self.path.open("rb")
-        f.seek(self.skip)
+        return self.open_at(0)
+
+    def open_at(self, offset: int) -> BinaryIO:
+        """The text from byte ``offset`` on (after a byte-order mark)."""
+        f: BinaryIO = io.BytesIO(self.data) if self.data is not None else self.path.open("rb")
+        f.seek(offset + (self.skip if self.data is None else 0))
         return f
 
 
