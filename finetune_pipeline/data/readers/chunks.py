@@ -101,7 +101,8 @@ class Sink:
     The record format is fixed (chat, sharegpt, ...), ``mixed`` (each record in the format its own fields show),
     or given by the spec's record hook (raw record in, messages out; the rows are chat)."""
 
-    def __init__(self, source: SourceSpec, fmt: str, where: str):
+    def __init__(self, source: SourceSpec, fmt: str, where: str, flush_rows: int | None = None):
+        self.flush_rows = flush_rows  # rows kept as Python objects before they become a table (default CHUNK_LINES)
         self.cols = source.columns
         self.fmt = fmt
         self.hook_name = source.record_hook
@@ -166,7 +167,7 @@ class Sink:
         row["_line"] = line
         self.rows.setdefault(fmt, []).append(row)
         self.pending += 1
-        if self.pending >= CHUNK_LINES:
+        if self.pending >= (self.flush_rows or CHUNK_LINES):
             self.flush()
 
     def append(self, table: pa.Table, fmt: str) -> None:
@@ -305,6 +306,7 @@ def read_records(
     rows: Iterable[tuple[Any, int]],
     rejects: list,
     raw_of: Callable[[int], str | None] | None = None,
+    flush_rows: int | None = None,
 ) -> tuple[str, Sink, list[str], int]:
     """Records already parsed (CSV rows, Parquet rows), with their line, into the sink one by one. ``sample``: the
     first records (to detect the record format). Returns the record format, the sink, the notes and the number of
@@ -318,7 +320,7 @@ def read_records(
         if sample
         else (source.record_format if source.record_format != "auto" else "chat")
     )
-    sink = Sink(source, fmt, where)
+    sink = Sink(source, fmt, where, flush_rows)
     n = 0
     for rec, line in rows:
         n += 1

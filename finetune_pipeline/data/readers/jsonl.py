@@ -39,33 +39,77 @@ def _line_index(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return starts, ends, blank
 
 
-def _batches(data: bytes, starts: np.ndarray, ends: np.ndarray, content: np.ndarray) -> Iterator[chunks.Batch]:
-    n = chunks.CHUNK_LINES
-    for c0 in range(0, len(content), n):
-        idx = content[c0 : c0 + n]
-        if idx[-1] - idx[0] + 1 == len(idx):  # a contiguous run of lines (no blank lines inside): one slice
-            a = int(starts[idx[0]])
-            yield chunks.Batch(data[a : int(ends[idx[-1]])], starts[idx] - a, ends[idx] - a, idx + 1)
-        else:
-            yield chunks.batch_of([data[starts[i] : ends[i]] for i in idx.tolist()], idx + 1)
+BLOCK_BYTES = 64 << 20  # the file is read in blocks of whole lines: memory holds a block, not the file
+
+
+def _blocks(dropped: Dropped) -> Iterator[tuple[bytes, int]]:
+    """The file in blocks of whole lines, each with the number of its first line."""
+    if dropped.data is not None:  # transcoded by the dispatcher: already in memory
+        yield dropped.data, 1
+        return
+    line, rest = 1, b""
+    with dropped.open() as f:
+        while True:
+            more = f.read(BLOCK_BYTES)
+            if not more:
+                if rest:
+                    yield rest, line
+                return
+            buf = rest + more
+            cut = buf.rfind(b"\n") + 1
+            if not cut:
+                rest = buf
+                continue
+            block, rest = buf[:cut], buf[cut:]
+            yield block, line
+            line += block.count(b"\n")
+
+
+class _Block:
+    """One block's lines: where each starts and ends, which are blank, the number of its first line."""
+
+    def __init__(self, data: bytes, first_line: int):
+        self.data, self.first_line = data, first_line
+        self.starts, self.ends, self.blank = _line_index(data)
+        self.content = np.flatnonzero(~self.blank)
+
+    def raw(self, i: int) -> bytes:
+        return self.data[self.starts[i] : self.ends[i]]
+
+    def batches(self) -> Iterator[chunks.Batch]:
+        data, starts, ends, n = self.data, self.starts, self.ends, chunks.CHUNK_LINES
+        for c0 in range(0, len(self.content), n):
+            idx = self.content[c0 : c0 + n]
+            lines = idx + self.first_line
+            if idx[-1] - idx[0] + 1 == len(idx):  # a contiguous run of lines (no blank lines inside): one slice
+                a = int(starts[idx[0]])
+                yield chunks.Batch(data[a : int(ends[idx[-1]])], starts[idx] - a, ends[idx] - a, lines)
+            else:
+                yield chunks.batch_of([data[starts[i] : ends[i]] for i in idx.tolist()], lines)
 
 
 def read(dropped: Dropped, source: SourceSpec) -> ReadResult:
     where = dropped.where
-    data = dropped.read_bytes()
-    if not data:
+    blocks = _blocks(dropped)
+    first_data, _ = next(blocks, (b"", 1))
+    if not first_data:
         raise FileProblem("empty_file", f"{where}: the file is empty (0 bytes): drop a file with at least one record")
-    starts, ends, blank = _line_index(data)
-    content = np.flatnonzero(~blank)
-    if len(content) == 0:
+    first = _Block(first_data, 1)
+    while len(first.content) < chunks.DETECT_SAMPLE:  # the detection sample: the first content lines of the file
+        more, _ = next(blocks, (b"", 0))
+        if not more:
+            break
+        first = _Block(first.data + more, 1)
+    if len(first.content) == 0:
         raise FileProblem(
             "no_records",
-            f"{where}: the file holds no records ({len(ends)} blank lines): drop a file with one JSON object per line",
+            f"{where}: the file holds no records ({len(first.ends)} blank lines): drop a file with one JSON object "
+            "per line",
         )
     sample = []
     first_bad: tuple[int, str] | None = None
-    for i in content[: chunks.DETECT_SAMPLE]:
-        raw = data[starts[i] : ends[i]]
+    for i in first.content[: chunks.DETECT_SAMPLE]:
+        raw = first.raw(i)
         try:
             sample.append(json.loads(raw))
         except (ValueError, UnicodeDecodeError) as exc:
@@ -97,6 +141,17 @@ def read(dropped: Dropped, source: SourceSpec) -> ReadResult:
             except BadRecord as b_:
                 rejects.append(Reject(line, b_.reason, b_.detail, preview(raw)))
 
-    longest = int((ends - starts).max(initial=0))
-    chunks.read_batches(_batches(data, starts, ends, content), sink, per_line, split_invalid_utf8=True, longest=longest)
-    return ReadResult("jsonl", fmt, sink.tables, rejects, len(content), int(blank.sum()), notes, sink.formats)
+    counts = [0, 0]  # content lines, blank lines
+
+    def batches() -> Iterator[chunks.Batch]:
+        block: _Block | None = first
+        while block is not None:
+            counts[0] += len(block.content)
+            counts[1] += int(block.blank.sum())
+            yield from block.batches()
+            line = block.first_line + len(block.ends)
+            more, _ = next(blocks, (b"", 0))
+            block = _Block(more, line) if more else None
+
+    chunks.read_batches(batches(), sink, per_line, split_invalid_utf8=True)
+    return ReadResult("jsonl", fmt, sink.tables, rejects, counts[0], counts[1], notes, sink.formats)

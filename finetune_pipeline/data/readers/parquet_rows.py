@@ -13,6 +13,7 @@ from finetune_pipeline.data.readers.result import Dropped, FileProblem, ReadResu
 from finetune_pipeline.spec import SourceSpec
 
 BATCH_ROWS = 8192
+FLUSH_BYTES = 64 << 20  # rows held as Python objects at most (about), before they become a table
 
 
 def _rows(batches: Iterator[pa.RecordBatch], rejects: list[Reject]) -> Iterator[tuple[Any, int]]:
@@ -58,7 +59,12 @@ def read(dropped: Dropped, source: SourceSpec) -> ReadResult:
             yield from rows
 
         rejects: list[Reject] = []
-        fmt, sink, notes, n = chunks.read_records(where, source, [r for r, _ in sample], all_rows(), rejects)
+        meta = pf.metadata
+        row_bytes = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)) / meta.num_rows
+        flush = int(min(chunks.CHUNK_LINES, max(BATCH_ROWS, FLUSH_BYTES // max(row_bytes, 1))))
+        fmt, sink, notes, n = chunks.read_records(
+            where, source, [r for r, _ in sample], all_rows(), rejects, flush_rows=flush
+        )
     except (pa.ArrowInvalid, OSError) as exc:
         raise FileProblem(
             "unreadable_file", f"{where}: not a readable Parquet file ({exc}): re-export it in full"
