@@ -26,7 +26,12 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 
-def _rss_mb() -> float:
+def _rss_mb(field: str = "VmHWM") -> float:
+    """This process's peak (VmHWM) or current (VmRSS) resident memory. Not ru_maxrss: Linux carries it over from
+    the parent across fork and exec, so a child started by a large parent would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -83,7 +88,7 @@ def measure(path: Path, impl: str, ref: str) -> dict:
     else:
         from finetune_pipeline.data.readers import read_file
     source = SourceSpec(incoming_dir="in", record_format="sharegpt")
-    base = _rss_mb()
+    base = _rss_mb("VmRSS")
     t0 = time.perf_counter()
     res = read_file(path, source)
     seconds = time.perf_counter() - t0
