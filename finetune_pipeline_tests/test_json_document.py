@@ -151,3 +151,15 @@ def test_an_object_not_understood_says_its_shape_and_the_option(tmp_path: Path) 
     msg = str(exc.value)
     assert "an object of 4 members (2 lists, 1 object, 1 value)" in msg
     assert "source.json_records_key" in msg and "source.json_records: values" in msg
+
+
+def test_a_cut_off_id_keyed_object_keeps_the_records_before_the_cut(tmp_path: Path) -> None:
+    f = tmp_path / "cut.json"
+    rec = {"prompt": "What is two plus two?", "completion": "Four, of course."}
+    text = json.dumps({f"k{i}": rec | {"prompt": f"What is {i} plus {i}?"} for i in range(5)}, indent=1)
+    f.write_text(text[: text.index('"k3"') + 20])
+    res = clean_file(f, "d", make_spec(source={"json_records": "values"}, dedup={"near": False}))
+    assert res.kept["row_id"].tolist() == ["k0", "k1", "k2"]
+    [q] = res.quarantine.to_dict("records")
+    assert q["reason"] == "truncated_json" and "after 3 complete records" in q["detail"] and q["source_line"] > 10
+    assert res.rows_in == 4 and res.accounted()

@@ -97,14 +97,18 @@ def read(dropped: Dropped, source: SourceSpec, from_jsonl: bool = False, stream:
             return _read_whole(dropped, source, from_jsonl)
         if c == "[":
             return _streamed(where, source, [], lambda rejects, notes: _array(s, pos, rejects, notes))
-        shape = None if source.json_records_key else _shape(s, pos, from_jsonl)
-    if shape is None:
-        return _read_whole(dropped, source, from_jsonl)
+        by_key = source.json_records_key and source.json_records != "values"
+        shape = None if by_key else _shape(s, pos, from_jsonl)
     cols = source.columns
+    if shape is None:
+        if source.json_records == "values":  # cut off or malformed: the records before the fault are kept
+            note = "records read from the values of the top-level object (source.json_records: values)"
+            return _streamed(where, source, [note], lambda rejects, notes: _values(dropped, cols.id, rejects))
+        return _read_whole(dropped, source, from_jsonl)
     lists = [m for m in shape if m[1] == "list"]
     objects = sum(1 for m in shape if m[1] == "object")
     values = source.json_records == "values" or (
-        shape and objects == len(shape) and not formats_of({m[0]: None for m in shape}, cols)
+        bool(shape) and objects == len(shape) and not formats_of({m[0]: None for m in shape}, cols)
     )
     if values:
         how = "source.json_records: values" if source.json_records == "values" else "detected"
@@ -207,15 +211,15 @@ def _values(dropped: Dropped, id_field: str | None, rejects: list[Reject]) -> It
                     raw = head + sep + raw[1:].lstrip()
                 count += 1
                 yield raw, line
-        except json_stream.Malformed:
-            line = s.at(min(len(s.text), s.lpos))
+        except json_stream.Malformed as exc:
+            line = s.at(exc.pos)
             rejects.append(
                 Reject(
                     line,
                     "truncated_json",
-                    f"the JSON object is cut off or malformed after {count} complete records (near line {line}); "
+                    f"the JSON object is cut off or malformed at line {line} after {count} complete records; "
                     "the records before it are kept. Re-export the file in full.",
-                    "",
+                    s.preview_at(exc.pos),
                 )
             )
 

@@ -24,7 +24,11 @@ _PREVIEW = RAW_PREVIEW_CHARS * 4
 
 
 class Malformed(Exception):
-    """The document is cut off or malformed here (the whole-document reader says how)."""
+    """The document is cut off or malformed at ``pos`` (the whole-document reader says how)."""
+
+    def __init__(self, pos: int):
+        super().__init__(pos)
+        self.pos = pos
 
 
 class Stream:
@@ -163,15 +167,15 @@ def members(s: Stream, pos: int, skip_lists: bool) -> Iterator[tuple[str, int, i
     while True:
         pos = s.trim(pos)
         if s.char(pos) != '"':
-            raise Malformed
+            raise Malformed(pos)
         try:
             _, end = s.value(pos)
             key = json.loads(s.raw(pos, end))
         except ValueError:
-            raise Malformed from None
+            raise Malformed(pos) from None
         pos = s.ws(end)
         if s.char(pos) != ":":
-            raise Malformed
+            raise Malformed(pos)
         pos = s.ws(pos + 1)
         line = s.at(pos)
         if skip_lists and s.char(pos) == "[":
@@ -179,14 +183,14 @@ def members(s: Stream, pos: int, skip_lists: bool) -> Iterator[tuple[str, int, i
             for _ in elements(s, pos, [], []):
                 pass
             if s.after < 0:
-                raise Malformed
+                raise Malformed(len(s.text))
             end = s.after
             yield key, start, s.base + end, line, ...
         else:
             try:
                 obj, end = s.value(pos)
             except ValueError:
-                raise Malformed from None
+                raise Malformed(pos) from None
             yield key, s.base + pos, s.base + end, line, obj
         pos = s.ws(end)
         c = s.char(pos)
@@ -196,4 +200,4 @@ def members(s: Stream, pos: int, skip_lists: bool) -> Iterator[tuple[str, int, i
             s.after = pos + 1
             return
         else:
-            raise Malformed
+            raise Malformed(pos)
