@@ -31,7 +31,7 @@ from finetune_pipeline.data.readers.text import BadRecord
 from finetune_pipeline.spec import SourceSpec
 
 CHUNK_LINES = 131_072  # records per batch (read at call time: tests lower it)
-CHUNK_BYTES = 32 << 20  # bytes per batch of a streamed JSON document (its records can be large)
+CHUNK_BYTES = 16 << 20  # bytes per batch of a streamed JSON document (its records can be large)
 DETECT_SAMPLE = 200
 
 

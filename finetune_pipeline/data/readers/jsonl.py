@@ -39,7 +39,7 @@ def _line_index(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return starts, ends, blank
 
 
-BLOCK_BYTES = 64 << 20  # the file is read in blocks of whole lines: memory holds a block, not the file
+BLOCK_BYTES = 16 << 20  # the file is read in blocks of whole lines: memory holds a block, not the file
 
 
 def _blocks(dropped: Dropped) -> Iterator[tuple[bytes, int]]:

@@ -12,8 +12,8 @@ from finetune_pipeline.data.readers import chunks
 from finetune_pipeline.data.readers.result import Dropped, FileProblem, ReadResult, Reject
 from finetune_pipeline.spec import SourceSpec
 
-BATCH_ROWS = 8192
-FLUSH_BYTES = 64 << 20  # rows held as Python objects at most (about), before they become a table
+BATCH_ROWS = 2048
+FLUSH_BYTES = 16 << 20  # rows held as Python objects at most (about), before they become a table
 
 
 def _rows(batches: Iterator[pa.RecordBatch], rejects: list[Reject]) -> Iterator[tuple[Any, int]]:
