@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from finetune_pipeline.data import formats  # noqa: E402
+from finetune_pipeline.data.readers import read_file  # noqa: E402
 from finetune_pipeline.spec import SourceSpec  # noqa: E402
 
 WORDS = (
@@ -128,7 +128,7 @@ def main() -> None:
         results["orjson_whole"], _ = timed(orjson.loads, data)
     except ImportError:
         pass
-    results["now"], r1 = timed(formats.read_json_document, path, data, source, str(path))
+    results["now"], r1 = timed(read_file, path, source)
     rows0 = sum(t.num_rows for t in r0.tables)
     rows1 = sum(t.num_rows for t in r1.tables)
     assert n_loop == n and rows1 == n and rows0 == n, (n, n_loop, rows0, rows1)

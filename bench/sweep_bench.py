@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
-    from finetune_pipeline.data.demo_tickets import generate_tickets
+    from examples.demo_tickets import generate_tickets
     from finetune_pipeline.models.base import provision_base_model
     from finetune_pipeline.tuning.sweep import run_sweep
     from finetune_pipeline_tests.conftest import make_spec

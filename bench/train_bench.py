@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 
 def rows_from_demo(tmp: Path, n: int) -> list[str]:
-    from finetune_pipeline.data.demo_tickets import write_demo_drops
+    from examples.demo_tickets import write_demo_drops
 
     out = []
     for p in write_demo_drops(tmp / "drops"):

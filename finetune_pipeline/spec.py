@@ -171,6 +171,13 @@ class SourceSpec(_Strict):
         "exactly one list). Every list under this key, at any depth, is read; when the key also occurs inside "
         "records (ambiguous), the file stops with the places it occurs.",
     )
+    json_records: Literal["auto", "values"] = Field(
+        "auto",
+        description="json files holding an object: values = the object's values are the records and each key is "
+        'the row id (id-keyed exports such as {"conv1": {"messages": [...]}, ...}; a record that has the '
+        "columns.id field keeps its own); auto = the same when every value is an object that is not itself a record "
+        "field set, else the list under json_records_key (or the object's only list). The run log says which.",
+    )
     roles: dict[str, Literal["system", "user", "assistant"]] = Field(
         default_factory=dict,
         description="Speaker names mapped to roles (case-insensitive), added to the defaults "

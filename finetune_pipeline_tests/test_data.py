@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from finetune_pipeline.data.clean import clean_file, frame_digest
-from finetune_pipeline.data.demo_tickets import write_demo_drops
+from examples.demo_tickets import write_demo_drops
 from finetune_pipeline.data.split import build_splits, overlap_report, split_of
 from finetune_pipeline.keys import training_fingerprint
 from finetune_pipeline.spec import SplitSpec

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from finetune_pipeline.data.demo_tickets import (
+from examples.demo_tickets import (
     CATEGORIES,
     CATEGORY_CUES,
     DEMO_DROPS,

@@ -14,7 +14,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from finetune_pipeline.data.demo_tickets import write_demo_drops
+from examples.demo_tickets import write_demo_drops
 from finetune_pipeline_tests.conftest import REPO
 
 pytestmark = pytest.mark.e2e

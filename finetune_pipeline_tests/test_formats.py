@@ -11,9 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from finetune_pipeline.data import formats
+from finetune_pipeline.data import readers
 from finetune_pipeline.data.clean import clean_file
 from finetune_pipeline.data.normalize import json_string, normalise_whitespace
+from finetune_pipeline.data.readers import chunks
 from finetune_pipeline_tests.conftest import make_spec, write_jsonl
 
 CHAT = {
@@ -158,7 +159,7 @@ def test_each_bad_row_is_quarantined_with_its_reason_and_line(
     assert res.quarantine[["source_line", "reason"]].values.tolist() == [[4, reason]]
     assert sorted(res.kept["row_id"]) == [g["id"] for g in GOOD] and res.accounted()
     row = res.quarantine.iloc[0]
-    assert named in row["detail"] and len(row["raw"]) <= formats.RAW_PREVIEW_CHARS
+    assert named in row["detail"] and len(row["raw"]) <= readers.RAW_PREVIEW_CHARS
 
 
 def test_blank_lines_are_counted_and_content_parts_are_joined(tmp_path: Path) -> None:
@@ -262,15 +263,15 @@ def test_nothing_is_lost_and_the_fast_path_agrees_with_the_line_by_line_path(tmp
     assert res.accounted()
     assert res.rows_in + res.blank_lines == len(lines)
     # the same rows through the per-line path only
-    old = formats.CHUNK_LINES
+    old = chunks.CHUNK_LINES
     try:
-        formats.CHUNK_LINES = 1 << 30
-        orig = formats.pajson.read_json
-        formats.pajson.read_json = lambda *a, **k: (_ for _ in ()).throw(pa.ArrowInvalid("forced"))
+        chunks.CHUNK_LINES = 1 << 30
+        orig = chunks.pajson.read_json
+        chunks.pajson.read_json = lambda *a, **k: (_ for _ in ()).throw(pa.ArrowInvalid("forced"))
         slow = clean_file(f, "d", spec)
     finally:
-        formats.CHUNK_LINES = old
-        formats.pajson.read_json = orig
+        chunks.CHUNK_LINES = old
+        chunks.pajson.read_json = orig
     pd.testing.assert_frame_equal(res.kept, slow.kept)
     assert (
         res.quarantine[["source_line", "reason"]].values.tolist()
@@ -309,7 +310,7 @@ def test_token_bounds_use_the_base_tokenizer(tmp_path: Path, tiny_model: Path) -
 def test_numeric_ids_stay_on_the_fast_path_and_match_the_slow_one(tmp_path: Path) -> None:
     rows = [PROMPT_COMPLETION | {"id": i, "prompt": f"question {i}?"} for i in range(50)]
     f = write_jsonl(tmp_path / "n.jsonl", rows)
-    res = formats.read_file(f, make_spec().source)
+    res = readers.read_file(f, make_spec().source)
     assert len(res.tables) == 1 and res.tables[0].num_rows == 50 and not res.rejects
     assert res.tables[0].column("id").to_pylist()[:3] == ["0", "1", "2"]
     assert clean_file(f, "d", make_spec()).kept["row_id"].tolist() == [str(i) for i in range(50)]

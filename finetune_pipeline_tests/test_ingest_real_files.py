@@ -493,7 +493,7 @@ def test_a_zero_byte_file_is_ingested_and_stops_with_empty_file(tmp_path: Path) 
 
 
 def test_json_document_fast_path_agrees_with_record_by_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from finetune_pipeline.data import formats
+    from finetune_pipeline.data.readers import chunks as formats
 
     rows = [chat_row(i) for i in range(30)]
     rows[3] = {"id": "m", "messages": None}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from finetune_pipeline.data import dedup, labels, normalize, quality
-from finetune_pipeline.data.formats import RAW_PREVIEW_CHARS, FileProblem, Reject, read_file, safe_text
+from finetune_pipeline.data.readers import RAW_PREVIEW_CHARS, FileProblem, ReadResult, Reject, read_file, safe_text
 from finetune_pipeline.spec import PipelineSpec, SourceSpec
 
 KEPT_COLUMNS = [
@@ -39,6 +40,7 @@ KEPT_COLUMNS = [
 QUARANTINE_COLUMNS = ["drop", "source_line", "reason", "detail", "raw"]
 DUPLICATE_COLUMNS = ["drop", "source_line", "row_id", "duplicate_of", "content_hash", "kind", "similarity"]
 PII_COLUMNS = ["drop", "source_line", "row_id", "kinds", "outcome", "preview"]
+_BASE_COLUMNS = ["messages", "content_hash", "n_messages", "chars", "source_line"]
 
 
 @dataclass
@@ -99,10 +101,7 @@ def clean_file(
     it. ``count_tokens(list[str] messages JSON) -> np.ndarray`` enables cleaning.min_tokens / max_tokens.
     ``source``: the spec source the file came from (its formats, column map and labels; default the first); its
     name is stored in every kept row's ``source`` column."""
-    import time
-
     src = source or spec.source_list()[0]
-    cleaning, cols = spec.cleaning, src.columns
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     try:
@@ -111,17 +110,52 @@ def clean_file(
         q = pd.DataFrame([{"drop": drop, "source_line": 0, "reason": exc.reason, "detail": str(exc), "raw": ""}])
         return CleanResult(_empty(KEPT_COLUMNS), q, _empty(DUPLICATE_COLUMNS), 1, 0, {exc.reason: 1}, notes=[str(exc)])
     timings["parse"] = time.perf_counter() - t0
+    w = _normalise_tables(read, src, spec, timings)
+    _check_row_fields(w, spec, src)
+    _score_quality(w, spec)
+    _count_tokens(w, spec, count_tokens)
+    _assign_row_ids(w, drop, src)
+    _dedup(w, spec, drop)
+    return _result(w, read, spec, drop)
+
+
+@dataclass
+class _Work:
+    """One file on its way through the steps of clean_file: the rows so far and what was said about them."""
+
+    kept: pd.DataFrame
+    rejects: list[Reject]
+    prompt: pa.Array  # per row: the prompt side (near dedup)
+    final: pa.Array  # per row: the final answer (near dedup)
+    answer: pa.Array  # per row: the assistant turns (quality score)
+    notes: list[str]
+    timings: dict[str, float]
+    pii_parts: list[pd.DataFrame]
+    drop_mask: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # quarantined by a row check
+    alive: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # kept in the end
+    dups: list[pd.DataFrame] = field(default_factory=list)
+
+    def reject_rows(self, mask: np.ndarray, why: str, detail_of: Any) -> None:
+        """Quarantine the rows in ``mask`` not already quarantined, with ``detail_of(i)``."""
+        kept, new = self.kept, mask & ~self.drop_mask
+        for i in np.flatnonzero(new):
+            self.rejects.append(
+                Reject(int(kept["source_line"].iat[i]), why, detail_of(i), kept["messages"].iat[i][:RAW_PREVIEW_CHARS])
+            )
+        self.drop_mask[new] = True
+
+
+def _normalise_tables(read: ReadResult, src: SourceSpec, spec: PipelineSpec, timings: dict[str, float]) -> _Work:
+    """Each table to the chat schema (normalize.normalise); invalid rows become rejects; rows in file order."""
+    cols = src.columns
     rejects: list[Reject] = list(read.rejects)
     frames: list[pd.DataFrame] = []
-    prompts: list[pa.Array] = []
-    finals: list[pa.Array] = []
-    answers: list[pa.Array] = []
+    texts: list[tuple[pa.Array, pa.Array, pa.Array]] = []
     pii_parts: list[pd.DataFrame] = []
     t0 = time.perf_counter()
     pairs = [(t, f) for t, f in zip(read.tables, read.table_formats, strict=True) if t.num_rows]
-    tables = [t for t, _ in pairs]
     results = [
-        normalize.normalise(t, f, cols, cleaning, roles=src.role_map(), leading_assistant=src.leading_assistant)
+        normalize.normalise(t, f, cols, spec.cleaning, roles=src.role_map(), leading_assistant=src.leading_assistant)
         for t, f in pairs
     ]
     notes = list(read.notes)
@@ -131,7 +165,7 @@ def clean_file(
         notes.append(
             f"{moved} conversations began with assistant turns: those turns were {how} (source.leading_assistant)"
         )
-    for table, res in zip(tables, results, strict=True):
+    for (table, _), res in zip(pairs, results, strict=True):
         lines = table.column("_line").to_numpy()
         if len(res.reject_rows):
             previews = _row_preview(table, res.reject_rows)
@@ -148,37 +182,29 @@ def clean_file(
         frames.append(f)
         if res.pii is not None and len(res.pii):
             pii_parts.append(pd.DataFrame({"source_line": lines[res.pii["pos"].to_numpy()], "kind": res.pii["kind"]}))
-        prompts.append(res.prompt_text)
-        finals.append(res.answer_text)
-        answers.append(res.assistant_text)
-    base_cols = ["messages", "content_hash", "n_messages", "chars", "source_line"]
-    kept = pd.concat(frames, ignore_index=True) if frames else _empty(base_cols)
+        texts.append((res.prompt_text, res.answer_text, res.assistant_text))
+    kept = pd.concat(frames, ignore_index=True) if frames else _empty(_BASE_COLUMNS)
     for name in ("id", "label", "timestamp"):
         if name not in kept:
             kept[name] = None
-    prompt = pa.concat_arrays(prompts) if prompts else pa.array([], pa.string())
-    final = pa.concat_arrays(finals) if finals else pa.array([], pa.string())
-    answer = pa.concat_arrays(answers) if answers else pa.array([], pa.string())
+    prompt, final, answer = (
+        pa.concat_arrays([t[k] for t in texts]) if texts else pa.array([], pa.string()) for k in range(3)
+    )
     if len(set(read.table_formats)) > 1 and len(kept):  # a mixed file: rows back in file order
         order = np.argsort(kept["source_line"].to_numpy(), kind="stable")
         kept = kept.iloc[order].reset_index(drop=True)
         prompt, final, answer = (x.take(pa.array(order)) for x in (prompt, final, answer))
     timings["normalise"] = time.perf_counter() - t0
+    return _Work(kept, rejects, prompt, final, answer, notes, timings, pii_parts, np.zeros(len(kept), bool))
 
-    drop_mask = np.zeros(len(kept), bool)
 
-    def reject_rows(mask: np.ndarray, why: str, detail_of: Any) -> None:
-        new = mask & ~drop_mask
-        for i in np.flatnonzero(new):
-            rejects.append(
-                Reject(int(kept["source_line"].iat[i]), why, detail_of(i), kept["messages"].iat[i][:RAW_PREVIEW_CHARS])
-            )
-        drop_mask[new] = True
-
+def _check_row_fields(w: _Work, spec: PipelineSpec, src: SourceSpec) -> None:
+    """Timestamps (parsed; required by a temporal split), labels (normalised; required by a stratified split)."""
+    cols, kept = src.columns, w.kept
     if cols.timestamp:
         ts = parse_timestamps(kept["timestamp"])
         if spec.split.method == "temporal":
-            reject_rows(
+            w.reject_rows(
                 ts.isna().to_numpy(),
                 "bad_timestamp",
                 lambda i: (
@@ -188,7 +214,7 @@ def clean_file(
         kept["timestamp"] = ts.dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ").where(ts.notna(), None)
     if cols.label and src.labels.active:
         kept["label"], unknown = labels.normalise_labels(kept["label"], src.labels)
-        reject_rows(
+        w.reject_rows(
             unknown,
             "unknown_label",
             lambda i: (
@@ -198,42 +224,57 @@ def clean_file(
         )
     if spec.split.method == "stratified":
         lab = kept["label"]
-        reject_rows(
+        w.reject_rows(
             (lab.isna() | (lab.astype("string").str.strip() == "")).to_numpy(),
             "missing_label",
             lambda i: f"the label field '{cols.label}' is missing or empty (split.method is stratified)",
         )
+
+
+def _score_quality(w: _Work, spec: PipelineSpec) -> None:
+    cleaning = spec.cleaning
     t0 = time.perf_counter()
-    kept["quality"] = 1.0
-    if cleaning.quality.enabled and len(kept):
-        q = quality.score(answer, cleaning.quality)
-        kept["quality"] = np.round(q.score, 3)
-        reject_rows(
+    w.kept["quality"] = 1.0
+    if cleaning.quality.enabled and len(w.kept):
+        q = quality.score(w.answer, cleaning.quality)
+        w.kept["quality"] = np.round(q.score, 3)
+        w.reject_rows(
             q.score < cleaning.quality.min_score,
             "low_quality",
             lambda i: q.explain(int(i)) + f" < cleaning.quality.min_score={cleaning.quality.min_score}",
         )
-    timings["quality"] = time.perf_counter() - t0
-    kept["tokens"] = None
-    if count_tokens is not None and (cleaning.min_tokens is not None or cleaning.max_tokens is not None) and len(kept):
-        t0 = time.perf_counter()
-        toks = np.asarray(count_tokens(kept["messages"].tolist()))
-        kept["tokens"] = toks
-        if cleaning.max_tokens is not None:
-            reject_rows(
-                toks > cleaning.max_tokens,
-                "too_many_tokens",
-                lambda i: f"{toks[i]} tokens > cleaning.max_tokens={cleaning.max_tokens}",
-            )
-        if cleaning.min_tokens is not None:
-            reject_rows(
-                toks < cleaning.min_tokens,
-                "too_few_tokens",
-                lambda i: f"{toks[i]} tokens < cleaning.min_tokens={cleaning.min_tokens}",
-            )
-        timings["tokens"] = time.perf_counter() - t0
-    # From here on rows are only marked (one filter at the end: filtering object columns is the slow part).
-    alive = ~drop_mask
+    w.timings["quality"] = time.perf_counter() - t0
+
+
+def _count_tokens(w: _Work, spec: PipelineSpec, count_tokens: Any) -> None:
+    """cleaning.min_tokens / max_tokens, counted by the base model's tokenizer (when one is given)."""
+    cleaning = spec.cleaning
+    w.kept["tokens"] = None
+    if count_tokens is None or (cleaning.min_tokens is None and cleaning.max_tokens is None) or not len(w.kept):
+        return
+    t0 = time.perf_counter()
+    toks = np.asarray(count_tokens(w.kept["messages"].tolist()))
+    w.kept["tokens"] = toks
+    if cleaning.max_tokens is not None:
+        w.reject_rows(
+            toks > cleaning.max_tokens,
+            "too_many_tokens",
+            lambda i: f"{toks[i]} tokens > cleaning.max_tokens={cleaning.max_tokens}",
+        )
+    if cleaning.min_tokens is not None:
+        w.reject_rows(
+            toks < cleaning.min_tokens,
+            "too_few_tokens",
+            lambda i: f"{toks[i]} tokens < cleaning.min_tokens={cleaning.min_tokens}",
+        )
+    w.timings["tokens"] = time.perf_counter() - t0
+
+
+def _assign_row_ids(w: _Work, drop: str, src: SourceSpec) -> None:
+    """The file's id where given and not empty, else the content hash. From here on rows are only marked (one
+    filter at the end: filtering object columns is the slow part)."""
+    kept = w.kept
+    w.alive = ~w.drop_mask
     ids = kept.pop("id")
     given = ids.notna().to_numpy()
     if given.any():
@@ -244,6 +285,10 @@ def clean_file(
     kept["drop"] = drop
     kept["source"] = src.name
 
+
+def _dedup(w: _Work, spec: PipelineSpec, drop: str) -> None:
+    """Exact duplicates (same content key), then near duplicates (dedup.near) among the rows still alive."""
+    kept, alive = w.kept, w.alive
     t0 = time.perf_counter()
     key = (kept.pop("_key") if "_key" in kept else kept["content_hash"]).to_numpy()
     live = np.flatnonzero(alive)
@@ -251,52 +296,55 @@ def clean_file(
     repeat = live_keys.duplicated(keep="first").to_numpy()
     exact = np.zeros(len(kept), bool)
     exact[live[repeat]] = True
-    dups = [_duplicates_frame(kept, live, live_keys, repeat, drop)]
+    w.dups.append(_duplicates_frame(kept, live, live_keys, repeat, drop))
     alive &= ~exact
-    timings["exact_dedup"] = time.perf_counter() - t0
-    if spec.dedup.near and alive.sum() > 1:
-        t0 = time.perf_counter()
-        live = np.flatnonzero(alive)
-        pick = pa.array(live)
-        sides = dedup.side_shingles(
-            prompt.take(pick) if len(live) < len(kept) else prompt,
-            final.take(pick) if len(live) < len(kept) else final,
-            spec.dedup.ngram,
-        )
-        nd = dedup.near_duplicates(
-            sides, spec.dedup.near_threshold, spec.dedup.num_perm, boilerplate_share=spec.dedup.boilerplate_share
-        )
-        if len(nd.row):
-            rows, matched = live[nd.row], live[nd.matched]
-            dups.append(
-                pd.DataFrame(
-                    {
-                        "drop": drop,
-                        "source_line": kept["source_line"].to_numpy()[rows],
-                        "row_id": kept["row_id"].to_numpy()[rows],
-                        "duplicate_of": kept["row_id"].to_numpy()[matched],
-                        "content_hash": kept["content_hash"].to_numpy()[rows],
-                        "kind": "near",
-                        "similarity": np.round(nd.similarity, 4),
-                    }
-                )
-            )
-            alive[rows] = False
-        timings["near_dedup"] = time.perf_counter() - t0
+    w.timings["exact_dedup"] = time.perf_counter() - t0
+    if not spec.dedup.near or alive.sum() <= 1:
+        return
     t0 = time.perf_counter()
-    pii_rows = kept[["source_line", "row_id", "messages"]] if pii_parts else None
-    quarantined = drop_mask.copy()
-    kept = kept[KEPT_COLUMNS]
-    if not alive.all():
-        kept = kept[alive]
+    live = np.flatnonzero(alive)
+    pick = pa.array(live)
+    sides = dedup.side_shingles(
+        w.prompt.take(pick) if len(live) < len(kept) else w.prompt,
+        w.final.take(pick) if len(live) < len(kept) else w.final,
+        spec.dedup.ngram,
+    )
+    nd = dedup.near_duplicates(
+        sides, spec.dedup.near_threshold, spec.dedup.num_perm, boilerplate_share=spec.dedup.boilerplate_share
+    )
+    if len(nd.row):
+        rows, matched = live[nd.row], live[nd.matched]
+        w.dups.append(
+            pd.DataFrame(
+                {
+                    "drop": drop,
+                    "source_line": kept["source_line"].to_numpy()[rows],
+                    "row_id": kept["row_id"].to_numpy()[rows],
+                    "duplicate_of": kept["row_id"].to_numpy()[matched],
+                    "content_hash": kept["content_hash"].to_numpy()[rows],
+                    "kind": "near",
+                    "similarity": np.round(nd.similarity, 4),
+                }
+            )
+        )
+        alive[rows] = False
+    w.timings["near_dedup"] = time.perf_counter() - t0
+
+
+def _result(w: _Work, read: ReadResult, spec: PipelineSpec, drop: str) -> CleanResult:
+    """The kept rows (one filter), the quarantine in line order, the duplicates and the PII report."""
+    t0 = time.perf_counter()
+    pii_rows = w.kept[["source_line", "row_id", "messages"]] if w.pii_parts else None
+    kept = w.kept[KEPT_COLUMNS]
+    if not w.alive.all():
+        kept = kept[w.alive]
     kept = kept.reset_index(drop=True)
     for c in ("messages", "content_hash"):  # plain Python strings for the code downstream
         kept[c] = kept[c].to_numpy(dtype=object)
-    timings["select"] = time.perf_counter() - t0
-    duplicates = pd.concat(dups, ignore_index=True)[DUPLICATE_COLUMNS]
-    pii_table, pii_counts = _pii_report(pii_parts, pii_rows, alive, quarantined, drop, spec)
-    if spec.cleaning.pii.mode == "mask":  # the quarantine's previews must not hold what was masked
-        rejects = _scrub_rejects(rejects, spec)
+    w.timings["select"] = time.perf_counter() - t0
+    duplicates = pd.concat(w.dups, ignore_index=True)[DUPLICATE_COLUMNS]
+    pii_table, pii_counts = _pii_report(w.pii_parts, pii_rows, w.alive, w.drop_mask.copy(), drop, spec)
+    rejects = _scrub_rejects(w.rejects, spec) if spec.cleaning.pii.mode == "mask" else w.rejects
     quarantine = (
         pd.DataFrame(
             [
@@ -324,8 +372,8 @@ def clean_file(
         reasons={str(k): int(v) for k, v in reasons.items()},
         file_format=read.file_format,
         record_format=read.record_format,
-        notes=notes,
-        timings=timings,
+        notes=w.notes,
+        timings=w.timings,
         pii=pii_table,
         pii_counts=pii_counts,
     )

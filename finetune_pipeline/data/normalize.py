@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from finetune_pipeline.data.readers.record_formats import record_format
 from finetune_pipeline.spec import DEFAULT_ROLES, CleaningSpec, ColumnMap
 
 ROLES = ("system", "user", "assistant")
@@ -53,38 +54,50 @@ def _role_codes(roles: pa.Array, mapping: dict[str, str]) -> np.ndarray:
 
 
 def flatten(table: pa.Table, fmt: str, cols: ColumnMap, roles: dict[str, str] | None = None) -> Flat:
-    n = table.num_rows
+    """The rows as a flat message list, as the record format's entry in the table (record_formats.py) says."""
     mapping = {k.lower(): v for k, v in (roles if roles is not None else DEFAULT_ROLES).items()}
-    if fmt in ("chat", "sharegpt"):
-        name = cols.messages if fmt == "chat" else cols.conversations
-        role_k, content_k = (cols.role, cols.content) if fmt == "chat" else (cols.sharegpt_role, cols.sharegpt_content)
-        lst = _combine(table.column(name))
-        parent = pc.list_parent_indices(lst).to_numpy().astype(np.int64)
-        items = pc.list_flatten(lst)
-        roles = pc.struct_field(items, role_k)
-        content = pc.struct_field(items, content_k)
-        codes = _role_codes(roles, mapping)
-        roles = pa.array(np.array(["system", "user", "assistant", "unknown"])[codes], pa.string())
-        roles = pc.if_else(pc.equal(roles, "unknown"), pc.struct_field(items, role_k), roles)
-        if fmt == "sharegpt":
-            if cols.system in table.column_names:  # a top-level system prompt becomes the first message
-                parent, codes, roles, content = _prepend_system(table, cols.system, parent, codes, roles, content)
-        return Flat(n, parent, codes, roles, content)
-    slots: list[tuple[int, pa.Array]] = []
-    if fmt == "alpaca":
-        instr, inp = _combine(table.column(cols.instruction)), _combine(table.column(cols.input))
-        has_inp = pc.and_(pc.is_valid(inp), pc.not_equal(pc.utf8_trim_whitespace(inp.fill_null("")), ""))
-        user = pc.if_else(has_inp, pc.binary_join_element_wise(instr, inp, "\n\n"), instr)
-        slots = [(_USER, user), (_ASSIST, _combine(table.column(cols.output)))]
-    elif fmt == "prompt_completion":
-        slots = [(_USER, _combine(table.column(cols.prompt))), (_ASSIST, _combine(table.column(cols.completion)))]
-    elif fmt == "text":
-        slots = [(_ASSIST, _combine(table.column(cols.text)))]
-    else:
-        raise ValueError(f"unknown record format {fmt!r}")
-    if fmt != "text" and cols.system in table.column_names:
-        sysv = _combine(table.column(cols.system))
-        slots.insert(0, (_SYS, sysv))
+    f = record_format(fmt)
+    system = getattr(cols, f.system) if f.system else None
+    if system not in table.column_names:
+        system = None
+    if f.messages is not None:
+        return _flatten_messages(table, [getattr(cols, a) for a in f.messages], system, mapping)
+    return _flatten_turns(table, [(r, [getattr(cols, a) for a in fields]) for r, fields in f.turns], system)
+
+
+def _flatten_messages(table: pa.Table, keys: list[str], system: str | None, mapping: dict[str, str]) -> Flat:
+    """A list of {role, content} messages per row; the optional system field becomes the first message."""
+    name, role_k, content_k = keys
+    lst = _combine(table.column(name))
+    parent = pc.list_parent_indices(lst).to_numpy().astype(np.int64)
+    items = pc.list_flatten(lst)
+    roles = pc.struct_field(items, role_k)
+    content = pc.struct_field(items, content_k)
+    codes = _role_codes(roles, mapping)
+    roles = pa.array(np.array(["system", "user", "assistant", "unknown"])[codes], pa.string())
+    roles = pc.if_else(pc.equal(roles, "unknown"), pc.struct_field(items, role_k), roles)
+    if system is not None:  # a top-level system prompt becomes the first message
+        parent, codes, roles, content = _prepend_system(table, system, parent, codes, roles, content)
+    return Flat(table.num_rows, parent, codes, roles, content)
+
+
+def _joined(table: pa.Table, fields: list[str]) -> pa.Array:
+    """The first field, followed by each further one that is present and not blank, a blank line between."""
+    out = _combine(table.column(fields[0]))
+    for name in fields[1:]:
+        more = _combine(table.column(name))
+        has = pc.and_(pc.is_valid(more), pc.not_equal(pc.utf8_trim_whitespace(more.fill_null("")), ""))
+        out = pc.if_else(has, pc.binary_join_element_wise(out, more, "\n\n"), out)
+    return out
+
+
+def _flatten_turns(table: pa.Table, turns: list[tuple[str, list[str]]], system: str | None) -> Flat:
+    """One message per turn (role, fields joined), after the optional system field."""
+    n = table.num_rows
+    code_of = {"system": _SYS, "user": _USER, "assistant": _ASSIST}
+    slots = [(code_of[role], _joined(table, fields)) for role, fields in turns]
+    if system is not None:
+        slots.insert(0, (_SYS, _combine(table.column(system))))
     parents, codes, contents = [], [], []
     for code, arr in slots:
         present = np.ones(n, bool)
@@ -328,16 +341,11 @@ def normalise(
     for conversations that begin with assistant turns (see ``handle_leading_assistant``)."""
     flat = flatten(table, fmt, cols, roles)
     moved = 0
-    if fmt in ("chat", "sharegpt"):
+    if record_format(fmt).messages is not None:  # conversations
         flat, moved = handle_leading_assistant(flat, leading_assistant)
-    n, parent, code = flat.n, flat.parent, flat.role
-    content = flat.content.cast(pa.string())
-    counts = np.bincount(parent, minlength=n)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    pos = np.arange(len(parent)) - starts[parent] if len(parent) else np.zeros(0, np.int64)
-    null = content.is_null().to_numpy(zero_copy_only=False)
-    if cleaning.normalize_whitespace:
-        content = normalise_whitespace(content)
+    m = _Messages.of(flat)
+    null = m.content.is_null().to_numpy(zero_copy_only=False)
+    content = normalise_whitespace(m.content) if cleaning.normalize_whitespace else m.content
     content = content.fill_null("")
     pii_found = None
     if cleaning.pii.mode != "off":
@@ -347,18 +355,66 @@ def normalise(
         content, t = found.texts, found.table
         msg = t["text"].to_numpy()
         pii_found = pd.DataFrame(
-            {"pos": parent[msg], "message": pos[msg], "kind": t["kind"], "start": t["start"], "end": t["end"]}
+            {"pos": m.parent[msg], "message": m.pos[msg], "kind": t["kind"], "start": t["start"], "end": t["end"]}
         )
     lengths = pc.utf8_length(content).to_numpy().astype(np.int64)
-    reason = np.full(n, "", dtype=object)
-    detail: dict[int, str] = {}
+    flags = _Flags(m.n)
+    _check_structure(flags, m, flat, null, roles, record_format(fmt).dialogue)
+    total = _check_lengths(flags, m, lengths, cleaning)
+    ok = flags.reason == ""
+    frame, texts = _canonical_rows(m, flat, content, ok, total)
+    bad = np.flatnonzero(~ok)
+    return Normalised(
+        frame,
+        *texts,
+        bad,
+        flags.reason[bad].astype(str),
+        [flags.detail[int(r)] for r in bad],
+        moved,
+        None if pii_found is None else pii_found[ok[pii_found["pos"].to_numpy()]].reset_index(drop=True),
+    )
 
-    def flag(rows_mask: np.ndarray, why: str, text) -> None:  # type: ignore[no-untyped-def]
-        new = rows_mask & (reason == "")
+
+@dataclass
+class _Messages:
+    """A Flat's index arithmetic: messages per row, where each row starts, each message's position in its row."""
+
+    n: int
+    parent: np.ndarray
+    code: np.ndarray
+    content: pa.Array
+    counts: np.ndarray
+    starts: np.ndarray
+    pos: np.ndarray
+
+    @classmethod
+    def of(cls, flat: Flat) -> _Messages:
+        n, parent = flat.n, flat.parent
+        counts = np.bincount(parent, minlength=n)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        pos = np.arange(len(parent)) - starts[parent] if len(parent) else np.zeros(0, np.int64)
+        return cls(n, parent, flat.role, flat.content.cast(pa.string()), counts, starts, pos)
+
+
+class _Flags:
+    """The first reason that applies to each row, with its detail."""
+
+    def __init__(self, n: int):
+        self.reason = np.full(n, "", dtype=object)
+        self.detail: dict[int, str] = {}
+
+    def __call__(self, rows_mask: np.ndarray, why: str, text) -> None:  # type: ignore[no-untyped-def]
+        new = rows_mask & (self.reason == "")
         for r in np.flatnonzero(new):
-            detail[int(r)] = text(int(r))
-        reason[new] = why
+            self.detail[int(r)] = text(int(r))
+        self.reason[new] = why
 
+
+def _check_structure(
+    flag: _Flags, m: _Messages, flat: Flat, null: np.ndarray, roles: dict[str, str] | None, dialogue: bool
+) -> None:
+    """Null contents, unknown roles, empty conversations; for dialogues the answer last, a user turn, the order."""
+    n, parent, code, counts, starts, pos = m.n, m.parent, m.code, m.counts, m.starts, m.pos
     role_list = flat.role_text.to_pylist() if (code < 0).any() else None
     first_null = _first_per_row(n, parent, null, pos)
     flag(first_null >= 0, "null_content", lambda r: f"message {first_null[r]} has null content")
@@ -372,35 +428,42 @@ def normalise(
         ),  # type: ignore[index]
     )
     flag(counts == 0, "empty_conversation", lambda r: "the record has no messages")
-    last_code = np.full(n, -9, np.int8)
+    if not dialogue:
+        return
     has = counts > 0
+    last_code = np.full(n, -9, np.int8)
     last_code[has] = code[starts[has] + counts[has] - 1]
-    if fmt != "text":
-        flag(
-            has & (last_code != _ASSIST),
-            "no_final_assistant",
-            lambda r: "the last message must be the assistant's answer to learn from",
-        )
-        users = np.bincount(parent[code == _USER], minlength=n)
-        flag(users == 0, "no_user_turn", lambda r: "the conversation has no user message")
-        # order: an optional system message first, then user and assistant alternating, starting with user
-        is_sys = code == _SYS
-        sys_first = np.zeros(n, np.int64)
-        first_is_sys = has & (code[np.minimum(starts, max(len(code) - 1, 0))] == _SYS) if len(code) else has
-        sys_first[first_is_sys] = 1
-        k = pos - sys_first[parent]
-        expected = np.where(k % 2 == 0, _USER, _ASSIST)
-        wrong = (is_sys & (pos > 0)) | (~is_sys & (code >= 0) & (code != expected))
-        first_wrong = _first_per_row(n, parent, wrong, pos)
-        names = np.array(ROLES)
-        flag(
-            first_wrong >= 0,
-            "misordered_roles",
-            lambda r: (
-                f"message {first_wrong[r]} is '{names[code[starts[r] + first_wrong[r]]]}' out of order: expected "
-                "an optional system message, then user and assistant turns alternating"
-            ),
-        )
+    flag(
+        has & (last_code != _ASSIST),
+        "no_final_assistant",
+        lambda r: "the last message must be the assistant's answer to learn from",
+    )
+    users = np.bincount(parent[code == _USER], minlength=n)
+    flag(users == 0, "no_user_turn", lambda r: "the conversation has no user message")
+    # order: an optional system message first, then user and assistant alternating, starting with user
+    is_sys = code == _SYS
+    sys_first = np.zeros(n, np.int64)
+    first_is_sys = has & (code[np.minimum(starts, max(len(code) - 1, 0))] == _SYS) if len(code) else has
+    sys_first[first_is_sys] = 1
+    k = pos - sys_first[parent]
+    expected = np.where(k % 2 == 0, _USER, _ASSIST)
+    wrong = (is_sys & (pos > 0)) | (~is_sys & (code >= 0) & (code != expected))
+    first_wrong = _first_per_row(n, parent, wrong, pos)
+    names = np.array(ROLES)
+    flag(
+        first_wrong >= 0,
+        "misordered_roles",
+        lambda r: (
+            f"message {first_wrong[r]} is '{names[code[starts[r] + first_wrong[r]]]}' out of order: expected "
+            "an optional system message, then user and assistant turns alternating"
+        ),
+    )
+
+
+def _check_lengths(flag: _Flags, m: _Messages, lengths: np.ndarray, cleaning: CleaningSpec) -> np.ndarray:
+    """Empty or short answers, too long or too short rows; returns each row's characters."""
+    n, parent, code, counts, starts, pos = m.n, m.parent, m.code, m.counts, m.starts, m.pos
+    has = counts > 0
     empty_assist = (code == _ASSIST) & (lengths == 0)
     first_empty = _first_per_row(n, parent, empty_assist, pos)
     flag(first_empty >= 0, "empty_assistant", lambda r: f"assistant message {first_empty[r]} is empty")
@@ -424,8 +487,14 @@ def normalise(
         "too_short",
         lambda r: f"{total[r]} characters < cleaning.min_total_chars={cleaning.min_total_chars}",
     )
+    return total
 
-    ok = reason == ""
+
+def _canonical_rows(
+    m: _Messages, flat: Flat, content: pa.Array, ok: np.ndarray, total: np.ndarray
+) -> tuple[pd.DataFrame, tuple[pa.Array, pa.Array, pa.Array]]:
+    """The valid rows' canonical messages JSON, hashes and sizes; their prompt, answer and assistant texts."""
+    parent, code, counts = m.parent, m.code, m.counts
     ok_msgs = ok[parent] if len(parent) else np.zeros(0, bool)
     keep = pa.array(ok_msgs)
     c_ok = content.filter(keep)
@@ -458,18 +527,7 @@ def normalise(
         pa.ListArray.from_arrays(pa.array(_sub_offsets(ok_counts, not_last)), c_ok.filter(pa.array(not_last))), "\n"
     )
     answer_text = c_ok.take(pa.array(np.maximum(offsets[1:] - 1, 0))) if len(c_ok) else c_ok
-    bad = np.flatnonzero(~ok)
-    return Normalised(
-        frame,
-        prompt_text,
-        answer_text,
-        assistant_text,
-        bad,
-        reason[bad].astype(str),
-        [detail[int(r)] for r in bad],
-        moved,
-        None if pii_found is None else pii_found[ok[pii_found["pos"].to_numpy()]].reset_index(drop=True),
-    )
+    return frame, (prompt_text, answer_text, assistant_text)
 
 
 def _sub_offsets(counts: np.ndarray, mask: np.ndarray) -> np.ndarray:

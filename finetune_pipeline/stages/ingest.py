@@ -21,6 +21,7 @@ from finetune_pipeline.data.drops import (
     find_drop,
     scan_incoming,
 )
+from finetune_pipeline.data.readers.record_formats import plain_text
 from finetune_pipeline.layout import PipelineLayout, RawDropRecord
 from finetune_pipeline.spec import LoadedSpec, SourceSpec
 
@@ -160,7 +161,7 @@ def ingest_drop(layout: PipelineLayout, spec: LoadedSpec, drop: str, log: LogFn 
         f"{len(res.quarantine)} quarantined {res.reasons}, {len(res.duplicates) - res.near_duplicates} exact "
         f"and {res.near_duplicates} near duplicates"
     )
-    schema = schema_problems(res.kept, text_only=res.record_format == "text")
+    schema = schema_problems(res.kept, text_only=plain_text(res.record_format))
     ok = res.accounted() and res.rejection_rate <= s.cleaning.max_rejection_rate and not schema
     if ok:
         write_parquet_atomic(res.kept, layout.kept(drop))  # only a drop that passed its gates is used for training

@@ -13,7 +13,7 @@ first and the ticket text is then composed so that every label *follows from the
 :func:`write_demo_drops` writes the demo's incoming drop files, with planted duplicates and
 malformed lines (see :data:`FAULT_KINDS`) so the cleaning/quarantine stages have work to do.
 
-Standard library only. Run ``python -m finetune_pipeline.data.demo_tickets OUT_DIR [--seed N]``.
+Standard library only. Run ``python -m examples.demo_tickets OUT_DIR [--seed N]``.
 """
 
 from __future__ import annotations
@@ -688,7 +688,7 @@ def _file_stats(path: Path) -> dict[str, int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m finetune_pipeline.data.demo_tickets",
+        prog="python -m examples.demo_tickets",
         description="Write the ticket_triage demo drop files (JSONL chat rows with planted faults).",
     )
     parser.add_argument("out_dir", type=Path, help="folder to write the drop files into")
