@@ -57,13 +57,13 @@ def rows(n: int, start: int = 200) -> list[list[dict[str, str]]]:
     return [chat_row(i)["messages"][:-1] for i in range(start, start + n)]
 
 
-def evaluation_answers(model, tok, convs) -> list[str]:  # type: ignore[no-untyped-def]
+def evaluation_answers(model, tok, convs, max_new: int = MAX_NEW) -> list[str]:  # type: ignore[no-untyped-def]
     """What evaluation's greedy generation gives for these rows (evaluation/generate.py::run_model)."""
     from finetune_pipeline.evaluation.generate import run_model
     from finetune_pipeline.spec import EvaluationSpec
 
     msgs = [json.dumps([*c, {"role": "assistant", "content": ""}]) for c in convs]
-    spec = EvaluationSpec(max_new_tokens=MAX_NEW, batch_size=8)
+    spec = EvaluationSpec(max_new_tokens=max_new, batch_size=8)
     return run_model(model, tok, msgs, spec, log=lambda m: None).predictions
 
 
@@ -216,3 +216,18 @@ def test_openai_client_sees_bad_requests_and_unknown_models(client) -> None:  # 
         client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=999)
     with pytest.raises(openai.NotFoundError, match="not served here"):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_batch_streamer_pieces_add_up_to_each_rows_answer(bundle) -> None:  # type: ignore[no-untyped-def]
+    """Streaming sees the batch's tokens as they are generated: each row's pieces arrive one by one and add up to
+    exactly that row's final answer (the one evaluation's decoding gives)."""
+    from finetune_pipeline.models.chat_generation import generate_detailed
+    from finetune_pipeline.serving.engine import BatchStreamer
+
+    convs = rows(3, start=400)
+    got: list[list[str]] = [[], [], []]
+    streamer = BatchStreamer(bundle.tok, [got[0].append, None, got[2].append])
+    out = generate_detailed(bundle.model, bundle.tok, convs, 10, streamer=streamer)
+    assert "".join(got[0]) == out[0]["text"] and "".join(got[2]) == out[2]["text"]
+    assert len(got[0]) > 1 and got[1] == []  # several pieces; a row without a sink gets none
+    assert [g["text"] for g in out] == evaluation_answers(bundle.model, bundle.tok, convs, 10)

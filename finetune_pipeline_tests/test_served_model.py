@@ -73,17 +73,22 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):  # type:
     adapter = _adapter(layout, spec, train, "champ", lr=5e-3)
     out, reg = _eval_and_register(layout, spec, "champ", target, lin)
     assert reg.promoted
-    rows = [json.loads(m) for m in layout.read_split_frames()["test"]["messages"][:3]]
+    test = [json.loads(m) for m in layout.read_split_frames()["test"]["messages"]]
+    preds = out.record.scores["tuned"].predictions
+    # three test rows whose evaluated answers differ where the model allows it (so the order is checked)
+    pick = [i for i, p in enumerate(preds) if p not in preds[:i]][:3]
+    pick += [i for i in range(len(preds)) if i not in pick][: 3 - len(pick)]
+    rows = [test[i] for i in pick]
     convs = [r[:-1] for r in rows]
-    chat_expected = out.record.scores["tuned"].predictions[:3]
+    chat_expected = [preds[i] for i in pick]
     prompts = [next(m["content"] for m in r if m["role"] == "user") for r in rows]
     model, tok = load_for_eval(layout.read_base().path, spec.spec.model, adapter.path)
     as_rows = [json.dumps([{"role": "user", "content": p}, {"role": "assistant", "content": ""}]) for p in prompts]
     ev = spec.spec.evaluation
     prompt_expected = {n: run_model(model, tok, as_rows[:n], ev, log=lambda m: None).predictions for n in (1, 3)}
     # different rows get different answers (so order is checked), and none is empty (so equality means something)
-    assert all(chat_expected) and len(set(chat_expected)) > 1, chat_expected
-    assert all(prompt_expected[3]) and len(set(prompt_expected[3])) > 1, prompt_expected
+    assert all(chat_expected) and len(set(chat_expected)) > 1, preds
+    assert all(prompt_expected[3]), prompt_expected
 
     port = free_port()
     env = {

@@ -41,10 +41,13 @@ def generate_detailed(
     batch_size: int = 16,
     seed: int = 0,
     top_p: float = 1.0,
+    streamer: Any = None,
 ) -> list[dict[str, Any]]:
     """The generation behind ``generate_answers``, per conversation: ``text`` (decoded, special tokens skipped,
     stripped), ``eos`` (the EOS token was generated), ``prompt_tokens`` and ``completion_tokens`` (generated tokens
-    up to and including EOS). ``top_p`` < 1 applies nucleus sampling when temperature > 0."""
+    up to and including EOS). ``top_p`` < 1 applies nucleus sampling when temperature > 0. ``streamer`` (a
+    transformers streamer: ``put`` gets the prompt, then each step's new tokens of the whole batch) sees the tokens
+    as they are generated; it changes nothing that is generated."""
     import torch
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -61,6 +64,8 @@ def generate_detailed(
         kw: dict[str, Any] = {"do_sample": True, "temperature": temperature} if sample else {"do_sample": False}
         if sample and top_p < 1.0:
             kw["top_p"] = top_p
+        if streamer is not None:
+            kw["streamer"] = streamer
         with torch.no_grad():
             gen = model.generate(
                 input_ids=ids,

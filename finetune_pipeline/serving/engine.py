@@ -50,12 +50,50 @@ class Completion:
     completion_tokens: int
 
 
+Sink = Callable[[str], None]
+
+
 @dataclass
 class _Pending:
     conversation: list[Message]
     params: GenParams
     stop: list[str]
     future: asyncio.Future[Completion]
+    sink: Sink | None = None
+
+
+class BatchStreamer:
+    """A transformers streamer for a batch: hands each row's new text to that row's sink as tokens are generated.
+    The text is decoded as ``generate_detailed`` decodes it (special tokens skipped, stripped), so the pieces sent
+    add up to the final answer; trailing whitespace waits until text follows it."""
+
+    def __init__(self, tok: Any, sinks: list[Sink | None]):
+        self.tok = tok
+        self.sinks = sinks
+        self.ids: list[list[int]] = [[] for _ in sinks]
+        self.sent = [""] * len(sinks)
+        self.done = [False] * len(sinks)
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt
+            self.prompt_seen = True
+            return
+        for i, t in enumerate(value.reshape(-1).tolist()):
+            sink = self.sinks[i]
+            if sink is None or self.done[i]:
+                continue
+            if t == self.tok.eos_token_id:
+                self.done[i] = True
+                continue
+            self.ids[i].append(t)
+            text = self.tok.decode(self.ids[i], skip_special_tokens=True).strip()
+            if text.startswith(self.sent[i]) and len(text) > len(self.sent[i]) and not text.endswith("\ufffd"):
+                sink(text[len(self.sent[i]) :])
+                self.sent[i] = text
+
+    def end(self) -> None:
+        pass
 
 
 @dataclass
@@ -91,7 +129,10 @@ def load_registered_bundle(name: str, alias_or_version: str, tracking_uri: str) 
     with tempfile.TemporaryDirectory() as d:
         local = Path(
             mlflow.artifacts.download_artifacts(
-                f"models:/{name}/{mv.version}", dst_path=d, tracking_uri=tracking_uri, registry_uri=tracking_uri
+                f"models:/{name}/{mv.version}",
+                dst_path=d,
+                tracking_uri=tracking_uri,
+                registry_uri=tracking_uri,
             )
         )
         folder = local / "artifacts" / "model"
@@ -137,7 +178,10 @@ class Engine:
                 "max_tokens",
             )
         if conversation[-1]["role"] == "assistant":
-            raise ClientError("the last message must be the user's (or system's): the model answers it", "messages")
+            raise ClientError(
+                "the last message must be the user's (or system's): the model answers it",
+                "messages",
+            )
         try:
             n = len(prompt_ids(self.b.tok, conversation))
         except Exception as exc:  # the chat template refuses the conversation (e.g. roles out of order)
@@ -151,11 +195,17 @@ class Engine:
         return n
 
     def generate(
-        self, conversations: list[list[Message]], params: GenParams, stops: list[list[str]]
+        self,
+        conversations: list[list[Message]],
+        params: GenParams,
+        stops: list[list[str]],
+        sinks: list[Sink | None] | None = None,
     ) -> list[Completion]:
-        """One batch through evaluation's generation function; stop sequences cut the answer where they occur."""
+        """One batch through evaluation's generation function; stop sequences cut the answer where they occur.
+        ``sinks`` (per row, or None) receive the answer's text piece by piece while it is generated."""
         from finetune_pipeline.models.chat_generation import generate_detailed
 
+        streamer = BatchStreamer(self.b.tok, sinks) if sinks and any(sinks) else None
         with self._lock:
             out = generate_detailed(
                 self.b.model,
@@ -166,11 +216,16 @@ class Engine:
                 len(conversations),
                 params.seed,
                 params.top_p,
+                streamer,
             )
             self.batch_sizes.append(len(conversations))
         done = []
         for g, stop in zip(out, stops, strict=True):
-            text, reason, n = g["text"], "stop" if g["eos"] else "length", g["completion_tokens"]
+            text, reason, n = (
+                g["text"],
+                "stop" if g["eos"] else "length",
+                g["completion_tokens"],
+            )
             cut = [i for i in (text.find(s) for s in stop if s) if i >= 0]
             if cut:
                 text = text[: min(cut)].rstrip()
@@ -178,14 +233,22 @@ class Engine:
             done.append(Completion(text, reason, g["prompt_tokens"], n))
         return done
 
-    async def submit(self, conversation: list[Message], params: GenParams, stop: list[str]) -> Completion:
-        """Queue one request; it is answered with the others of its batch."""
+    async def submit(
+        self,
+        conversation: list[Message],
+        params: GenParams,
+        stop: list[str],
+        sink: Sink | None = None,
+    ) -> Completion:
+        """Queue one request; it is answered with the others of its batch. ``sink`` (called from the generating
+        thread) receives the answer's text piece by piece; not with stop sequences, which may cut text already
+        generated."""
         loop = asyncio.get_running_loop()
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._worker = loop.create_task(self._run())
         fut: asyncio.Future[Completion] = loop.create_future()
-        await self._queue.put(_Pending(conversation, params, stop, fut))
+        await self._queue.put(_Pending(conversation, params, stop, fut, None if stop else sink))
         result = await fut
         if self.on_completion is not None:
             await asyncio.to_thread(self.on_completion, conversation, result)
@@ -208,7 +271,11 @@ class Engine:
             for group in groups.values():
                 try:
                     res = await asyncio.to_thread(
-                        self.generate, [p.conversation for p in group], group[0].params, [p.stop for p in group]
+                        self.generate,
+                        [p.conversation for p in group],
+                        group[0].params,
+                        [p.stop for p in group],
+                        [p.sink for p in group],
                     )
                 except Exception as exc:  # a failed batch fails its requests, never the worker
                     for p in group:

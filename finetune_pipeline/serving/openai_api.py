@@ -9,13 +9,22 @@ model's evaluated setting (greedy), not OpenAI's default of 1.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+)
 
 from finetune_pipeline.serving.engine import ClientError, Completion, Engine, GenParams
 
@@ -33,7 +42,10 @@ class ChatMessage(BaseModel):
 
     def as_message(self) -> dict[str, str]:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        return {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": text,
+        }
 
 
 class StreamOptions(BaseModel):
@@ -87,8 +99,16 @@ def create_app(engine: Engine) -> Any:
 
     b = engine.b
     model_id = b.name
-    aliases = {model_id, f"{b.name}/{b.version}", *(f"{b.name}@{a}" for a in b.defaults.get("aliases", []))}
-    app = FastAPI(title=f"finetune-pipeline serve {model_id} v{b.version}", docs_url=None, redoc_url=None)
+    aliases = {
+        model_id,
+        f"{b.name}/{b.version}",
+        *(f"{b.name}@{a}" for a in b.defaults.get("aliases", [])),
+    }
+    app = FastAPI(
+        title=f"finetune-pipeline serve {model_id} v{b.version}",
+        docs_url=None,
+        redoc_url=None,
+    )
     created = int(time.time())
 
     @app.exception_handler(RequestValidationError)
@@ -125,7 +145,14 @@ def create_app(engine: Engine) -> Any:
     async def models() -> dict[str, Any]:
         return {
             "object": "list",
-            "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "finetune-pipeline"}],
+            "data": [
+                {
+                    "id": model_id,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "finetune-pipeline",
+                }
+            ],
         }
 
     @app.post("/v1/chat/completions")
@@ -147,30 +174,37 @@ def create_app(engine: Engine) -> Any:
         params = GenParams(int(max_tokens), temperature, float(req.top_p), int(req.seed or 0))
         stop = req.stops()
         engine.check(conv, params)
-        result = await engine.submit(conv, params, stop)
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         now = int(time.time())
-        if not req.stream:
-            return {
-                "id": cid,
-                "object": "chat.completion",
-                "created": now,
-                "model": model_id,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": result.text},
-                        "finish_reason": result.finish_reason,
-                    }
-                ],
-                "usage": _usage(result),
-            }
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(
-            _sse(engine, result, cid, now, model_id, include_usage),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache"},
-        )
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(
+                _sse(
+                    engine,
+                    conv,
+                    params,
+                    stop,
+                    Chunks(cid, now, model_id),
+                    include_usage,
+                ),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        result = await engine.submit(conv, params, stop)
+        return {
+            "id": cid,
+            "object": "chat.completion",
+            "created": now,
+            "model": model_id,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text},
+                    "finish_reason": result.finish_reason,
+                }
+            ],
+            "usage": _usage(result),
+        }
 
     return app
 
@@ -191,35 +225,66 @@ def _pieces(tok: Any, text: str) -> list[str]:
     return out
 
 
+class Chunks:
+    """OpenAI's ``chat.completion.chunk`` events of one response."""
+
+    def __init__(self, cid: str, created: int, model: str):
+        self.base = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+        }
+
+    def event(self, delta: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> bytes:
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+        return f"data: {json.dumps({**self.base, 'choices': choices, **extra})}\n\n".encode()
+
+
 async def _sse(
-    engine: Engine, result: Completion, cid: str, now: int, model_id: str, include_usage: bool
+    engine: Engine,
+    conv: list[dict[str, str]],
+    params: GenParams,
+    stop: list[str],
+    c: Chunks,
+    include_usage: bool,
 ) -> AsyncIterator[bytes]:
-    """OpenAI's chunk stream: the role, the content token by token, the finish reason, optionally the usage, then
-    ``data: [DONE]``. The answer is generated in a batch first, so the pieces follow each other at once."""
-
-    def chunk(delta: dict[str, Any], finish: str | None, **extra: Any) -> bytes:
-        body = {
-            "id": cid,
-            "object": "chat.completion.chunk",
-            "created": now,
-            "model": model_id,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            **extra,
+    """The role, then the answer piece by piece as it is generated (with stop sequences: once generated, as they
+    may cut text already generated), the finish reason, optionally the usage, then ``data: [DONE]``."""
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue[str] = asyncio.Queue()
+    task = asyncio.ensure_future(
+        engine.submit(
+            conv,
+            params,
+            stop,
+            lambda p: loop.call_soon_threadsafe(pieces.put_nowait, p),
+        )
+    )
+    yield c.event({"role": "assistant", "content": ""})
+    sent = ""
+    while not task.done() or not pieces.empty():
+        getter = asyncio.ensure_future(pieces.get())
+        await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+        if not getter.done():
+            getter.cancel()
+            continue
+        sent += getter.result()
+        yield c.event({"content": getter.result()})
+    try:
+        result = task.result()
+    except Exception as exc:  # the batch failed after the stream began: say so in OpenAI's error shape
+        err = {
+            "message": f"generation failed: {type(exc).__name__}: {exc}",
+            "type": "server_error",
         }
-        return f"data: {json.dumps(body)}\n\n".encode()
-
-    yield chunk({"role": "assistant", "content": ""}, None)
-    for piece in _pieces(engine.b.tok, result.text):
-        yield chunk({"content": piece}, None)
-    yield chunk({}, result.finish_reason)
+        yield f"data: {json.dumps({'error': err})}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+        return
+    rest = result.text[len(sent) :] if result.text.startswith(sent) else ""
+    for piece in _pieces(engine.b.tok, rest) if not sent else ([rest] if rest else []):
+        yield c.event({"content": piece})
+    yield c.event({}, result.finish_reason)
     if include_usage:
-        body = {
-            "id": cid,
-            "object": "chat.completion.chunk",
-            "created": now,
-            "model": model_id,
-            "choices": [],
-            "usage": _usage(result),
-        }
-        yield f"data: {json.dumps(body)}\n\n".encode()
+        yield c.event(None, usage=_usage(result))
     yield b"data: [DONE]\n\n"
