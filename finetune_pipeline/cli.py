@@ -5,6 +5,7 @@ finetune-pipeline register-drops                     add a partition per finishe
 finetune-pipeline lineage models:/NAME@champion      follow a registered model back to its runs and drops
 finetune-pipeline promote NAME VERSION --reason "..."  move champion to a verified version (history kept)
 finetune-pipeline rollback NAME --reason "..."          give champion back to the previous champion
+finetune-pipeline serve NAME[@ALIAS] [--port 8000]    OpenAI-compatible API for a registered model (alias champion)
 finetune-pipeline env                                print the environment the dg / dagster CLIs need (eval it)
 """
 
@@ -225,6 +226,16 @@ def main(argv: list[str] | None = None) -> None:
     rb = sub.add_parser("rollback", help="give the champion alias back to the previous champion")
     rb.add_argument("name")
     rb.add_argument("--reason", required=True)
+    sv = sub.add_parser("serve", help="OpenAI-compatible API (/v1/chat/completions) for a registered model")
+    sv.add_argument(
+        "model", metavar="NAME[@ALIAS]", help="registered model, alias champion unless given (or NAME/VERSION)"
+    )
+    sv.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    sv.add_argument("--batch-window-ms", type=float, default=10.0, help="how long a batch waits for more requests")
+    sv.add_argument("--batch-size", type=int, default=None, help="largest batch (default: evaluation.batch_size)")
+    sv.add_argument("--spec", type=Path, default=None, help="the pipeline spec (default: the one registering NAME)")
     sub.add_parser("env", help="print shell exports for DAGSTER_HOME and the state root")
     sub.add_parser("postgres-init", help="create the PostgreSQL profile's databases (FINETUNE_POSTGRES_URL)")
     a = ap.parse_args(argv)
@@ -240,6 +251,18 @@ def main(argv: list[str] | None = None) -> None:
         promote(a.name, a.version, a.reason)
     elif a.cmd == "rollback":
         rollback(a.name, a.reason)
+    elif a.cmd == "serve":
+        from finetune_pipeline.serving.server import serve
+
+        serve(
+            a.model,
+            a.host,
+            a.port,
+            max_tokens_limit=a.max_tokens_limit,
+            batch_window_ms=a.batch_window_ms,
+            batch_size=a.batch_size,
+            spec_path=a.spec,
+        )
     else:
         for k, v in dagster_env().items():
             print(f"export {k}={shlex.quote(v)}")

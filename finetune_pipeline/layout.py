@@ -193,6 +193,11 @@ class PipelineLayout:
     def duplicates(self, drop: str) -> Path:
         return self.dir / "duplicates" / f"{drop}.parquet"
 
+    @property
+    def review(self) -> Path:
+        """Served requests and answers waiting for review (serving.log_requests), outside every incoming_dir."""
+        return self.dir / "review"
+
     def pii(self, drop: str) -> Path:
         """A drop's rows in which cleaning.pii found personal data or secrets (masked previews)."""
         return self.dir / "pii" / f"{drop}.parquet"

@@ -809,6 +809,18 @@ class RegistrySpec(_Strict):
     )
 
 
+class ServingSpec(_Strict):
+    """How `finetune-pipeline serve` treats the traffic it answers (decisions about serving, not part of training)."""
+
+    log_requests: bool = Field(
+        False,
+        description="Append every request answered by `finetune-pipeline serve` and its answer, as JSONL in the chat "
+        "format ({messages: [...]}) with personal data and secrets masked (cleaning.pii's kinds, whatever its mode), "
+        "to the pipeline's review folder under the state root (pipelines/<name>/review/), outside incoming_dir. "
+        "Moving a reviewed file into incoming_dir makes it an ordinary drop. Off by default.",
+    )
+
+
 class AutomationSpec(_Strict):
     mode: Literal["sensor_schedule", "declarative"] = Field(
         "sensor_schedule",
@@ -862,6 +874,9 @@ class PipelineSpec(_Strict):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Evaluation on the test split.")
     registry: RegistrySpec = Field(description="MLflow model registry and promotion rule.")
     automation: AutomationSpec = Field(default_factory=AutomationSpec, description="Sensor and schedule.")
+    serving: ServingSpec = Field(
+        default_factory=ServingSpec, description="`finetune-pipeline serve`: the optional feedback drop."
+    )
 
     @model_validator(mode="after")
     def _sweep_needs_validation(self) -> PipelineSpec:
@@ -983,8 +998,10 @@ class SpecError(ValueError):
 
 
 def spec_hash(spec: PipelineSpec) -> str:
-    """Stable short hash of the spec's content (all fields, defaults included)."""
-    return short_hash(spec)
+    """Stable short hash of the spec's content (all fields, defaults included), except ``serving``: how the
+    registered model is served changes no dataset, training or evaluation (and adding the section kept every
+    existing spec's hash)."""
+    return short_hash(spec.model_dump(mode="json", exclude={"serving"}))
 
 
 def _line_of(node: yaml.Node | None, path: tuple[Any, ...]) -> int | None:

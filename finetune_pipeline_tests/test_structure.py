@@ -77,6 +77,16 @@ RULES = [
             "finetune_pipeline.spec",
         ),
     ),
+    (
+        "serving",
+        (
+            "finetune_pipeline.training",
+            "finetune_pipeline.tuning",
+            "finetune_pipeline.stages",
+            "finetune_pipeline.evaluation",
+            "finetune_pipeline.tracking",
+        ),
+    ),
     ("cli.py", ("finetune_pipeline.definitions",)),
     ("defs", ("mlflow",)),
 ]

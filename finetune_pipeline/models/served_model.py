@@ -1,10 +1,19 @@
 """The registered model's serving code (MLflow models-from-code): the merged weights and tokenizer with the chat
 template they were trained and evaluated with, generation through the same function evaluation used.
 
-Accepts OpenAI-style chat input (``{"messages": [...], "max_new_tokens": 32}``), string prompts
-(``{"inputs": {"prompt": ["..."]}}`` or ``{"dataframe_records": [{"prompt": "..."}]}``) and conversations
-(``{"dataframe_records": [{"messages": [...]}]}``); params ``max_new_tokens`` (alias ``max_tokens``),
-``temperature`` and ``seed``. This file is never imported by the package: MLflow loads it from the model folder.
+One answer per input row, in order. Accepted request shapes (``mlflow models serve``, POST /invocations):
+
+- ``{"messages": [{"role": ..., "content": ...}, ...]}``: one conversation, answered as a chat completion;
+- ``{"inputs": {"prompt": "..."}}`` or ``{"inputs": {"prompt": ["...", "..."]}}``: one row per prompt;
+- ``{"inputs": {"messages": [conversation, ...]}}`` (or one conversation): one row per conversation;
+- ``{"dataframe_records": [{"prompt": ...} | {"messages": [...]}, ...]}`` and the same columns as
+  ``dataframe_split``: one row per record;
+- ``{"inputs": "..."}`` or ``{"inputs": ["...", "..."]}``: bare strings, one row each.
+
+Anything else is refused with a 400 naming these shapes (never guessed). The model's signature declares only params
+(max_new_tokens / max_tokens, temperature, seed): without an input schema MLflow hands the request's structure to
+``predict`` as sent instead of folding a dict of lists into one row. This file is never imported by the package:
+MLflow loads it from the model folder.
 """
 
 from __future__ import annotations
@@ -15,30 +24,104 @@ from typing import Any
 
 import mlflow
 
+ROLES = ("system", "user", "assistant")
+ACCEPTED = (
+    'accepted shapes: {"messages": [{"role", "content"}, ...]}; {"inputs": {"prompt": "text" or ["text", ...]}}; '
+    '{"inputs": {"messages": [conversation, ...]}}; {"dataframe_records": [{"prompt": "text"} or '
+    '{"messages": [...]}, ...]}; {"dataframe_split": {"columns": ["prompt"] or ["messages"], "data": [...]}}; '
+    '{"inputs": "text"} or {"inputs": ["text", ...]}'
+)
 
-def _conversations(model_input: Any) -> list[tuple[list[dict[str, str]], bool]]:
-    """(conversation, given as chat messages?) per request row, from any accepted input shape."""
-    if isinstance(model_input, dict) and "messages" in model_input and isinstance(model_input["messages"], list):
-        if model_input["messages"] and isinstance(model_input["messages"][0], dict):
-            model_input = [{"messages": model_input["messages"]}]
-    if isinstance(model_input, str):
-        model_input = [model_input]
-    if hasattr(model_input, "to_dict"):  # a pandas DataFrame
-        model_input = model_input.to_dict(orient="records")
-    if isinstance(model_input, dict):
-        model_input = [dict(zip(model_input, v, strict=True)) for v in zip(*model_input.values(), strict=True)]
+
+def _refuse(why: str) -> Exception:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(f"{why}; {ACCEPTED}", error_code=INVALID_PARAMETER_VALUE)
+
+
+def _plain(v: Any) -> Any:
+    """numpy arrays and scalars (what MLflow's JSON parser makes of lists and strings) as Python values."""
+    return v.tolist() if hasattr(v, "tolist") and not isinstance(v, str) else v
+
+
+def _conversation(msgs: Any, where: str) -> list[dict[str, str]]:
+    msgs = _plain(msgs)
+    if not isinstance(msgs, list) or not msgs:
+        raise _refuse(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     out = []
-    for row in model_input:
-        msgs = row.get("messages") if isinstance(row, dict) else None
-        if isinstance(row, str):
-            out.append(([{"role": "user", "content": row}], False))
-        elif msgs is not None and len(msgs) > 0:
-            out.append(([{"role": str(m["role"]), "content": str(m["content"])} for m in msgs], True))
-        elif row.get("prompt") is not None:
-            out.append(([{"role": "user", "content": str(row["prompt"])}], False))
-        else:
-            raise ValueError("each row needs 'messages' (a list of {role, content}) or 'prompt' (a string)")
+    for m in msgs:
+        if not isinstance(m, dict) or set(m) - {"role", "content"} or not isinstance(m.get("content"), str):
+            raise _refuse(f"{where}: each message must be {{'role': ..., 'content': 'text'}}, got {m!r:.120}")
+        if m.get("role") not in ROLES:
+            raise _refuse(f"{where}: unknown role {m.get('role')!r} (roles: {', '.join(ROLES)})")
+        out.append({"role": m["role"], "content": m["content"]})
     return out
+
+
+def _prompt(p: Any, where: str) -> list[dict[str, str]]:
+    p = _plain(p)
+    if not isinstance(p, str):
+        raise _refuse(f"{where}: 'prompt' must be a string, got {type(p).__name__}")
+    return [{"role": "user", "content": p}]
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and v != v)  # None or NaN (a column another record did not fill)
+
+
+def _row(row: Any, where: str) -> tuple[list[dict[str, str]], bool]:
+    """(conversation, given as chat messages?) of one record."""
+    row = _plain(row)
+    if isinstance(row, str):
+        return _prompt(row, where), False
+    if not isinstance(row, dict):
+        raise _refuse(f"{where}: a row must be a string or an object with 'prompt' or 'messages'")
+    unknown = sorted(set(map(str, row)) - {"prompt", "messages"})
+    if unknown:
+        raise _refuse(f"{where}: unknown field(s) {unknown}")
+    given = {k: v for k, v in row.items() if not _missing(v)}
+    if len(given) != 1:
+        raise _refuse(f"{where}: each row needs exactly one of 'prompt' (a string) or 'messages' (a conversation)")
+    if "messages" in given:
+        return _conversation(given["messages"], where), True
+    return _prompt(given["prompt"], where), False
+
+
+def _columns(data: dict[str, Any]) -> tuple[list[tuple[list[dict[str, str]], bool]], bool]:
+    """Rows of a dict input ({"prompt": ...} or {"messages": ...}); and whether it is one conversation sent as
+    OpenAI-style chat (answered with a single chat completion)."""
+    keys = set(map(str, data))
+    if len(keys) != 1 or not keys <= {"prompt", "messages"}:
+        raise _refuse(f"got the field(s) {sorted(keys)}: give exactly one of 'prompt' or 'messages'")
+    if "prompt" in keys:
+        v = _plain(data["prompt"])
+        items = v if isinstance(v, list) else [v]
+        return [(_prompt(p, f"prompt[{i}]"), False) for i, p in enumerate(items)], False
+    raw = data["messages"]
+    v = _plain(raw)
+    if isinstance(v, list) and v and all(isinstance(m, dict) for m in v):  # one conversation
+        return [(_conversation(v, "messages"), True)], isinstance(raw, list)
+    if isinstance(v, list) and v and all(isinstance(c, list) for c in v):  # one conversation per row
+        return [(_conversation(c, f"messages[{i}]"), True) for i, c in enumerate(v)], False
+    raise _refuse("'messages' must be a conversation (a list of {role, content}) or a list of conversations")
+
+
+def parse_rows(model_input: Any) -> tuple[list[tuple[list[dict[str, str]], bool]], bool]:
+    """(conversation, given as chat messages?) per request row, in order, from any accepted shape; and whether the
+    request was a single OpenAI-style conversation. Raises a 400-coded MlflowException for anything else."""
+    single = False
+    if hasattr(model_input, "to_dict") and hasattr(model_input, "columns"):  # a pandas DataFrame
+        rows = [_row(r, f"row {i}") for i, r in enumerate(model_input.to_dict(orient="records"))]
+    elif isinstance(model_input, dict):
+        rows, single = _columns(model_input)
+    else:
+        v = _plain(model_input)
+        items = v if isinstance(v, list) else [v]
+        rows = [_row(r, f"row {i}") for i, r in enumerate(items)]
+    if not rows:
+        raise _refuse("the request holds no rows")
+    return rows, single
 
 
 def _completion(text: str, eos: bool, model: str) -> dict[str, Any]:
@@ -77,7 +160,9 @@ class ChatModel(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
         p = {**self.defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
         max_new = int(p.get("max_tokens") or p["max_new_tokens"])
-        rows = _conversations(model_input)
+        if max_new < 1:
+            raise _refuse(f"max_new_tokens must be >= 1, got {max_new}")
+        rows, single = parse_rows(model_input)
         answers, eos = _generate_answers()(
             self.model,
             self.tok,
@@ -89,7 +174,7 @@ class ChatModel(mlflow.pyfunc.PythonModel):
         )
         name = str(self.defaults.get("model_name", ""))
         out = [_completion(a, e, name) if chat else a for a, e, (_, chat) in zip(answers, eos, rows, strict=True)]
-        return out[0] if len(out) == 1 and rows[0][1] else out
+        return out[0] if single else out
 
 
 mlflow.models.set_model(ChatModel())

@@ -56,3 +56,21 @@ if __name__ == "__main__":  # pragma: no cover
     import sys
 
     print(make_tiny_model(Path(sys.argv[1])))
+
+
+def talkative_copy(src: Path, out_dir: Path) -> Path:
+    """A copy of a tiny model whose blank and special tokens (tied embeddings) are zeroed: random weights otherwise
+    answer with newlines or special tokens, which decode to an empty string, so tests comparing answers would
+    compare nothing. Its greedy answers are visible text that differs from prompt to prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, use_safetensors=True)
+    blank = [i for i in range(len(tok)) if not tok.decode([i]).strip()]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[sorted({*blank, *tok.added_tokens_decoder})] = 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return out_dir

@@ -69,14 +69,12 @@ class Champion:
 
 
 def chat_signature(max_new_tokens: int) -> Any:
-    """Input: a string ``prompt`` or OpenAI-style ``messages``; params: max_new_tokens (max_tokens), temperature, seed."""
+    """Params only (max_new_tokens / max_tokens, temperature, seed), no input schema: MLflow then hands each request's
+    structure to the model as sent (a column schema folds ``{"inputs": {"prompt": [a, b]}}`` into ONE row and drops
+    unknown fields silently); the served model splits the rows itself and refuses other shapes with a 400."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, DataType, Object, ParamSchema, ParamSpec, Property, Schema
+    from mlflow.types.schema import DataType, ParamSchema, ParamSpec
 
-    message = Object([Property("role", DataType.string), Property("content", DataType.string)])
-    inputs = Schema(
-        [ColSpec(DataType.string, "prompt", required=False), ColSpec(Array(message), "messages", required=False)]
-    )
     params = ParamSchema(
         [
             ParamSpec("max_new_tokens", DataType.long, max_new_tokens),
@@ -85,7 +83,7 @@ def chat_signature(max_new_tokens: int) -> Any:
             ParamSpec("seed", DataType.long, 0),
         ]
     )
-    return ModelSignature(inputs=inputs, params=params)
+    return ModelSignature(inputs=None, params=params)
 
 
 def ensure_registered_model(client: Any, name: str) -> None:
