@@ -109,7 +109,7 @@ def _record(layout: PipelineLayout, spec, key: str, path: Path) -> AdapterRecord
 
 
 def _eval_and_register(layout, spec, key, target, lin, logs=None):  # type: ignore[no-untyped-def]
-    from finetune_pipeline.stages.evaluate import evaluate_adapter
+    from finetune_pipeline.stages.eval_report import evaluate_adapter
     from finetune_pipeline.stages.register import register
 
     log = (lambda m: logs.append(m)) if logs is not None else (lambda m: None)

@@ -12,7 +12,7 @@ from finetune_pipeline.keys import code_version
 from finetune_pipeline.layout import SPLITS
 from finetune_pipeline.spec import LoadedSpec
 from finetune_pipeline.stages.ingest import DropRecord, ingest_drop, needs_tokenizer, store_raw
-from finetune_pipeline.stages.readiness import data_readiness
+from finetune_pipeline.stages.data_readiness import data_readiness
 from finetune_pipeline.stages.splits import SplitsRecord, build_dataset_splits, end_of_turn_check, token_stats
 
 QUARANTINE_PREVIEW_ROWS = 200
@@ -334,7 +334,7 @@ def data_readiness_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
         key=k,
         deps=[key(spec, "dataset_splits"), key(spec, "token_stats")],
         group_name=spec.name,
-        code_version=code_version("finetune_pipeline.stages.readiness"),
+        code_version=code_version("finetune_pipeline.stages.data_readiness"),
         kinds={"pandas"},
         check_specs=[
             dg.AssetCheckSpec(n, asset=k, description=d, blocking=b) for n, (d, b) in READINESS_CHECKS.items()

@@ -12,11 +12,11 @@ from finetune_pipeline.defs.common import key, latest_version, lineage, logger, 
 from finetune_pipeline.defs.resources import MlflowTracking, StateStore
 from finetune_pipeline.keys import code_version
 from finetune_pipeline.spec import LoadedSpec
-from finetune_pipeline.stages.evaluate import EvalOutcome, evaluate_adapter
+from finetune_pipeline.stages.eval_report import EvalOutcome, evaluate_adapter
 from finetune_pipeline.stages.register import RELOAD_TOLERANCE, GateFailed, register
 from finetune_pipeline.tracking.mlflow_store import experiment_for
 
-EVALUATE, REGISTER = "finetune_pipeline.stages.evaluate", "finetune_pipeline.stages.register"
+EVALUATE, REGISTER = "finetune_pipeline.stages.eval_report", "finetune_pipeline.stages.register"
 
 
 def eval_report_asset(spec: LoadedSpec) -> dg.AssetsDefinition:

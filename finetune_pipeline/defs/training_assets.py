@@ -14,11 +14,11 @@ from finetune_pipeline.keys import code_version
 from finetune_pipeline.spec import LoadedSpec
 from finetune_pipeline.stages import adapter as adapter_stage
 from finetune_pipeline.stages.adapter import AdapterOutcome, train_adapter
-from finetune_pipeline.stages.base import provision_base
-from finetune_pipeline.stages.sweep import sweep
+from finetune_pipeline.stages.base_model import provision_base
+from finetune_pipeline.stages.hyperparameter_sweep import sweep
 
 TRAINING_POOL = "finetune_training"  # Dagster concurrency pool: its slots (dagster.yaml) bound concurrent training
-BASE, SWEEP, ADAPTER = "finetune_pipeline.stages.base", "finetune_pipeline.stages.sweep", adapter_stage.CODE
+BASE, SWEEP, ADAPTER = "finetune_pipeline.stages.base_model", "finetune_pipeline.stages.hyperparameter_sweep", adapter_stage.CODE
 
 
 def base_model_asset(spec: LoadedSpec) -> dg.AssetsDefinition:

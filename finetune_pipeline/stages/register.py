@@ -10,7 +10,7 @@ from pathlib import Path
 from finetune_pipeline.evaluation.report import EvalRecord, with_intervals
 from finetune_pipeline.layout import AdapterRecord, PipelineLayout, Registration
 from finetune_pipeline.spec import LoadedSpec
-from finetune_pipeline.stages.evaluate import margins
+from finetune_pipeline.stages.eval_report import margins
 from finetune_pipeline.tracking import mlflow_store
 from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
 

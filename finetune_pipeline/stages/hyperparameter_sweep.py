@@ -16,7 +16,7 @@ from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
 from finetune_pipeline.training.launch import ChildLaunch
 
 LogFn = Callable[[str], None]
-CODE = __name__  # the study depends on this module and the training code it reaches
+CODE = __name__  # its code version: the trials it runs (keys.STAGE_CODE)
 
 
 @dataclass

@@ -80,7 +80,7 @@ def evaluate_adapter(
     all three on the same rows, with paired bootstrap intervals. Base outputs are cached by (base weights, test
     rows, settings), the champion's by (version, test rows, settings)."""
     from finetune_pipeline.evaluation.evaluate import evaluate
-    from finetune_pipeline.evaluation.plots import interval_plot
+    from finetune_pipeline.evaluation.interval_plot import interval_plot
     from finetune_pipeline.evaluation.report import render_markdown, with_intervals
 
     s = spec.spec
