@@ -11,8 +11,8 @@ from finetune_pipeline.defs.resources import StateStore
 from finetune_pipeline.keys import code_version
 from finetune_pipeline.layout import SPLITS
 from finetune_pipeline.spec import LoadedSpec
-from finetune_pipeline.stages.ingest import DropRecord, ingest_drop, needs_tokenizer, store_raw
 from finetune_pipeline.stages.data_readiness import data_readiness
+from finetune_pipeline.stages.ingest import DropRecord, ingest_drop, needs_tokenizer, store_raw
 from finetune_pipeline.stages.splits import SplitsRecord, build_dataset_splits, end_of_turn_check, token_stats
 
 QUARANTINE_PREVIEW_ROWS = 200

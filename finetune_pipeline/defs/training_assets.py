@@ -18,7 +18,11 @@ from finetune_pipeline.stages.base_model import provision_base
 from finetune_pipeline.stages.hyperparameter_sweep import sweep
 
 TRAINING_POOL = "finetune_training"  # Dagster concurrency pool: its slots (dagster.yaml) bound concurrent training
-BASE, SWEEP, ADAPTER = "finetune_pipeline.stages.base_model", "finetune_pipeline.stages.hyperparameter_sweep", adapter_stage.CODE
+BASE, SWEEP, ADAPTER = (
+    "finetune_pipeline.stages.base_model",
+    "finetune_pipeline.stages.hyperparameter_sweep",
+    adapter_stage.CODE,
+)
 
 
 def base_model_asset(spec: LoadedSpec) -> dg.AssetsDefinition:

@@ -10,6 +10,7 @@ from typing import Any
 from finetune_pipeline import keys
 from finetune_pipeline.layout import AdapterRecord, PipelineLayout
 from finetune_pipeline.plots import loss_curve
+from finetune_pipeline.progress import LogFn
 from finetune_pipeline.spec import LoadedSpec, PipelineSpec
 from finetune_pipeline.stages.datasets import log_splits
 from finetune_pipeline.stages.hyperparameter_sweep import finished_sweep
@@ -18,7 +19,6 @@ from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
 from finetune_pipeline.training.launch import PID_FILE, ChildLaunch, child_launch
 from finetune_pipeline.training.sft import RESULT_FILE, TrainRequest, TrainResult
 
-LogFn = Callable[[str], None]
 # Starts the training child and waits for it -> the metadata the child reported (through Dagster Pipes).
 Launch = Callable[[ChildLaunch], dict[str, Any]]
 CODE = (__name__,)  # its code version: the training child it runs (keys.STAGE_CODE)

@@ -3,19 +3,17 @@ settings and champion are unchanged)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from finetune_pipeline import keys
 from finetune_pipeline.evaluation.report import EvalRecord
 from finetune_pipeline.layout import AdapterRecord, PipelineLayout
+from finetune_pipeline.progress import LogFn
 from finetune_pipeline.spec import LoadedSpec
 from finetune_pipeline.stages.datasets import log_splits
 from finetune_pipeline.tracking import mlflow_store
 from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
-
-LogFn = Callable[[str], None]
 
 
 @dataclass

@@ -9,13 +9,13 @@ from typing import Any
 from finetune_pipeline import keys
 from finetune_pipeline.hashing import short_hash
 from finetune_pipeline.layout import PipelineLayout, SweepRecord
+from finetune_pipeline.progress import LogFn
 from finetune_pipeline.spec import LoadedSpec
 from finetune_pipeline.stages.datasets import log_splits
 from finetune_pipeline.tracking import mlflow_store
 from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
 from finetune_pipeline.training.launch import ChildLaunch
 
-LogFn = Callable[[str], None]
 CODE = __name__  # its code version: the trials it runs (keys.STAGE_CODE)
 
 

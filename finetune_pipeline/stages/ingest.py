@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,8 @@ from finetune_pipeline.data.drops import (
     scan_incoming,
 )
 from finetune_pipeline.layout import PipelineLayout, RawDropRecord
+from finetune_pipeline.progress import LogFn
 from finetune_pipeline.spec import LoadedSpec, SourceSpec
-
-LogFn = Callable[[str], None]
 
 
 def source_of(spec: LoadedSpec, path: Path) -> SourceSpec | None:

@@ -3,18 +3,17 @@ paired evidence of the evaluation and move aliases."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 from finetune_pipeline.evaluation.report import EvalRecord, with_intervals
 from finetune_pipeline.layout import AdapterRecord, PipelineLayout, Registration
+from finetune_pipeline.progress import LogFn
 from finetune_pipeline.spec import LoadedSpec
 from finetune_pipeline.stages.eval_report import margins
 from finetune_pipeline.tracking import mlflow_store
 from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
 
-LogFn = Callable[[str], None]
 RELOAD_TOLERANCE = 1e-3
 # MLflow models-from-code: loaded by MLflow from the model folder, never imported by the package
 _SERVING_CODE = Path(__file__).resolve().parent.parent / "models" / "served_model.py"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,9 +10,8 @@ import pandas as pd
 from finetune_pipeline.data.clean import write_parquet_atomic
 from finetune_pipeline.data.split import SplitResult, build_splits, overlap_report
 from finetune_pipeline.layout import SPLITS, PipelineLayout, SplitsManifest
+from finetune_pipeline.progress import LogFn
 from finetune_pipeline.spec import LoadedSpec
-
-LogFn = Callable[[str], None]
 
 
 @dataclass

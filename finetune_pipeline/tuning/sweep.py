@@ -17,13 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from finetune_pipeline.progress import LogFn
 from finetune_pipeline.spec import PipelineSpec, SearchParam, SweepSpec, TrainingSpec
 from finetune_pipeline.training.launch import ChildLaunch
 from finetune_pipeline.training.sft import TrainRequest
 from finetune_pipeline.tuning.trials import CHILD_MODULE as TRIAL_CHILD
-from finetune_pipeline.tuning.trials import TrialOutcome, TrialRequest, outcome_path
-
-LogFn = Callable[[str], None]
+from finetune_pipeline.tuning.trials import TrialOutcome, TrialRequest, make_pruner, outcome_path
 
 
 @dataclass
@@ -75,15 +74,6 @@ def objective_direction(spec: PipelineSpec) -> str:
     from finetune_pipeline.evaluation.metrics import higher_is_better
 
     return "maximize" if higher_is_better(spec.sweep.objective, spec.evaluation) else "minimize"
-
-
-def make_pruner(kind: str) -> Any:
-    """The study's pruner; parent and trial children build the same one (Optuna does not store it)."""
-    import optuna
-
-    if kind == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
-    return optuna.pruners.NopPruner()
 
 
 def subprocess_launch(how: ChildLaunch) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from finetune_pipeline.layout import Record
 from finetune_pipeline.spec import EvaluationSpec
@@ -52,13 +52,21 @@ class TrialOutcome(Record):
     ended: float = 0.0
 
 
+def make_pruner(kind: str) -> Any:
+    """The study's pruner; parent and trial children build the same one (Optuna does not store it)."""
+    import optuna
+
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    return optuna.pruners.NopPruner()
+
+
 def run_trial(req: TrialRequest, log: Callable[[str], None] = print) -> TrialOutcome:
     """Train one trial, reporting validation losses to its Optuna trial; pruned when the study's pruner says so."""
     import optuna
 
     from finetune_pipeline.training.sft import train
     from finetune_pipeline.tuning.pruning import PruneOnEval
-    from finetune_pipeline.tuning.sweep import make_pruner
 
     study = optuna.load_study(study_name=req.study_name, storage=req.storage_uri, pruner=make_pruner(req.pruner))
     trial = optuna.trial.Trial(study, req.trial_id)
