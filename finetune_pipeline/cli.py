@@ -78,6 +78,7 @@ def register_drops(pipeline: str | None = None) -> dict[str, list[str]]:
     import dagster as dg
 
     from finetune_pipeline.data.drops import completion_rules, scan_incoming
+    from finetune_pipeline.defs.common import drops_partitions_name
     from finetune_pipeline.paths import specs_dir
     from finetune_pipeline.spec import load_specs_report
 
@@ -90,7 +91,7 @@ def register_drops(pipeline: str | None = None) -> dict[str, list[str]]:
     for spec in specs:
         if pipeline and spec.name != pipeline:
             continue
-        name = f"{spec.name}_drops"
+        name = drops_partitions_name(spec.name)
         known = set(instance.get_dynamic_partitions(name))
         added[spec.name] = []
         for src in spec.spec.source_list():  # every source's folder
@@ -122,11 +123,13 @@ def _dagster(*args: str) -> None:
 def demo(pipeline: str) -> None:
     import dagster as dg
 
+    from finetune_pipeline.defs.common import drops_partitions_name
+
     env = _apply_env()
     t0 = time.perf_counter()
     register_drops(pipeline)
     instance = dg.DagsterInstance.get()
-    drops = instance.get_dynamic_partitions(f"{pipeline}_drops")
+    drops = instance.get_dynamic_partitions(drops_partitions_name(pipeline))
     cleaned = instance.get_materialized_partitions(dg.AssetKey([pipeline, "cleaned_dataset"]))
     for d in drops:
         if d in cleaned:

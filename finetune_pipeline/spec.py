@@ -774,7 +774,7 @@ class EvaluationSpec(_Strict):
 class RegistrySpec(_Strict):
     """Which results may be registered, and when the champion alias moves (decisions, not part of any cache key).
 
-    Gates decide on the lower bound of the paired bootstrap interval at evaluation.confidence, never on a point
+    Gates decide on the lower bound of the paired bootstrap interval at registry.confidence, never on a point
     estimate: a gain the test split cannot distinguish from noise does not pass."""
 
     model_name: str = Field(description="MLflow registered-model name.")

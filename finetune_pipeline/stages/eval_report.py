@@ -52,14 +52,12 @@ def champion_source(layout: PipelineLayout, spec: LoadedSpec, adapter_key: str, 
     )
 
     def load() -> tuple[Any, Any]:
-        from finetune_pipeline.models.base import load_for_eval
+        from finetune_pipeline.models.base import load_trained
 
         if akey and layout.adapter_record(akey).exists():
             rec = AdapterRecord.load(layout.adapter_record(akey))
             log(f"champion v{champ.version}: loading its adapter {akey}")
-            if spec.spec.model.method == "full":
-                return load_for_eval(rec.path, spec.spec.model, None)
-            return load_for_eval(layout.read_base().path, spec.spec.model, rec.path)
+            return load_trained(layout.read_base().path, spec.spec.model, rec.path)
         log(f"champion v{champ.version}: loading it from the registry")
         return mlflow_store.load_registered(name, champ.version)
 

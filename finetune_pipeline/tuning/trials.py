@@ -103,14 +103,14 @@ def objective_metric(req: TrialRequest, log: Callable[[str], None]) -> float:
     import json
 
     from finetune_pipeline.evaluation.metrics import row_function
-    from finetune_pipeline.models.base import load_for_eval
+    from finetune_pipeline.models.base import load_trained
     from finetune_pipeline.models.chat_generation import generate_answers
 
     ev = req.evaluation
     if ev is None:
         raise ValueError(f"objective {req.objective} needs the evaluation settings in the trial request")
     rows = [json.loads(m) for m in req.train.eval_messages[: req.objective_samples]]
-    model, tok = load_for_eval(req.train.base_path, req.train.model, str(req.train.output_dir))
+    model, tok = load_trained(req.train.base_path, req.train.model, str(req.train.output_dir))
     answers, _ = generate_answers(model, tok, [r[:-1] for r in rows], ev.max_new_tokens, batch_size=ev.batch_size)
     fn = row_function(req.objective, ev)
     scores = [fn(a, r[-1]["content"]) for a, r in zip(answers, rows, strict=True)]  # type: ignore[misc]
