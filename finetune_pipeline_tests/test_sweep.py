@@ -1,5 +1,7 @@
-"""Tier 2: the sweep's trials train in child processes sharing one Optuna storage (SQLite in a temp folder):
-several at once, pruned from their own reports, and a killed sweep resumes with its finished trials kept."""
+"""Integration tier: the sweep's trials share one Optuna storage (SQLite in a temp folder): several at once in
+child processes, pruned from their own reports, and a killed sweep resumes with its finished trials kept. One
+trial at a time runs in this process (``in_process_launch``: the same trial code without a child's start-up and
+imports); the child-process launch is proven by the parallel test and the asset's Pipes test."""
 
 import json
 from pathlib import Path
@@ -13,9 +15,11 @@ LORA = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
 TRAIN = {"per_device_train_batch_size": 4, "learning_rate": 5e-3, "max_length": 96, "seed": 3}
 RUNTIME = {"logging_steps": 1, "save_steps": 0, "calibration_steps": 0, "eos_check_samples": 0}
 
+pytestmark = pytest.mark.integration
 
-def _sweep(tmp_path: Path, tiny_model: Path, study: str, evaluation: dict | None = None, **sweep):  # type: ignore[no-untyped-def]
-    from finetune_pipeline.tuning.sweep import run_sweep
+
+def _sweep(tmp_path: Path, tiny_model: Path, study: str, evaluation: dict | None = None, children: bool = False, **sweep):  # type: ignore[no-untyped-def]
+    from finetune_pipeline.tuning.sweep import in_process_launch, run_sweep, subprocess_launch
 
     space = {"learning_rate": {"type": "categorical", "choices": [5e-3, 2e-3, 1e-9]}}
     settings = {"enabled": True, "max_steps": 4, "eval_steps": 1, "search_space": space, **sweep}
@@ -31,6 +35,7 @@ def _sweep(tmp_path: Path, tiny_model: Path, study: str, evaluation: dict | None
         work_dir=tmp_path / "sweep",
         log=lambda m: None,
         on_trial=reports.append,
+        launch=subprocess_launch if children else in_process_launch,
     )
     return res, reports
 
@@ -44,7 +49,7 @@ def _study(tmp_path: Path, name: str):  # type: ignore[no-untyped-def]
 def test_parallel_trials_run_at_once_in_child_processes(tmp_path: Path, tiny_model: Path) -> None:
     from finetune_pipeline.tuning.trials import OUTCOME_FILE, TrialOutcome
 
-    res, reports = _sweep(tmp_path, tiny_model, "par", n_trials=3, parallel_trials=2, pruner="none")
+    res, reports = _sweep(tmp_path, tiny_model, "par", children=True, n_trials=3, parallel_trials=2, pruner="none")
     assert res.n_complete == 3 and res.n_run_now == 3 and len(reports) == 3
     outs = [TrialOutcome.load(tmp_path / "sweep" / f"trial-{n}" / OUTCOME_FILE) for n in range(3)]
     assert all(o.state == "COMPLETE" and o.steps == 4 for o in outs)

@@ -85,6 +85,15 @@ def subprocess_launch(how: ChildLaunch) -> dict[str, Any]:
     return {}
 
 
+def in_process_launch(how: ChildLaunch) -> dict[str, Any]:
+    """Runs a trial in this process (``trial_child.main`` on its request): no interpreter start and no imports to pay
+    per trial, for tests and debugging, one trial at a time. A crash takes the caller down with it."""
+    from finetune_pipeline.tuning.trial_child import main
+
+    main([how.extras["request"]])
+    return {}
+
+
 def run_sweep(
     *,
     study_name: str,
