@@ -6,13 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from finetune_pipeline.layout import AdapterRecord, BaseModelRecord, PipelineLayout, SplitsManifest
+from finetune_pipeline.layout import AdapterRecord, BaseModelRecord, PipelineLayout
 from finetune_pipeline.spec import RuntimeSpec, TrainingSpec, parse_spec
 from finetune_pipeline.tracking import mlflow_store
-from finetune_pipeline_tests.conftest import chat_row
+from finetune_pipeline_tests.conftest import chat_row, prepared_splits
 
 SPEC = """
 name: prom
@@ -32,29 +31,12 @@ def _spec(tmp_path: Path, tiny_model: Path, seed: int = 0, forgetting: bool = Fa
 
 
 def _splits(layout: PipelineLayout, n_test: int, digest: str) -> list[str]:
-    """Train and test splits as dataset_splits leaves them (same kind of rows, disjoint ids)."""
-    frames = {}
-    for split, rng in (("train", range(0, 24)), ("validation", range(100, 102)), ("test", range(200, 200 + n_test))):
-        rows = [chat_row(i) for i in rng]
-        frames[split] = pd.DataFrame(
-            {
-                "row_id": [r["id"] for r in rows],
-                "drop": "d",
-                "source_line": list(range(len(rows))),
-                "content_hash": [r["id"] for r in rows],
-                "messages": [json.dumps(r["messages"]) for r in rows],
-            }
-        )
-        layout.split(split).parent.mkdir(parents=True, exist_ok=True)
-        frames[split].to_parquet(layout.split(split))
-    SplitsManifest(
-        drops=["d"],
-        digests={"train": "tr", "validation": "va", "test": digest},
-        version=digest,
-        counts={},
-        spec_hash="s",
-    ).save(layout.splits_manifest)
-    return list(frames["train"]["messages"])
+    """Train, validation and ``n_test`` test rows as dataset_splits leaves them; the test split's digest is
+    ``digest``. Returns the training rows."""
+    rows = [json.dumps(chat_row(i)["messages"]) for i in range(26 + n_test)]
+    digests = {"train": "tr", "validation": "va", "test": digest}
+    prepared_splits(layout.state.root.parent, layout.name, None, rows, 24, 2, digests=digests, version=digest)
+    return rows[:24]
 
 
 def _world(tmp_path: Path, tiny_model: Path, **kw):  # type: ignore[no-untyped-def]

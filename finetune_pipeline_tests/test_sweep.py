@@ -18,7 +18,9 @@ RUNTIME = {"logging_steps": 1, "save_steps": 0, "calibration_steps": 0, "eos_che
 pytestmark = pytest.mark.integration
 
 
-def _sweep(tmp_path: Path, tiny_model: Path, study: str, evaluation: dict | None = None, children: bool = False, **sweep):  # type: ignore[no-untyped-def]
+def _sweep(
+    tmp_path: Path, tiny_model: Path, study: str, evaluation: dict | None = None, children: bool = False, **sweep
+):  # type: ignore[no-untyped-def]
     from finetune_pipeline.tuning.sweep import in_process_launch, run_sweep, subprocess_launch
 
     space = {"learning_rate": {"type": "categorical", "choices": [5e-3, 2e-3, 1e-9]}}
