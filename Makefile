@@ -10,7 +10,7 @@ export FINETUNE_HOME        ?= $(CURDIR)/.finetune
 export DAGSTER_HOME         ?= $(if $(FINETUNE_POSTGRES_URL),$(CURDIR)/deploy/postgres,$(CURDIR))
 export FINETUNE_DAGSTER_DIR ?= $(FINETUNE_HOME)/dagster
 
-.PHONY: setup demo test dev mlflow-ui validate bench-data bench-train bench-sweep clean-state
+.PHONY: setup demo test test-fast dev mlflow-ui validate bench-data bench-train bench-sweep clean-state
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ demo: setup  ## run the ticket_triage pipeline end to end (ingest, sweep, train,
 
 test: setup  ## the test suite (three tiers; the end-to-end tier drives the real dagster CLI)
 	$(BIN)/python -m pytest -q
+
+test-fast: setup  ## the unit tier alone: pure functions and the house rules (under a minute on 2 cores)
+	$(BIN)/python -m pytest -q -m unit
 
 validate: setup
 	eval "$$($(BIN)/finetune-pipeline env)" && $(BIN)/dagster definitions validate -m finetune_pipeline.definitions

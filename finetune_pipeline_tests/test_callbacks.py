@@ -16,6 +16,8 @@ import pytest
 from finetune_pipeline.spec import ModelSpec, RuntimeSpec, TrainingSpec
 from finetune_pipeline_tests.conftest import REPO, chat_row
 
+pytestmark = pytest.mark.integration
+
 AVX512_BF16 = {"float32": 200.0, "bfloat16": 860.0, "float16": 30.0}
 AVX2_ONLY = {"float32": 38.0, "bfloat16": 0.8, "float16": 0.7}
 ROWS = [json.dumps(chat_row(i)["messages"]) for i in range(48)]

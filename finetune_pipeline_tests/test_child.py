@@ -21,6 +21,8 @@ from finetune_pipeline.layout import AdapterRecord, PipelineLayout
 from finetune_pipeline.spec import parse_spec
 from finetune_pipeline_tests.conftest import chat_row, prepared_splits
 
+pytestmark = pytest.mark.integration
+
 MAX_STEPS = 12
 SPEC = """
 name: kid

@@ -11,6 +11,8 @@ from finetune_pipeline.layout import BaseModelRecord, SplitsManifest
 from finetune_pipeline.spec import PipelineSpec
 from finetune_pipeline_tests.conftest import make_spec
 
+pytestmark = pytest.mark.unit
+
 MANIFEST = SplitsManifest(
     drops=["d1"], digests={"train": "a", "validation": "b", "test": "c"}, version="v1", counts={}, spec_hash="s"
 )

@@ -13,6 +13,8 @@ from finetune_pipeline.spec import RuntimeSpec, TrainingSpec, parse_spec
 from finetune_pipeline.tracking import mlflow_store
 from finetune_pipeline_tests.conftest import chat_row, prepared_splits
 
+pytestmark = pytest.mark.integration
+
 SPEC = """
 name: prom
 description: test pipeline

@@ -11,6 +11,8 @@ from finetune_pipeline.spec import RuntimeSpec, TrainingSpec, parse_spec
 from finetune_pipeline.tracking import mlflow_store
 from finetune_pipeline_tests.conftest import chat_row
 
+pytestmark = pytest.mark.integration
+
 SPEC = """
 name: reg
 source: {{incoming_dir: in}}

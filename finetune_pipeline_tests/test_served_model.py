@@ -16,6 +16,8 @@ import pytest
 from finetune_pipeline.tracking import mlflow_store
 from finetune_pipeline_tests.test_promotion import _adapter, _eval_and_register, _record, _world
 
+pytestmark = pytest.mark.e2e
+
 
 def _free_port() -> int:
     with socket.socket() as s:
