@@ -94,7 +94,7 @@ def register_drops(pipeline: str | None = None) -> dict[str, list[str]]:
         name = drops_partitions_name(spec.name)
         known = set(instance.get_dynamic_partitions(name))
         added[spec.name] = []
-        for src in spec.spec.source_list():  # every source's folder
+        for src in spec.source_list():  # every source's folder
             inc = spec.incoming_of(src)
             # Two looks, settle_seconds apart (at least 1 s): a file still being written changes in between.
             first = scan_incoming(inc, src.file_glob, 0, {}, known, **completion_rules(src))

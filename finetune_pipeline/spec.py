@@ -946,6 +946,58 @@ class LoadedSpec(BaseModel):
     def spec_hash(self) -> str:
         return spec_hash(self.spec)
 
+    # The sections, read through the loaded spec: `loaded.training` for `loaded.spec.training`.
+    def source_list(self) -> list[SourceSpec]:
+        return self.spec.source_list()
+
+    @property
+    def description(self) -> str:
+        return self.spec.description
+
+    @property
+    def cleaning(self) -> CleaningSpec:
+        return self.spec.cleaning
+
+    @property
+    def dedup(self) -> DedupSpec:
+        return self.spec.dedup
+
+    @property
+    def split(self) -> SplitSpec:
+        return self.spec.split
+
+    @property
+    def drift(self) -> DriftSpec:
+        return self.spec.drift
+
+    @property
+    def model(self) -> ModelSpec:
+        return self.spec.model
+
+    @property
+    def training(self) -> TrainingSpec:
+        return self.spec.training
+
+    @property
+    def runtime(self) -> RuntimeSpec:
+        return self.spec.runtime
+
+    @property
+    def sweep(self) -> SweepSpec:
+        return self.spec.sweep
+
+    @property
+    def evaluation(self) -> EvaluationSpec:
+        return self.spec.evaluation
+
+    @property
+    def registry(self) -> RegistrySpec:
+        return self.spec.registry
+
+    @property
+    def automation(self) -> AutomationSpec:
+        return self.spec.automation
+
 
 class SpecError(ValueError):
     """All problems found in one spec file, each with its field path and line."""

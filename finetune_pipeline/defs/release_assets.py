@@ -21,7 +21,7 @@ EVALUATE, REGISTER = "finetune_pipeline.stages.eval_report", "finetune_pipeline.
 
 def eval_report_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
     k = key(spec, "eval_report")
-    gate = spec.spec.registry.min_improvement_over_base
+    gate = spec.registry.min_improvement_over_base
 
     @dg.asset(
         key=k,
@@ -104,7 +104,7 @@ def eval_metadata(out: EvalOutcome) -> dict:
 
 
 def gate_check(out: EvalOutcome, spec: LoadedSpec) -> dg.AssetCheckResult:
-    r, gate = out.record.report, spec.spec.registry.min_improvement_over_base
+    r, gate = out.record.report, spec.registry.min_improvement_over_base
     passed, iv = out.passes_gate(spec), r.primary_interval()
     return dg.AssetCheckResult(
         check_name="tuned_beats_base",
@@ -148,7 +148,7 @@ def forgetting_check(out: EvalOutcome) -> dg.AssetCheckResult:
 
 def registered_model_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
     k = key(spec, "registered_model")
-    name = spec.spec.registry.model_name
+    name = spec.registry.model_name
 
     @dg.asset(
         key=k,

@@ -77,7 +77,7 @@ def sweep_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
         return dg.MaterializeResult(
             metadata={
                 "best_params": dg.MetadataValue.json(rec.best_params),
-                f"best_{spec.spec.sweep.objective}": rec.best_value,
+                f"best_{spec.sweep.objective}": rec.best_value,
                 "trials_complete": rec.trials_complete,
                 "trials_pruned": rec.trials_pruned,
                 "trials_run_now": out.trials_run_now,
@@ -166,7 +166,7 @@ def adapter_metadata(out: AdapterOutcome, spec: LoadedSpec) -> dict[str, Any]:
 
 
 def eos_check(out: AdapterOutcome, spec: LoadedSpec) -> dg.AssetCheckResult:
-    res, required = out.result, spec.spec.runtime.min_eos_rate
+    res, required = out.result, spec.runtime.min_eos_rate
     rate = res.eos_rate
     ok = rate is None or rate >= required
     return dg.AssetCheckResult(
@@ -187,5 +187,5 @@ def eos_check(out: AdapterOutcome, spec: LoadedSpec) -> dg.AssetCheckResult:
 
 
 def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
-    sweep_ = [sweep_asset(spec)] if spec.spec.sweep.enabled else []
+    sweep_ = [sweep_asset(spec)] if spec.sweep.enabled else []
     return [base_model_asset(spec), *sweep_, adapter_asset(spec)]

@@ -38,7 +38,7 @@ class AdapterOutcome:
 
 def tuned_spec(layout: PipelineLayout, spec: LoadedSpec) -> tuple[PipelineSpec, str]:
     """The spec with the sweep's best parameters applied (when the sweep is on), and the sweep's MLflow run."""
-    if not spec.spec.sweep.enabled:
+    if not spec.sweep.enabled:
         return spec.spec, ""
     done = finished_sweep(layout, spec)
     if done is None:

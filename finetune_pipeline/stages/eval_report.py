@@ -25,12 +25,12 @@ class EvalOutcome:
     plot: bytes | None = None
 
     def passes_gate(self, spec: LoadedSpec) -> bool:
-        return self.record.report.passes_gate(spec.spec.registry.min_improvement_over_base)
+        return self.record.report.passes_gate(spec.registry.min_improvement_over_base)
 
 
 def margins(spec: LoadedSpec) -> tuple[dict[str, float], dict[str, float]]:
     """The margins the primary metric's intervals are judged against: over base, over the champion."""
-    r, pm = spec.spec.registry, spec.spec.evaluation.primary_metric
+    r, pm = spec.registry, spec.evaluation.primary_metric
     return {pm: r.min_improvement_over_base}, {pm: r.promotion_min_delta}
 
 
@@ -40,7 +40,7 @@ def champion_source(layout: PipelineLayout, spec: LoadedSpec, adapter_key: str, 
     from the registry's copy of its weights."""
     from finetune_pipeline.evaluation.evaluate import ChampionSource
 
-    name = spec.spec.registry.model_name
+    name = spec.registry.model_name
     champ = mlflow_store.champion(name)
     if champ is None:
         return None
@@ -57,7 +57,7 @@ def champion_source(layout: PipelineLayout, spec: LoadedSpec, adapter_key: str, 
         if akey and layout.adapter_record(akey).exists():
             rec = AdapterRecord.load(layout.adapter_record(akey))
             log(f"champion v{champ.version}: loading its adapter {akey}")
-            return load_trained(layout.read_base().path, spec.spec.model, rec.path)
+            return load_trained(layout.read_base().path, spec.model, rec.path)
         log(f"champion v{champ.version}: loading it from the registry")
         return mlflow_store.load_registered(name, champ.version)
 

@@ -86,7 +86,7 @@ def sweep(
             on_trial=on_trial,
             launch=launch or subprocess_launch,
         )
-        mlflow_store.log_metrics({f"best_{spec.spec.sweep.objective}": res.best_value})
+        mlflow_store.log_metrics({f"best_{spec.sweep.objective}": res.best_value})
         mlflow_store.log_params({f"best.{p}": v for p, v in res.best_params.items()})
         mlflow_store.set_tags({"optuna.study": res.study_name})
     rec = SweepRecord(
