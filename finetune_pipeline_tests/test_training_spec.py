@@ -370,3 +370,14 @@ def test_knobs_reach_trl_and_peft() -> None:
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
         check_optim("paged_adamw_8bit", use_cuda=False)
     check_optim("paged_adamw_8bit", use_cuda=True)
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"), [("lora", ("base", "out")), ("qlora", ("base", "out")), ("full", ("out", None))]
+)
+def test_where_the_trained_weights_are(method: str, expected: tuple) -> None:
+    """One rule for every loader (evaluation, the champion, the sweep's metric objective): a full fine-tune saved a
+    whole model, LoRA and QLoRA an adapter on the base."""
+    from finetune_pipeline.models.base import trained_weights
+
+    assert trained_weights("base", ModelSpec(method=method), "out") == expected
