@@ -10,7 +10,7 @@ export FINETUNE_HOME        ?= $(CURDIR)/.finetune
 export DAGSTER_HOME         ?= $(if $(FINETUNE_POSTGRES_URL),$(CURDIR)/deploy/postgres,$(CURDIR))
 export FINETUNE_DAGSTER_DIR ?= $(FINETUNE_HOME)/dagster
 
-.PHONY: setup setup-browser demo test dev mlflow-ui optuna-dashboard validate bench-data bench-train bench-sweep clean-state
+.PHONY: setup setup-browser demo test test-fast dev mlflow-ui optuna-dashboard validate bench-data bench-train bench-sweep clean-state
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ setup-browser:
 
 test: setup setup-browser  ## the test suite (three tiers; the end-to-end tier drives the real dagster CLI and a browser)
 	$(BIN)/python -m pytest -q
+
+test-fast: setup  ## the unit tier alone: pure functions and the house rules (under a minute on 2 cores)
+	$(BIN)/python -m pytest -q -m unit
 
 validate: setup  ## load the code location (every spec and component) with dg check defs
 	eval "$$($(BIN)/finetune-pipeline env)" && $(BIN)/dg check defs

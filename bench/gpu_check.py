@@ -30,9 +30,17 @@ def smollm2_shaped(out: Path, tokenizer_dir: Path, layers: int = 30) -> Path:
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
-        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True,
-        rope_theta=100000.0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
     )
     torch.manual_seed(0)
@@ -66,7 +74,11 @@ def run_one(name: str, base: Path, work: Path, method: str, dtype: str, steps: i
         base_path=str(base),
         model=ModelSpec(method=method, dtype=dtype, lora={"r": 16, "alpha": 32, "dropout": 0.0}),
         training=TrainingSpec(
-            max_steps=steps, per_device_train_batch_size=16, learning_rate=2e-3, max_length=128, warmup_ratio=0.0,
+            max_steps=steps,
+            per_device_train_batch_size=16,
+            learning_rate=2e-3,
+            max_length=128,
+            warmup_ratio=0.0,
             gradient_checkpointing=False,
         ),
         runtime=RuntimeSpec(logging_steps=1, calibration_steps=0, eos_check_samples=0),
@@ -106,7 +118,9 @@ def qlora_merge_check(base: Path, adapter: Path) -> dict[str, Any]:
     tok = AutoTokenizer.from_pretrained(adapter)
     ids = tok("Ticket 3: printer 3 on floor 8 shows error E11. Which team?", return_tensors="pt").input_ids.cuda()
     q = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
     four = AutoModelForCausalLM.from_pretrained(base, quantization_config=q, dtype=torch.bfloat16).cuda()
@@ -140,12 +154,17 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     base = smollm2_shaped(a.work / "base", a.tokenizer)
     results: dict[str, Any] = {"torch": torch.__version__, "runs": []}
-    for name, method, dtype in [("lora-fp32", "lora", "float32"), ("lora-bf16", "lora", "bfloat16"),
-                                ("qlora-nf4", "qlora", "bfloat16")]:
+    for name, method, dtype in [
+        ("lora-fp32", "lora", "float32"),
+        ("lora-bf16", "lora", "bfloat16"),
+        ("qlora-nf4", "qlora", "bfloat16"),
+    ]:
         try:
             results["runs"].append(run_one(name, base, a.work, method, dtype, a.steps))
         except Exception as e:  # one failing path must not hide the others' figures
-            results["runs"].append({"run": name, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]})
+            results["runs"].append(
+                {"run": name, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
+            )
         a.out.write_text(json.dumps(results, indent=2))
     try:
         results["qlora_merge"] = qlora_merge_check(base, a.work / "qlora-nf4")

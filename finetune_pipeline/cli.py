@@ -89,6 +89,7 @@ def register_drops(pipeline: str | None = None) -> dict[str, list[str]]:
     import dagster as dg
 
     from finetune_pipeline.data.drops import completion_rules, scan_incoming
+    from finetune_pipeline.defs.common import drops_partitions_name
     from finetune_pipeline.paths import specs_dir
     from finetune_pipeline.spec import load_specs_report
 
@@ -104,10 +105,10 @@ def register_drops(pipeline: str | None = None) -> dict[str, list[str]]:
     for spec in specs:
         if pipeline and spec.name != pipeline:
             continue
-        name = f"{spec.name}_drops"
+        name = drops_partitions_name(spec.name)
         known = set(instance.get_dynamic_partitions(name))
         added[spec.name] = []
-        for src in spec.spec.source_list():  # every source's folder
+        for src in spec.source_list():  # every source's folder
             inc = spec.incoming_of(src)
             # Two looks, settle_seconds apart (at least 1 s): a file still being written changes in between.
             first = scan_incoming(inc, src.file_glob, 0, {}, known, **completion_rules(src))
@@ -138,11 +139,13 @@ def _dg(*args: str) -> None:
 def demo(pipeline: str) -> None:
     import dagster as dg
 
+    from finetune_pipeline.defs.common import drops_partitions_name
+
     env = _apply_env()
     t0 = time.perf_counter()
     register_drops(pipeline)
     instance = dg.DagsterInstance.get()
-    drops = instance.get_dynamic_partitions(f"{pipeline}_drops")
+    drops = instance.get_dynamic_partitions(drops_partitions_name(pipeline))
     cleaned = instance.get_materialized_partitions(dg.AssetKey([pipeline, "cleaned_dataset"]))
     for d in drops:
         if d in cleaned:

@@ -2,9 +2,11 @@
 
 Keys hash whole spec sections, never a hand-kept list of fields: the spec is split by what a field affects
 (``training`` and ``model`` are what is learned; ``runtime`` only launches and observes; ``registry`` decides), so
-a key takes the sections that change its result. Each asset's code version is the hash of the library modules its
-stage imports (followed through the package, function-level imports included): editing the CLI or the demo generator
-changes none of them.
+a key takes the sections that change its result. A stage's code version follows the math: it hashes the library
+modules that compute the stage's result (``STAGE_CODE``) and every package module they import (function-level imports
+included), but never the bookkeeping (``NOT_MATH``): the spec's source (its values are in the data keys already), the
+tracking, the plots, the state layout and these keys. Rewording a field description or a log line retrains nothing;
+editing the training loss retrains the adapter.
 """
 
 from __future__ import annotations
@@ -21,6 +23,25 @@ from finetune_pipeline.tuning.sweep import trial_training
 
 PACKAGE = "finetune_pipeline"
 _ROOT = Path(__file__).resolve().parent
+
+# Where a stage's math lives when not in the stage module itself (which then only orchestrates, logs and records).
+# Training and the sweep trials run as child processes, which no import reaches.
+STAGE_CODE: dict[str, tuple[str, ...]] = {
+    f"{PACKAGE}.stages.hyperparameter_sweep": (f"{PACKAGE}.tuning.sweep", f"{PACKAGE}.tuning.trial_child"),
+    f"{PACKAGE}.stages.adapter": (f"{PACKAGE}.training.child",),
+    f"{PACKAGE}.stages.eval_report": (f"{PACKAGE}.evaluation.evaluate",),
+}
+# Bookkeeping: recorded, not computed with. A module here (or under a package here) is neither hashed nor followed.
+NOT_MATH = (
+    PACKAGE,  # __init__: the package version, which every code version carries anyway
+    f"{PACKAGE}.spec",
+    f"{PACKAGE}.layout",
+    f"{PACKAGE}.keys",
+    f"{PACKAGE}.plots",
+    f"{PACKAGE}.paths",
+    f"{PACKAGE}.tracking",
+    f"{PACKAGE}.stages.datasets",  # logs the splits to the tracking store
+)
 
 
 def _module_file(name: str) -> Path | None:
@@ -51,20 +72,29 @@ def _imports(name: str, path: Path) -> set[str]:
     return {m for m in out if _module_file(m) is not None}
 
 
-@functools.cache
-def code_version(*modules: str) -> str:
-    """Package version plus a hash of ``modules`` and every package module they reach by import (a module run as
-    a child process, which no import reaches, is named explicitly)."""
+def _bookkeeping(name: str) -> bool:
+    return any(name == m or (m != PACKAGE and name.startswith(m + ".")) for m in NOT_MATH)
+
+
+def closure(*modules: str) -> set[str]:
+    """``modules`` (a stage module stands for its ``STAGE_CODE``) and every package module they reach by import,
+    bookkeeping left out and not followed."""
     seen: set[str] = set()
-    todo = list(modules)
+    todo = [m for name in modules for m in STAGE_CODE.get(name, (name,))]
     while todo:
         name = todo.pop()
         path = _module_file(name)
-        if name in seen or path is None:
+        if name in seen or path is None or _bookkeeping(name):
             continue
         seen.add(name)
         todo.extend(_imports(name, path) - seen)
-    parts = [(m, _module_file(m).read_text()) for m in sorted(seen)]  # type: ignore[union-attr]
+    return seen
+
+
+@functools.cache
+def code_version(*modules: str) -> str:
+    """Package version plus a hash of the source of ``closure(*modules)``: what computes the result."""
+    parts = [(m, _module_file(m).read_text()) for m in sorted(closure(*modules))]  # type: ignore[union-attr]
     return f"{__version__}+{short_hash(parts, length=12)}"
 
 

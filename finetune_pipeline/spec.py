@@ -782,7 +782,7 @@ class EvaluationSpec(_Strict):
 class RegistrySpec(_Strict):
     """Which results may be registered, and when the champion alias moves (decisions, not part of any cache key).
 
-    Gates decide on the lower bound of the paired bootstrap interval at evaluation.confidence, never on a point
+    Gates decide on the lower bound of the paired bootstrap interval at registry.confidence, never on a point
     estimate: a gain the test split cannot distinguish from noise does not pass."""
 
     model_name: str = Field(description="MLflow registered-model name.")
@@ -985,6 +985,58 @@ class LoadedSpec(BaseModel):
     @property
     def spec_hash(self) -> str:
         return spec_hash(self.spec)
+
+    # The sections, read through the loaded spec: `loaded.training` for `loaded.spec.training`.
+    def source_list(self) -> list[SourceSpec]:
+        return self.spec.source_list()
+
+    @property
+    def description(self) -> str:
+        return self.spec.description
+
+    @property
+    def cleaning(self) -> CleaningSpec:
+        return self.spec.cleaning
+
+    @property
+    def dedup(self) -> DedupSpec:
+        return self.spec.dedup
+
+    @property
+    def split(self) -> SplitSpec:
+        return self.spec.split
+
+    @property
+    def drift(self) -> DriftSpec:
+        return self.spec.drift
+
+    @property
+    def model(self) -> ModelSpec:
+        return self.spec.model
+
+    @property
+    def training(self) -> TrainingSpec:
+        return self.spec.training
+
+    @property
+    def runtime(self) -> RuntimeSpec:
+        return self.spec.runtime
+
+    @property
+    def sweep(self) -> SweepSpec:
+        return self.spec.sweep
+
+    @property
+    def evaluation(self) -> EvaluationSpec:
+        return self.spec.evaluation
+
+    @property
+    def registry(self) -> RegistrySpec:
+        return self.spec.registry
+
+    @property
+    def automation(self) -> AutomationSpec:
+        return self.spec.automation
 
 
 class SpecError(ValueError):

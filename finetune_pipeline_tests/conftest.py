@@ -52,16 +52,28 @@ def make_spec(**sections: dict):  # type: ignore[no-untyped-def]
     return PipelineSpec.model_validate(raw)
 
 
-def prepared_splits(tmp_path: Path, name: str, base: Path, messages: list[str], n_train: int, n_val: int):  # type: ignore[no-untyped-def]
-    """State of pipeline ``name`` under ``tmp_path/state`` as dataset_splits and base_model leave it: the rows split in
-    order (train, validation, the rest test) with the manifest and its counts, and the base model record; plus an empty
-    ``tmp_path/dagster`` for the test instance. Returns the pipeline's layout."""
+def prepared_splits(  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    name: str,
+    base: Path | None,
+    messages: list[str],
+    n_train: int,
+    n_val: int,
+    *,
+    digests: dict[str, str] | None = None,
+    version: str = "v",
+):
+    """The one builder of a prepared-splits world: pipeline ``name``'s state under ``tmp_path/state`` as
+    dataset_splits and base_model leave it. The rows are split in order (train, validation, the rest test) with the
+    manifest and its counts (``digests`` default to each split's name, the version to ``version``); the base model
+    record when ``base`` is given; an empty ``tmp_path/dagster`` for a test instance. Called again, it rewrites the
+    splits (a grown test split, say). Returns the pipeline's layout."""
     import pandas as pd
 
     from finetune_pipeline.layout import BaseModelRecord, PipelineLayout, SplitsManifest
 
     layout = PipelineLayout(tmp_path / "state", name)
-    layout.splits.mkdir(parents=True)
+    layout.splits.mkdir(parents=True, exist_ok=True)
     n = len(messages)
     frame = pd.DataFrame(
         {
@@ -78,13 +90,14 @@ def prepared_splits(tmp_path: Path, name: str, base: Path, messages: list[str], 
     for split, part in parts.items():
         part.reset_index(drop=True).to_parquet(layout.split(split))
     counts = {s: len(p) for s, p in parts.items()}
-    SplitsManifest(drops=["d"], digests={s: s for s in parts}, version="v", counts=counts, spec_hash="s").save(
-        layout.splits_manifest
-    )
-    BaseModelRecord(path=str(base), kind="local", digest="w", source="x", tokenizer_dir=str(base)).save(
-        layout.base_model
-    )
-    (tmp_path / "dagster").mkdir()
+    SplitsManifest(
+        drops=["d"], digests=digests or {s: s for s in parts}, version=version, counts=counts, spec_hash="s"
+    ).save(layout.splits_manifest)
+    if base is not None:
+        BaseModelRecord(path=str(base), kind="local", digest="w", source="x", tokenizer_dir=str(base)).save(
+            layout.base_model
+        )
+    (tmp_path / "dagster").mkdir(exist_ok=True)
     return layout
 
 

@@ -13,6 +13,8 @@ from finetune_pipeline.defs.pipeline import build_pipeline_defs
 from finetune_pipeline.spec import parse_spec
 from finetune_pipeline_tests.conftest import chat_row, write_jsonl
 
+pytestmark = pytest.mark.integration
+
 
 def _spec(tmp_path: Path, settle: float = 0.0):
     text = f"""

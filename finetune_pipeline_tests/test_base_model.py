@@ -7,6 +7,8 @@ import pytest
 
 from finetune_pipeline.models.base import load_tokenizer, provision_base_model
 
+pytestmark = pytest.mark.integration
+
 
 def test_packaged_smollm2_provisioning(tmp_path: Path) -> None:
     import torch

@@ -9,6 +9,8 @@ from finetune_pipeline.evaluation.bootstrap import RowStat, min_detectable_diffe
 from finetune_pipeline.evaluation.promotion import decide, floor_failures
 from finetune_pipeline.evaluation.report import EvalReport
 
+pytestmark = pytest.mark.unit
+
 
 def _rows(n: int, p: float, seed: int) -> list[float]:
     rng = random.Random(seed)

@@ -149,7 +149,7 @@ def test_scaffolded_starter_passes_the_spec_validation() -> None:
         assert [list(e.absolute_path) for e in validator.iter_errors(broken)] == [["attributes", "model", "lora", "r"]]
         with sandbox.load_component_and_build_defs(defs_path=folder) as (component, defs):
             assert component.spec.name == "my_pipeline"
-            assert component.spec.spec.registry.model_name == "my-pipeline"
+            assert component.spec.registry.model_name == "my-pipeline"
             assert {"my_pipeline_ingest", "my_pipeline_train"} <= {j.name for j in defs.jobs or []}
             assert component.spec.incoming_dir == (sandbox.project_root / "data" / "ticket_triage" / "incoming")
 

@@ -6,8 +6,11 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from finetune_pipeline.definitions import build_definitions
+
+pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parent.parent
 HEAVY = ["torch", "transformers", "peft", "trl", "bitsandbytes", "mlflow", "optuna", "datasets", "matplotlib"]

@@ -30,6 +30,8 @@ from examples.demo_tickets import (
     write_demo_drops,
 )
 
+pytestmark = pytest.mark.unit
+
 ALLOWED = {"category": CATEGORIES, "priority": PRIORITIES, "product": PRODUCTS, "sentiment": SENTIMENTS}
 
 

@@ -43,7 +43,7 @@ def test_served_requests_become_a_valid_drop(tmp_path: Path, tiny_model: Path) -
     base = talkative_copy(tiny_model, tmp_path / "model")
     spec = parse_spec(SPEC.format(model=base), path=tmp_path / "fb.yaml")
     layout = PipelineLayout(tmp_path / "state", spec.name)
-    log = RequestLog(layout.review, "fb-model", "3", spec.spec.cleaning.pii)
+    log = RequestLog(layout.review, "fb-model", "3", spec.cleaning.pii)
     tok = AutoTokenizer.from_pretrained(base)
     bundle = ModelBundle(AutoModelForCausalLM.from_pretrained(base).eval(), tok, "fb-model", "3", {"max_new_tokens": 8})
     engine = Engine(bundle, on_completion=lambda conv, c: log.append(conv, c.text))

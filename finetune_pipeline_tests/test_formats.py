@@ -17,6 +17,8 @@ from finetune_pipeline.data.normalize import json_string, normalise_whitespace
 from finetune_pipeline.data.readers import chunks
 from finetune_pipeline_tests.conftest import make_spec, write_jsonl
 
+pytestmark = pytest.mark.unit
+
 CHAT = {
     "id": "c1",
     "messages": [

@@ -11,6 +11,8 @@ import pytest
 from finetune_pipeline.evaluation.judge import endpoint_judge, judge_pairs, local_judge
 from finetune_pipeline.spec import JudgeSpec
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.mark.parametrize(
     ("answer", "verdict"),

@@ -1,5 +1,8 @@
-"""Tier 1: cache keys hash whole spec sections; sweep overrides are applied once to the spec; code versions follow
+"""Unit tier: cache keys hash whole spec sections; sweep overrides are applied once to the spec; code versions follow
 the modules a stage really uses."""
+
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -7,6 +10,8 @@ from finetune_pipeline import keys
 from finetune_pipeline.layout import BaseModelRecord, SplitsManifest
 from finetune_pipeline.spec import PipelineSpec
 from finetune_pipeline_tests.conftest import make_spec
+
+pytestmark = pytest.mark.unit
 
 MANIFEST = SplitsManifest(
     drops=["d1"], digests={"train": "a", "validation": "b", "test": "c"}, version="v1", counts={}, spec_hash="s"
@@ -85,16 +90,49 @@ def test_sweep_study_hashes_the_trials_own_training_settings() -> None:
     assert keys.sweep_study("p", MANIFEST.model_copy(update={"version": "v2"}), BASE, a, "code") != study
 
 
-def test_code_versions_follow_the_modules_a_stage_uses() -> None:
-    adapter = keys.code_version("finetune_pipeline.stages.adapter", "finetune_pipeline.training.child")
-    assert adapter != keys.code_version("finetune_pipeline.stages.adapter")  # the child is run, not imported
-    seen: set[str] = set()
-    todo = ["finetune_pipeline.stages.adapter"]
-    while todo:
-        name = todo.pop()
-        if name not in seen:
-            seen.add(name)
-            todo.extend(keys._imports(name, keys._module_file(name)) - seen)  # type: ignore[arg-type]
-    assert "finetune_pipeline.training.sft" in seen and "finetune_pipeline.tuning.sweep" in seen
-    assert not {m for m in seen if m.startswith(("finetune_pipeline.cli", "finetune_pipeline.defs"))}
-    assert "finetune_pipeline.data.demo_tickets" not in seen
+STAGES = {s: f"finetune_pipeline.stages.{s}" for s in ("adapter", "hyperparameter_sweep", "eval_report")}
+
+
+def test_code_versions_cover_the_math_not_the_bookkeeping() -> None:
+    adapter = keys.closure(STAGES["adapter"])
+    assert "finetune_pipeline.training.child" in adapter  # run as a child process, which no import reaches
+    assert "finetune_pipeline.training.sft" in adapter and "finetune_pipeline.models.base" in adapter
+    for stage in STAGES.values():
+        kept = keys.closure(stage)
+        assert not {m for m in kept if m.startswith(("finetune_pipeline.cli", "finetune_pipeline.defs"))}
+        assert not {m for m in kept if keys._bookkeeping(m)}, stage
+        assert "finetune_pipeline.data.demo_tickets" not in kept
+
+
+def _versions() -> dict[str, str]:
+    keys.code_version.cache_clear()
+    return {name: keys.code_version(stage) for name, stage in STAGES.items()}
+
+
+@pytest.fixture()
+def package_copy(tmp_path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """A copy of the package that code versions are computed from, to edit freely."""
+    root = tmp_path / "finetune_pipeline"
+    shutil.copytree(keys._ROOT, root, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(keys, "_ROOT", root)
+    yield root
+    keys.code_version.cache_clear()
+
+
+def test_rewording_the_spec_or_tracking_retrains_nothing_editing_the_loss_retrains_the_adapter(
+    package_copy: Path,
+) -> None:
+    before = _versions()
+    spec = package_copy / "spec.py"
+    text = spec.read_text()
+    assert 'description="' in text
+    spec.write_text(text.replace('description="', 'description="Reworded. ', 1))
+    for tracking in (package_copy / "tracking").rglob("*.py"):
+        tracking.write_text(tracking.read_text() + "\n# a reworded log line\n")
+    assert _versions() == before
+    loss = next(p for p in package_copy.rglob("*.py") if "def lean_loss" in p.read_text())
+    loss.write_text(loss.read_text().replace("def lean_loss", "# the loss, edited\ndef lean_loss", 1))
+    after = _versions()
+    assert after["adapter"] != before["adapter"]
+    assert after["hyperparameter_sweep"] != before["hyperparameter_sweep"]  # the trials train with it too
+    assert after["eval_report"] == before["eval_report"]

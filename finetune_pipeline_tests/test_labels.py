@@ -12,6 +12,8 @@ from finetune_pipeline.data.split import build_splits
 from finetune_pipeline.spec import LabelSpec, PipelineSpec
 from finetune_pipeline_tests.conftest import chat_row, make_spec, write_jsonl
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(
     ("rule", "raw", "expected"),

@@ -19,6 +19,8 @@ from finetune_pipeline.evaluation.metrics import (
 from finetune_pipeline.evaluation.report import ModelScores, build_report, render_markdown, score_outputs
 from finetune_pipeline.spec import EvaluationSpec
 
+pytestmark = pytest.mark.unit
+
 REF = '{"category": "billing", "priority": "high", "product": "PayFlow", "sentiment": "negative"}'
 
 

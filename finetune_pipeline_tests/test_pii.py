@@ -10,6 +10,8 @@ from finetune_pipeline.data import pii
 from finetune_pipeline.data.clean import clean_file
 from finetune_pipeline_tests.conftest import make_spec, write_jsonl
 
+pytestmark = pytest.mark.unit
+
 CASES = {
     "email": ("write to jane.roe@example.org today", "jane.roe@example.org"),
     "phone": ("call me on (650) 253-0000 after five", "(650) 253-0000"),

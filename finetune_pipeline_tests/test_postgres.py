@@ -16,7 +16,7 @@ import pytest
 
 from finetune_pipeline.paths import DATABASES, PostgresProfile
 from finetune_pipeline_tests.conftest import REPO
-from finetune_pipeline_tests.test_e2e import cli, dagster_cli, ingest_all, make_world
+from finetune_pipeline_tests.test_cli import cli, dagster_cli, ingest_all, make_world
 
 
 def _pg_bin() -> Path | None:

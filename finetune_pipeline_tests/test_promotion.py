@@ -6,14 +6,15 @@ import json
 import shutil
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from finetune_pipeline.layout import AdapterRecord, BaseModelRecord, PipelineLayout, SplitsManifest
+from finetune_pipeline.layout import AdapterRecord, BaseModelRecord, PipelineLayout
 from finetune_pipeline.spec import RuntimeSpec, TrainingSpec, parse_spec
 from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
 from finetune_pipeline.tracking.tracker import Tracker
-from finetune_pipeline_tests.conftest import chat_row
+from finetune_pipeline_tests.conftest import chat_row, prepared_splits
+
+pytestmark = pytest.mark.integration
 
 SPEC = """
 name: prom
@@ -33,29 +34,12 @@ def _spec(tmp_path: Path, tiny_model: Path, seed: int = 0, forgetting: bool = Fa
 
 
 def _splits(layout: PipelineLayout, n_test: int, digest: str) -> list[str]:
-    """Train and test splits as dataset_splits leaves them (same kind of rows, disjoint ids)."""
-    frames = {}
-    for split, rng in (("train", range(0, 24)), ("validation", range(100, 102)), ("test", range(200, 200 + n_test))):
-        rows = [chat_row(i) for i in rng]
-        frames[split] = pd.DataFrame(
-            {
-                "row_id": [r["id"] for r in rows],
-                "drop": "d",
-                "source_line": list(range(len(rows))),
-                "content_hash": [r["id"] for r in rows],
-                "messages": [json.dumps(r["messages"]) for r in rows],
-            }
-        )
-        layout.split(split).parent.mkdir(parents=True, exist_ok=True)
-        frames[split].to_parquet(layout.split(split))
-    SplitsManifest(
-        drops=["d"],
-        digests={"train": "tr", "validation": "va", "test": digest},
-        version=digest,
-        counts={},
-        spec_hash="s",
-    ).save(layout.splits_manifest)
-    return list(frames["train"]["messages"])
+    """Train, validation and ``n_test`` test rows as dataset_splits leaves them; the test split's digest is
+    ``digest``. Returns the training rows."""
+    rows = [json.dumps(chat_row(i)["messages"]) for i in range(26 + n_test)]
+    digests = {"train": "tr", "validation": "va", "test": digest}
+    prepared_splits(layout.state.root.parent, layout.name, None, rows, 24, 2, digests=digests, version=digest)
+    return rows[:24]
 
 
 def _world(tmp_path: Path, tiny_model: Path, **kw):  # type: ignore[no-untyped-def]
@@ -76,8 +60,8 @@ def _adapter(layout: PipelineLayout, spec, rows, key: str, lr: float, seed: int 
     out = layout.adapter(key)
     train(
         TrainRequest(
-            base_path=spec.spec.model.base,
-            model=spec.spec.model,
+            base_path=spec.model.base,
+            model=spec.model,
             training=TrainingSpec(
                 max_steps=steps, per_device_train_batch_size=4, learning_rate=lr, max_length=96, seed=seed
             ),
@@ -109,7 +93,7 @@ def _record(layout: PipelineLayout, spec, key: str, path: Path) -> AdapterRecord
 
 
 def _eval_and_register(layout, spec, key, tracker, lin, logs=None):  # type: ignore[no-untyped-def]
-    from finetune_pipeline.stages.evaluate import evaluate_adapter
+    from finetune_pipeline.stages.eval_report import evaluate_adapter
     from finetune_pipeline.stages.register import register
 
     log = (lambda m: logs.append(m)) if logs is not None else (lambda m: None)
@@ -172,7 +156,7 @@ def test_a_worse_candidate_is_never_promoted(champion_world, seed: int) -> None:
     """A damaged adapter against the champion, five damage and bootstrap seeds: never promoted. (learning_rate 0
     is refused by the spec, so the damaged adapter is the deliberately worse model.)"""
     spec, layout, train, tracker, lin, first = champion_world
-    spec = _spec(Path(spec.path).parent, Path(spec.spec.model.base), seed=seed)
+    spec = _spec(Path(spec.path).parent, Path(spec.model.base), seed=seed)
     _damaged(layout, spec, f"damaged-{seed}", seed)
     try:
         out, reg = _eval_and_register(layout, spec, f"damaged-{seed}", tracker, lin)

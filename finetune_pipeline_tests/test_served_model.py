@@ -69,9 +69,9 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):  # type:
 
     tmp_path = tmp_path_factory.mktemp("served")
     base = talkative_copy(tiny_model, tmp_path / "talkative")  # answers are visible text, not blanks
-    spec, layout, train, target, lin = _world(tmp_path, base)
+    spec, layout, train, tracker, lin = _world(tmp_path, base)
     adapter = _adapter(layout, spec, train, "champ", lr=5e-3)
-    out, reg = _eval_and_register(layout, spec, "champ", target, lin)
+    out, reg = _eval_and_register(layout, spec, "champ", tracker, lin)
     assert reg.promoted
     test = [json.loads(m) for m in layout.read_split_frames()["test"]["messages"]]
     preds = out.record.scores["tuned"].predictions
@@ -82,9 +82,9 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):  # type:
     convs = [r[:-1] for r in rows]
     chat_expected = [preds[i] for i in pick]
     prompts = [next(m["content"] for m in r if m["role"] == "user") for r in rows]
-    model, tok = load_for_eval(layout.read_base().path, spec.spec.model, adapter.path)
+    model, tok = load_for_eval(layout.read_base().path, spec.model, adapter.path)
     as_rows = [json.dumps([{"role": "user", "content": p}, {"role": "assistant", "content": ""}]) for p in prompts]
-    ev = spec.spec.evaluation
+    ev = spec.evaluation
     prompt_expected = {n: run_model(model, tok, as_rows[:n], ev, log=lambda m: None).predictions for n in (1, 3)}
     # different rows get different answers (so order is checked), and none is empty (so equality means something)
     assert all(chat_expected) and len(set(chat_expected)) > 1, preds
@@ -93,11 +93,11 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):  # type:
     port = free_port()
     env = {
         **os.environ,
-        "MLFLOW_TRACKING_URI": target.tracking_uri,
+        "MLFLOW_TRACKING_URI": tracker.target.tracking_uri,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     cmd = [
-        *(sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{spec.spec.registry.model_name}@champion"),
+        *(sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{spec.registry.model_name}@champion"),
         *("--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)),
     ]
     log_path = tmp_path / "serve.log"

@@ -35,9 +35,9 @@ def test_serve_cli_answers_an_openai_client_like_the_evaluation(tmp_path: Path, 
     from finetune_pipeline.models.tiny import talkative_copy
 
     base = talkative_copy(tiny_model, tmp_path / "talkative")
-    spec, layout, train, target, lin = _world(tmp_path, base)
+    spec, layout, train, tracker, lin = _world(tmp_path, base)
     _adapter(layout, spec, train, "champ", lr=5e-3)
-    out, reg = _eval_and_register(layout, spec, "champ", target, lin)
+    out, reg = _eval_and_register(layout, spec, "champ", tracker, lin)
     assert reg.promoted
     rows = [json.loads(m) for m in layout.read_split_frames()["test"]["messages"][:2]]
     expected = out.record.scores["tuned"].predictions[:2]
@@ -49,7 +49,7 @@ def test_serve_cli_answers_an_openai_client_like_the_evaluation(tmp_path: Path, 
     port = free_port()
     env = {
         **os.environ,
-        "MLFLOW_TRACKING_URI": target.tracking_uri,
+        "MLFLOW_TRACKING_URI": tracker.target.tracking_uri,
         "FINETUNE_HOME": str(tmp_path / "state"),
         "FINETUNE_SPECS": str(spec_file.parent),
     }

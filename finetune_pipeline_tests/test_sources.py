@@ -18,6 +18,8 @@ from finetune_pipeline.stages.ingest import ingest_drop, scan_sources, store_raw
 from finetune_pipeline.stages.splits import build_dataset_splits
 from finetune_pipeline_tests.conftest import chat_row, write_jsonl
 
+pytestmark = pytest.mark.unit
+
 REG = {"model_name": "m"}
 
 

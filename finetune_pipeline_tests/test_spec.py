@@ -7,6 +7,8 @@ import pytest
 
 from finetune_pipeline.spec import SpecError, json_schema, load_spec, load_specs, parse_spec
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parent.parent
 
 MINIMAL = """

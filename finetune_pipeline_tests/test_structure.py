@@ -1,10 +1,12 @@
-"""Tier 1: the house's rules, read from the code's AST. The library owns the logic and never imports dagster;
+"""Unit tier: the house's rules, read from the code's AST. The library owns the logic and never imports dagster;
 assets are short shells; layers point one way; tracking is a leaf."""
 
 import ast
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.unit
 
 PKG = Path(__file__).resolve().parent.parent / "finetune_pipeline"
 
@@ -139,3 +141,123 @@ def test_nothing_uses_mlflows_process_wide_uri(path: Path) -> None:
     assert not found, f"{path.name} uses {found}: go through finetune_pipeline.tracking.tracker.Tracker"
     if path.name != "registry.py":
         assert "_tracking_uri =" not in text, f"{path.name} assigns MLflow's process-wide tracking URI"
+
+
+MAX_LINES = 600
+# Known exceptions while another branch splits them (the readers wing; the demo generator leaves the library):
+# the lead removes these two at merge.
+TOO_LONG_FOR_NOW: set[str] = set()
+
+
+def test_modules_stay_under_600_lines() -> None:
+    """Every module but spec.py (mostly field descriptions, which the docs and the schema are made from)."""
+    long = {
+        f"{rel}: {n} lines"
+        for p in PKG.rglob("*.py")
+        if (rel := str(p.relative_to(PKG))) != "spec.py" and rel not in TOO_LONG_FOR_NOW
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    assert not long, sorted(long)
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module(p): p for p in PKG.rglob("*.py")}
+
+
+def _package_imports(name: str, path: Path) -> set[str]:
+    """The package modules a module imports, at any depth (``from pkg import mod`` is an import of ``pkg.mod``)."""
+    out: set[str] = set()
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            subs = {f"{base}.{a.name}" for a in node.names} & MODULES.keys()
+            out |= subs or {base}
+    return (out & MODULES.keys()) - {name}
+
+
+# Fixed on another branch (records and checkpoint helpers out of sft.py): the lead removes this at merge.
+CIRCLES_FOR_NOW = {frozenset({"finetune_pipeline.training.callbacks", "finetune_pipeline.training.sft"})}
+
+
+def test_no_import_circles() -> None:
+    """No group of modules imports each other in a loop (function-level imports count: they are a loop too)."""
+    graph = {m: _package_imports(m, p) for m, p in MODULES.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[set[str]] = []
+
+    def visit(m: str) -> None:  # Tarjan's strongly connected components
+        index[m] = low[m] = len(index)
+        stack.append(m)
+        for n in graph[m]:
+            if n not in index:
+                visit(n)
+                low[m] = min(low[m], low[n])
+            elif n in stack:
+                low[m] = min(low[m], index[n])
+        if low[m] == index[m]:
+            group = set()
+            while True:
+                n = stack.pop()
+                group.add(n)
+                if n == m:
+                    break
+            if len(group) > 1 and frozenset(group) not in CIRCLES_FOR_NOW:
+                circles.append(group)
+
+    for m in sorted(graph):
+        if m not in index:
+            visit(m)
+    assert not circles, [sorted(c) for c in circles]
+
+
+def test_module_names_are_unique_across_layers() -> None:
+    """One name per concept: no two modules share a file name (``stages/`` modules are named after their assets)."""
+    by_name: dict[str, list[str]] = {}
+    for p in PKG.rglob("*.py"):
+        if p.name != "__init__.py":
+            by_name.setdefault(p.name, []).append(str(p.relative_to(PKG)))
+    assert not {n: ps for n, ps in by_name.items() if len(ps) > 1}
+
+
+# Moves to training/records.py on another branch: the lead makes that an import from progress at merge.
+LOGFN_FOR_NOW = {"training/sft.py"}
+
+
+def test_log_fn_is_defined_once() -> None:
+    """``LogFn`` (how library code reports progress) is defined in progress.py alone; everyone imports it."""
+    defined = {
+        str(p.relative_to(PKG))
+        for p in PKG.rglob("*.py")
+        for node in ast.parse(p.read_text()).body
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "LogFn" for t in node.targets)
+    }
+    assert defined - LOGFN_FOR_NOW == {"progress.py"}, sorted(defined)
+
+
+TIERS = {"unit", "integration", "e2e"}
+TESTS = sorted(Path(__file__).resolve().parent.glob("test_*.py"))
+
+
+@pytest.mark.parametrize("path", TESTS, ids=lambda p: p.name)
+def test_every_test_module_carries_exactly_one_tier_marker(path: Path) -> None:
+    """A module-level ``pytestmark`` naming one of unit, integration, e2e (``make test-fast`` runs the unit tier)."""
+    marks = [
+        node.value
+        for node in ast.parse(path.read_text()).body
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "pytestmark" for t in node.targets)
+    ]
+    assert len(marks) == 1, f"{path.name}: add one module-level pytestmark = pytest.mark.unit|integration|e2e"
+    named = {n.attr for n in ast.walk(marks[0]) if isinstance(n, ast.Attribute)} & TIERS
+    assert len(named) == 1, f"{path.name}: its pytestmark names {sorted(named) or 'no tier'}; name exactly one"

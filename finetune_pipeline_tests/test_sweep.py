@@ -1,5 +1,7 @@
-"""Tier 2: the sweep's trials train in child processes sharing one Optuna storage (SQLite in a temp folder):
-several at once, pruned from their own reports, and a killed sweep resumes with its finished trials kept."""
+"""Integration tier: the sweep's trials share one Optuna storage (SQLite in a temp folder): several at once in
+child processes, pruned from their own reports, and a killed sweep resumes with its finished trials kept. One
+trial at a time runs in this process (``in_process_launch``: the same trial code without a child's start-up and
+imports); the child-process launch is proven by the parallel test and the asset's Pipes test."""
 
 import json
 from pathlib import Path
@@ -13,9 +15,13 @@ LORA = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
 TRAIN = {"per_device_train_batch_size": 4, "learning_rate": 5e-3, "max_length": 96, "seed": 3}
 RUNTIME = {"logging_steps": 1, "save_steps": 0, "calibration_steps": 0, "eos_check_samples": 0}
 
+pytestmark = pytest.mark.integration
 
-def _sweep(tmp_path: Path, tiny_model: Path, study: str, evaluation: dict | None = None, **sweep):  # type: ignore[no-untyped-def]
-    from finetune_pipeline.tuning.sweep import run_sweep
+
+def _sweep(
+    tmp_path: Path, tiny_model: Path, study: str, evaluation: dict | None = None, children: bool = False, **sweep
+):  # type: ignore[no-untyped-def]
+    from finetune_pipeline.tuning.sweep import in_process_launch, run_sweep, subprocess_launch
 
     space = {"learning_rate": {"type": "categorical", "choices": [5e-3, 2e-3, 1e-9]}}
     settings = {"enabled": True, "max_steps": 4, "eval_steps": 1, "search_space": space, **sweep}
@@ -31,6 +37,7 @@ def _sweep(tmp_path: Path, tiny_model: Path, study: str, evaluation: dict | None
         work_dir=tmp_path / "sweep",
         log=lambda m: None,
         on_trial=reports.append,
+        launch=subprocess_launch if children else in_process_launch,
     )
     return res, reports
 
@@ -44,7 +51,7 @@ def _study(tmp_path: Path, name: str):  # type: ignore[no-untyped-def]
 def test_parallel_trials_run_at_once_in_child_processes(tmp_path: Path, tiny_model: Path) -> None:
     from finetune_pipeline.tuning.trials import OUTCOME_FILE, TrialOutcome
 
-    res, reports = _sweep(tmp_path, tiny_model, "par", n_trials=3, parallel_trials=2, pruner="none")
+    res, reports = _sweep(tmp_path, tiny_model, "par", children=True, n_trials=3, parallel_trials=2, pruner="none")
     assert res.n_complete == 3 and res.n_run_now == 3 and len(reports) == 3
     outs = [TrialOutcome.load(tmp_path / "sweep" / f"trial-{n}" / OUTCOME_FILE) for n in range(3)]
     assert all(o.state == "COMPLETE" and o.steps == 4 for o in outs)
@@ -140,3 +147,52 @@ def test_the_sweep_asset_runs_parallel_trials_through_dagster_pipes(tmp_path: Pa
         logs = [e.message for e in instance.all_logs(res.run_id) if e.message]
     assert any(m.startswith("trial 0: ") and "step" in m for m in logs)  # streamed from the children through Pipes
     assert any(m.startswith("trial 1: ") and "step" in m for m in logs)
+
+
+def test_sweep_uses_persistent_storage_and_resumes(tiny_model: Path, tmp_path: Path) -> None:
+    import optuna
+
+    from finetune_pipeline.tuning.sweep import TrialReport, in_process_launch, run_sweep
+
+    spec = make_spec(
+        model=LORA,
+        training={**TRAIN, "max_length": 128},
+        runtime=RUNTIME,
+        sweep={
+            "enabled": True,
+            "n_trials": 2,
+            "max_steps": 2,
+            "pruner": "none",
+            "search_space": {
+                "learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+                "lora.r": {"type": "categorical", "choices": [2, 4]},
+            },
+        },
+    )
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    reports: list[TrialReport] = []
+    kw = dict(
+        study_name="p-d1",
+        base_path=str(tiny_model),
+        spec=spec,
+        train_messages=ROWS[:24],
+        val_messages=ROWS[32:],
+        storage_uri=storage,
+        work_dir=tmp_path / "sweep",
+        log=lambda m: None,
+        on_trial=reports.append,
+        launch=in_process_launch,
+    )
+    first = run_sweep(**kw)
+    assert first.n_complete == 2 and first.n_run_now == 2 and first.study_name == "p-d1"
+    assert set(first.best_params) == {"learning_rate", "lora.r"}
+    # every finished trial was reported, with the curve of its 2 steps (runtime.logging_steps 1)
+    assert [(r.number, r.state) for r in reports] == [(0, "COMPLETE"), (1, "COMPLETE")]
+    assert all(set(r.params) == {"learning_rate", "lora.r"} for r in reports)
+    assert [s for s, _ in reports[0].loss_history] == [1, 2] and reports[0].tokens_per_second > 0
+    assert min(r.eval_loss for r in reports) == pytest.approx(first.best_value)
+    study = optuna.load_study(study_name=first.study_name, storage=storage)
+    assert study.best_value == pytest.approx(first.best_value)
+    again = run_sweep(**kw)  # same study name: the stored trials count, nothing reruns
+    assert again.n_run_now == 0 and again.best_params == first.best_params and len(reports) == 2
+    assert run_sweep(**{**kw, "study_name": "p-d2"}).n_run_now == 2

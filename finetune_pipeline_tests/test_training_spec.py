@@ -1,10 +1,22 @@
-"""Tier 1: the training sections of the spec, the launcher command and the chat template resolution."""
+"""Unit tier: the training sections of the spec and what they become (training/configs.py: lora_config,
+sft_config, the step plan), the launcher command, the chat template resolution, and the rules around the run
+(time budget, divergence, the end-of-turn contract)."""
 
+import math
 from pathlib import Path
 
 import pytest
 
-from finetune_pipeline.spec import RuntimeSpec, SpecError, parse_spec
+from finetune_pipeline.spec import ModelSpec, RuntimeSpec, SpecError, TrainingSpec, parse_spec
+from finetune_pipeline.training.callbacks import budget_steps, diverged
+from finetune_pipeline.training.configs import planned_steps, warmup_steps
+from finetune_pipeline.training.contract import check_rows, loss_spans
+from finetune_pipeline_tests.conftest import make_spec
+
+pytestmark = pytest.mark.unit
+
+RT = RuntimeSpec(logging_steps=1, calibration_steps=0)
+LORA = ModelSpec(lora={"r": 4, "alpha": 8, "dropout": 0.0})
 
 BASE = "name: p\nsource: {incoming_dir: in}\nregistry: {model_name: m}\n"
 
@@ -243,3 +255,129 @@ def test_train_records_round_trip_as_models(tmp_path: Path) -> None:
     again = TrainResult.load(tmp_path / "train_result.json")
     assert math.isnan(again.eval_loss) and again.loss_history == [(1, 2.5), (2, 2.0)] and again.eos_rate is None
     assert again.model_dump(exclude={"eval_loss"}) == res.model_dump(exclude={"eval_loss"})
+
+
+# ---- tier 1: steps, epochs, budget, divergence, the end-of-turn rule, the spec ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "rows", "steps"),
+    [
+        ({"max_steps": 7}, 100, 7),
+        ({"num_train_epochs": 1}, 40, 10),  # 40 rows / batch 4
+        ({"num_train_epochs": 2, "gradient_accumulation_steps": 2}, 41, 12),  # ceil(41 / 8) = 6 per epoch
+        ({"num_train_epochs": 0.5}, 40, 5),
+    ],
+    ids=["max_steps", "one-epoch", "epochs-accumulation", "half-epoch"],
+)
+def test_planned_steps(fields: dict, rows: int, steps: int) -> None:
+    t = TrainingSpec(per_device_train_batch_size=4, **fields)
+    assert planned_steps(t, rows) == steps
+
+
+def test_warmup_steps_replace_the_ratio() -> None:
+    assert warmup_steps(TrainingSpec(warmup_ratio=0.1), 50) == 5
+    assert warmup_steps(TrainingSpec(warmup_steps=3), 50) == 3
+    assert warmup_steps(TrainingSpec(warmup_steps=80), 50) == 50
+
+
+@pytest.mark.parametrize(
+    ("budget", "elapsed", "per_step", "done", "planned", "expected"),
+    [(600, 60, 10, 4, 100, 58), (600, 60, 1, 4, 100, 100), (10, 60, 10, 4, 100, 5)],
+    ids=["budget-binds", "everything-fits", "over-budget-already"],
+)
+def test_budget_steps(budget: float, elapsed: float, per_step: float, done: int, planned: int, expected: int) -> None:
+    assert budget_steps(budget, elapsed, per_step, done, planned) == expected
+
+
+@pytest.mark.parametrize(
+    ("losses", "broken"),
+    [([2.0, 1.5, math.nan], True), ([2.0, 1.0, math.inf], True), ([2.0, 0.4, 2.5], True), ([2.0, 1.0, 1.2], False)],
+    ids=["nan", "inf", "diverged", "noisy-but-fine"],
+)
+def test_divergence_rule(losses: list[float], broken: bool) -> None:
+    assert (diverged(losses) is not None) == broken
+
+
+EOS = 2
+
+
+@pytest.mark.parametrize(
+    ("ids", "labels", "ok"),
+    [
+        ([5, 6, 7, EOS], [-100, -100, 7, EOS], True),
+        ([5, 6, 7, EOS, 9], [-100, -100, 7, EOS, 9], True),  # a whitespace token after EOS (ChatML's newline)
+        ([5, 6, 7, EOS], [-100, -100, 7, -100], False),  # EOS outside the loss mask
+        ([5, 6, 7, 8], [-100, -100, 7, 8], False),  # truncated: no EOS at all
+        ([5, 6, 7, EOS], [-100] * 4, False),  # all-masked
+        ([5, 7, EOS, 6, 7, 8], [-100, 7, EOS, -100, 7, 8], False),  # the second trained turn misses its EOS
+    ],
+    ids=["eos-in-mask", "newline-after-eos", "eos-masked", "no-eos", "all-masked", "second-turn"],
+)
+def test_end_of_turn_rule(ids: list[int], labels: list[int], ok: bool) -> None:
+    rep = check_rows([(ids, labels)], EOS, "</s>", whitespace_ids={9})
+    assert rep.passed == ok and rep.share_failing == (0.0 if ok else 1.0)
+    if not ok:
+        assert rep.example is not None and "1 of 1 training rows (100.0%)" in rep.message()
+
+
+def test_loss_spans() -> None:
+    assert loss_spans([-100, 1, 2, -100, 3]) == [(1, 3), (4, 5)]
+
+
+@pytest.mark.parametrize(
+    ("training", "problem"),
+    [
+        ({"max_steps": 10, "num_train_epochs": 2}, "not both"),
+        ({"max_steps": None}, "needs max_steps or num_train_epochs"),
+    ],
+    ids=["both", "neither"],
+)
+def test_spec_steps_or_epochs(training: dict, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        TrainingSpec(**training)
+
+
+def test_spec_epochs_alone_and_budget_needs_calibration() -> None:
+    t = TrainingSpec(num_train_epochs=2)
+    assert t.max_steps is None and t.num_train_epochs == 2
+    spec = make_spec(training={"num_train_epochs": 2})
+    assert spec.with_overrides({"learning_rate": 1e-4}).training.num_train_epochs == 2  # round trip stays valid
+    with pytest.raises(ValueError, match="calibration_steps"):
+        make_spec(training={"max_minutes": 5}, runtime={"calibration_steps": 0})
+
+
+def test_sweep_trials_get_a_share_of_the_sweep_budget() -> None:
+    from finetune_pipeline.tuning.sweep import trial_training
+
+    spec = make_spec(
+        training={"num_train_epochs": 3, "max_minutes": 30},
+        sweep={"max_minutes": 6, "n_trials": 3, "max_steps": 4},
+    )
+    t = trial_training(spec.training, spec.sweep)
+    assert (t.max_steps, t.num_train_epochs, t.max_minutes, t.eval_steps) == (4, None, 2.0, 2)
+
+
+def test_knobs_reach_trl_and_peft() -> None:
+    from finetune_pipeline.training.configs import check_optim, lora_config, sft_config
+
+    t = TrainingSpec(max_steps=10, gradient_checkpointing=True, optim="adafactor", max_grad_norm=0.5, warmup_steps=2)
+    cfg = sft_config(t, RT, output_dir="x", use_cuda=False, dtype="float32", do_eval=False, saving=False, steps=10)
+    assert (cfg.gradient_checkpointing, cfg.optim, cfg.max_grad_norm, cfg.warmup_steps) == (True, "adafactor", 0.5, 2)
+    assert cfg.logging_nan_inf_filter is False  # the NaN guard must see NaN losses
+    lc = lora_config(LORA.lora.model_copy(update={"bias": "lora_only", "modules_to_save": ["lm_head"]}))
+    assert lc.bias == "lora_only" and set(lc.modules_to_save) == {"lm_head"}
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        check_optim("paged_adamw_8bit", use_cuda=False)
+    check_optim("paged_adamw_8bit", use_cuda=True)
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"), [("lora", ("base", "out")), ("qlora", ("base", "out")), ("full", ("out", None))]
+)
+def test_where_the_trained_weights_are(method: str, expected: tuple) -> None:
+    """One rule for every loader (evaluation, the champion, the sweep's metric objective): a full fine-tune saved a
+    whole model, LoRA and QLoRA an adapter on the base."""
+    from finetune_pipeline.models.base import trained_weights
+
+    assert trained_weights("base", ModelSpec(method=method), "out") == expected

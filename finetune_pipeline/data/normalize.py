@@ -21,7 +21,6 @@ from finetune_pipeline.data.readers.record_formats import record_format
 from finetune_pipeline.spec import DEFAULT_ROLES, CleaningSpec, ColumnMap
 
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = DEFAULT_ROLES  # speaker aliases (source.roles adds to them)
 CONTEXT_PREFIX = "Earlier in this conversation, the assistant said:\n"
 _SYS, _USER, _ASSIST = 0, 1, 2
 _CTRL = "[\\x00-\\x07\\x0b\\x0e-\\x1f]"
@@ -241,10 +240,6 @@ def to_hex(h: np.ndarray) -> pd.api.extensions.ExtensionArray:
     """uint64 -> 16-character lower-case hex strings (vectorised; an Arrow-backed pandas array)."""
     raw = _HEX[h.astype(">u8").view(np.uint8).reshape(-1, 8)].view("S16").ravel()
     return pd.arrays.ArrowExtensionArray(pa.array(raw, pa.binary()).cast(pa.large_string()))
-
-
-def hash_strings(values: pa.Array) -> np.ndarray:
-    return to_hex(hash_values(values))
 
 
 @dataclass

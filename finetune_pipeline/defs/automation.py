@@ -16,8 +16,8 @@ from finetune_pipeline.stages.ingest import scan_sources
 
 def build_sensor(spec: LoadedSpec, ingest_job: Any) -> dg.SensorDefinition:
     parts = drops_partitions(spec)
-    auto = spec.spec.automation
-    folders = ", ".join(str(spec.incoming_of(s)) for s in spec.spec.source_list())
+    auto = spec.automation
+    folders = ", ".join(str(spec.incoming_of(s)) for s in spec.source_list())
     declarative = auto.mode == "declarative"
     what = "Registers" if declarative else "Ingests"
 
@@ -91,7 +91,7 @@ def drift_of_new_drops(
 
 
 def build_schedule(spec: LoadedSpec, train_job: Any) -> dg.ScheduleDefinition | None:
-    auto = spec.spec.automation
+    auto = spec.automation
     if not auto.retrain_cron or auto.mode == "declarative":
         return None
 
@@ -114,7 +114,7 @@ def build_schedule(spec: LoadedSpec, train_job: Any) -> dg.ScheduleDefinition | 
             return dg.SkipReason(
                 f"training data unchanged since the last adapter (fingerprint {fp}, {len(drops)} drops)"
             )
-        threshold = spec.spec.drift.retrain_threshold
+        threshold = spec.drift.retrain_threshold
         if threshold is not None and last is not None:
             scores = drift_of_new_drops(context.instance, state, spec, drops)
             top = max(scores.values(), default=0.0)

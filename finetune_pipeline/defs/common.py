@@ -20,8 +20,13 @@ def key(spec: LoadedSpec, name: str) -> dg.AssetKey:
     return dg.AssetKey([spec.name, name])
 
 
+def drops_partitions_name(pipeline: str) -> str:
+    """The name of a pipeline's dynamic partitions, one per dropped file (the assets, the sensor and the CLI)."""
+    return f"{pipeline}_drops"
+
+
 def drops_partitions(spec: LoadedSpec) -> dg.DynamicPartitionsDefinition:
-    return dg.DynamicPartitionsDefinition(name=f"{spec.name}_drops")
+    return dg.DynamicPartitionsDefinition(name=drops_partitions_name(spec.name))
 
 
 def lineage(context: dg.AssetExecutionContext, spec: LoadedSpec, *stage: str) -> Lineage:

@@ -11,8 +11,8 @@ from finetune_pipeline.defs.resources import StateStore
 from finetune_pipeline.keys import code_version
 from finetune_pipeline.layout import SPLITS
 from finetune_pipeline.spec import LoadedSpec
+from finetune_pipeline.stages.data_readiness import data_readiness
 from finetune_pipeline.stages.ingest import DropRecord, ingest_drop, needs_tokenizer, store_raw
-from finetune_pipeline.stages.readiness import data_readiness
 from finetune_pipeline.stages.splits import SplitsRecord, build_dataset_splits, end_of_turn_check, token_stats
 
 QUARANTINE_PREVIEW_ROWS = 200
@@ -192,7 +192,7 @@ def dataset_splits_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
                 "drops_left_out": dg.MetadataValue.json(rec.drops_left_out),
                 "cross_drop_duplicates": len(rec.result.cross_drop_duplicates),
                 "cross_drop_near_duplicates": rec.near_cross_drop,
-                "split_method": spec.spec.split.method,
+                "split_method": spec.split.method,
                 "label_mix": dg.MetadataValue.json(rec.label_mix()),
                 "overlap": dg.MetadataValue.json(rec.overlaps),
                 "label_conflicts": len(rec.result.conflicts),
@@ -217,7 +217,7 @@ CONFLICTS_CHECK = (
 
 def splits_checks(rec: SplitsRecord, spec: LoadedSpec) -> list[dg.AssetCheckResult]:
     leaks, conf = rec.result.leaks, rec.result.conflicts
-    policy = spec.spec.dedup.conflicts
+    policy = spec.dedup.conflicts
     return [
         dg.AssetCheckResult(
             check_name="rows_accounted",
@@ -247,7 +247,7 @@ def splits_checks(rec: SplitsRecord, spec: LoadedSpec) -> list[dg.AssetCheckResu
             metadata={
                 "exact": rec.overlaps["train_test_content_overlap"],
                 "near": len(leaks),
-                "threshold": spec.spec.dedup.near_threshold,
+                "threshold": spec.dedup.near_threshold,
                 "pairs": table(leaks),
             },
             description=None
@@ -260,7 +260,7 @@ def splits_checks(rec: SplitsRecord, spec: LoadedSpec) -> list[dg.AssetCheckResu
 
 def token_stats_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
     k = key(spec, "token_stats")
-    max_len = spec.spec.training.max_length
+    max_len = spec.training.max_length
 
     @dg.asset(
         key=k,
@@ -334,7 +334,7 @@ def data_readiness_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
         key=k,
         deps=[key(spec, "dataset_splits"), key(spec, "token_stats")],
         group_name=spec.name,
-        code_version=code_version("finetune_pipeline.stages.readiness"),
+        code_version=code_version("finetune_pipeline.stages.data_readiness"),
         kinds={"pandas"},
         check_specs=[
             dg.AssetCheckSpec(n, asset=k, description=d, blocking=b) for n, (d, b) in READINESS_CHECKS.items()

@@ -64,7 +64,7 @@ def ingest_condition() -> dg.AutomationCondition:
 
 
 def condition_for(spec: LoadedSpec, asset_name: str) -> dg.AutomationCondition:
-    cron = spec.spec.automation.retrain_cron
+    cron = spec.automation.retrain_cron
     assert cron, "automation.mode declarative needs automation.retrain_cron (the spec validation says so)"
     if asset_name in (*INGEST, BASE):
         return ingest_condition()
@@ -74,7 +74,7 @@ def condition_for(spec: LoadedSpec, asset_name: str) -> dg.AutomationCondition:
 
 
 def automation_sensors(spec: LoadedSpec) -> list[dg.AutomationConditionSensorDefinition]:
-    auto = spec.spec.automation
+    auto = spec.automation
     ingest_keys = [dg.AssetKey([spec.name, n]) for n in (*INGEST, BASE)]
     ingest = dg.AssetSelection.assets(*ingest_keys)
     running = {True: dg.DefaultSensorStatus.RUNNING, False: dg.DefaultSensorStatus.STOPPED}

@@ -18,7 +18,7 @@ def build_pipeline_defs(spec: LoadedSpec) -> dg.Definitions:
     """All definitions for one pipeline spec (resources are supplied once, by the caller)."""
     data_assets = build_data_assets(spec)
     model_assets = [*build_training_assets(spec), *build_release_assets(spec)]
-    declarative = spec.spec.automation.mode == "declarative"
+    declarative = spec.automation.mode == "declarative"
     if declarative:  # AutomationConditions (and their sensors) instead of ingest run requests and a schedule
         data_assets, model_assets = with_conditions(spec, data_assets), with_conditions(spec, model_assets)
     ingest = dg.define_asset_job(

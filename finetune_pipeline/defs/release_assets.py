@@ -12,15 +12,15 @@ from finetune_pipeline.defs.common import key, latest_version, lineage, logger, 
 from finetune_pipeline.defs.resources import MlflowTracking, StateStore
 from finetune_pipeline.keys import code_version
 from finetune_pipeline.spec import LoadedSpec
-from finetune_pipeline.stages.evaluate import EvalOutcome, evaluate_adapter
+from finetune_pipeline.stages.eval_report import EvalOutcome, evaluate_adapter
 from finetune_pipeline.stages.register import RELOAD_TOLERANCE, GateFailed, register
 
-EVALUATE, REGISTER = "finetune_pipeline.stages.evaluate", "finetune_pipeline.stages.register"
+EVALUATE, REGISTER = "finetune_pipeline.stages.eval_report", "finetune_pipeline.stages.register"
 
 
 def eval_report_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
     k = key(spec, "eval_report")
-    gate = spec.spec.registry.min_improvement_over_base
+    gate = spec.registry.min_improvement_over_base
 
     @dg.asset(
         key=k,
@@ -103,7 +103,7 @@ def eval_metadata(out: EvalOutcome) -> dict:
 
 
 def gate_check(out: EvalOutcome, spec: LoadedSpec) -> dg.AssetCheckResult:
-    r, gate = out.record.report, spec.spec.registry.min_improvement_over_base
+    r, gate = out.record.report, spec.registry.min_improvement_over_base
     passed, iv = out.passes_gate(spec), r.primary_interval()
     return dg.AssetCheckResult(
         check_name="tuned_beats_base",
@@ -147,7 +147,7 @@ def forgetting_check(out: EvalOutcome) -> dg.AssetCheckResult:
 
 def registered_model_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
     k = key(spec, "registered_model")
-    name = spec.spec.registry.model_name
+    name = spec.registry.model_name
 
     @dg.asset(
         key=k,

@@ -14,11 +14,15 @@ from finetune_pipeline.keys import code_version
 from finetune_pipeline.spec import LoadedSpec
 from finetune_pipeline.stages import adapter as adapter_stage
 from finetune_pipeline.stages.adapter import AdapterOutcome, train_adapter
-from finetune_pipeline.stages.base import provision_base
-from finetune_pipeline.stages.sweep import sweep
+from finetune_pipeline.stages.base_model import provision_base
+from finetune_pipeline.stages.hyperparameter_sweep import sweep
 
 TRAINING_POOL = "finetune_training"  # Dagster concurrency pool: its slots (dagster.yaml) bound concurrent training
-BASE, SWEEP, ADAPTER = "finetune_pipeline.stages.base", "finetune_pipeline.stages.sweep", adapter_stage.CODE
+BASE, SWEEP, ADAPTER = (
+    "finetune_pipeline.stages.base_model",
+    "finetune_pipeline.stages.hyperparameter_sweep",
+    adapter_stage.CODE,
+)
 
 
 def base_model_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
@@ -73,7 +77,7 @@ def sweep_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
         return dg.MaterializeResult(
             metadata={
                 "best_params": dg.MetadataValue.json(rec.best_params),
-                f"best_{spec.spec.sweep.objective}": rec.best_value,
+                f"best_{spec.sweep.objective}": rec.best_value,
                 "trials_complete": rec.trials_complete,
                 "trials_pruned": rec.trials_pruned,
                 "trials_run_now": out.trials_run_now,
@@ -162,7 +166,7 @@ def adapter_metadata(out: AdapterOutcome, spec: LoadedSpec) -> dict[str, Any]:
 
 
 def eos_check(out: AdapterOutcome, spec: LoadedSpec) -> dg.AssetCheckResult:
-    res, required = out.result, spec.spec.runtime.min_eos_rate
+    res, required = out.result, spec.runtime.min_eos_rate
     rate = res.eos_rate
     ok = rate is None or rate >= required
     return dg.AssetCheckResult(
@@ -183,5 +187,5 @@ def eos_check(out: AdapterOutcome, spec: LoadedSpec) -> dg.AssetCheckResult:
 
 
 def build_training_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
-    sweep_ = [sweep_asset(spec)] if spec.spec.sweep.enabled else []
+    sweep_ = [sweep_asset(spec)] if spec.sweep.enabled else []
     return [base_model_asset(spec), *sweep_, adapter_asset(spec)]

@@ -11,7 +11,7 @@ from typing import Any
 
 from finetune_pipeline.evaluation.generate import ModelOutputs, run_model, text_nll
 from finetune_pipeline.evaluation.report import EvalReport, Forgetting, ModelScores, build_report, score_outputs
-from finetune_pipeline.models.base import load_for_eval
+from finetune_pipeline.models.base import load_for_eval, load_trained
 from finetune_pipeline.spec import EvaluationSpec, ForgettingSpec, ModelSpec
 
 BUILTIN_PROBE = Path(__file__).with_name("probe_general.txt")
@@ -111,11 +111,7 @@ def evaluate(
         raw = json.loads(probe_cache.read_text())
         probe_nll["base"] = (raw["nll"], raw["tokens"])
     log(f"tuned model: generating {len(rows)} answers")
-    if model.method == "full":
-        tuned_load: Loader = lambda: load_for_eval(tuned_path, model, None)  # noqa: E731
-    else:
-        tuned_load = lambda: load_for_eval(base_path, model, tuned_path)  # noqa: E731
-    outputs["tuned"], *tuned_probe = _run(tuned_load, rows, spec, log, probe)
+    outputs["tuned"], *tuned_probe = _run(lambda: load_trained(base_path, model, tuned_path), rows, spec, log, probe)
     probe_nll["tuned"] = (tuned_probe[0], tuned_probe[1])
     if champion is not None:
 

@@ -190,3 +190,15 @@ def load_for_eval(base_path: str, model: ModelSpec, adapter_dir: str | None) -> 
         m = PeftModel.from_pretrained(m, adapter_dir)
     m.eval()
     return m, tok
+
+
+def trained_weights(base_path: str, model: ModelSpec, tuned_path: str) -> tuple[str, str | None]:
+    """Where a trained model's weights are: (model folder, adapter folder or None). A full fine-tune saved a whole
+    model in its output folder; LoRA and QLoRA saved an adapter that goes on the base weights."""
+    return (tuned_path, None) if model.method == "full" else (base_path, tuned_path)
+
+
+def load_trained(base_path: str, model: ModelSpec, tuned_path: str) -> tuple[Any, Any]:
+    """(model, tokenizer) of a trained output folder in eval mode, as ``model`` trained it (``trained_weights``)."""
+    path, adapter = trained_weights(base_path, model, tuned_path)
+    return load_for_eval(path, model, adapter)

@@ -47,19 +47,20 @@ class DtypeChoice:
         }
 
 
-def matmul_gflops(dtype: str, device: str = "cpu", seconds: float = 0.25, max_size: int = 1024) -> float:
-    """GFLOP/s of a square matmul in ``dtype``, best of the repetitions that fit in about ``seconds``.
+def matmul_benchmark(
+    dtype: str, device: str = "cpu", seconds: float = 0.25, max_size: int = 1024, min_size: int = 256
+) -> tuple[int, float]:
+    """(size, GFLOP/s) of a square matmul in ``dtype``: the best of the repetitions that fit in about ``seconds``.
 
-    Starts at 256 and doubles the size while one product takes under 20 ms (up to ``max_size``), so a dtype that
-    falls back to a scalar kernel costs a fraction of a second instead of minutes. Cached per (dtype, device)."""
-    key = (dtype, device)
-    if key in _CACHE:
-        return _CACHE[key]
+    Starts at ``min_size`` and doubles the size while one product takes under 20 ms (up to ``max_size``), so a dtype
+    that falls back to a scalar kernel costs a fraction of a second instead of minutes. The one matmul micro-benchmark:
+    ``matmul_gflops`` (the dtype decision) and ``training.cost.measure_matmul_peak`` (the FLOP utilisation's ceiling,
+    one fixed size) both time it here."""
     import torch
 
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    size, best = 256, float("inf")
+    size, best = min_size, float("inf")
     deadline = time.perf_counter() + seconds
     while True:
         a = torch.randn(size, size, device=device).to(dt)
@@ -68,7 +69,7 @@ def matmul_gflops(dtype: str, device: str = "cpu", seconds: float = 0.25, max_si
         sync()
         best = float("inf")
         reps = 0
-        while reps < 2 or (time.perf_counter() < deadline and reps < 20):
+        while reps < 3 or (time.perf_counter() < deadline and reps < 50):
             t0 = time.perf_counter()
             a @ b
             sync()
@@ -77,7 +78,14 @@ def matmul_gflops(dtype: str, device: str = "cpu", seconds: float = 0.25, max_si
         if best > 0.02 or size >= max_size or time.perf_counter() > deadline:
             break
         size *= 2
-    _CACHE[key] = 2 * size**3 / best / 1e9
+    return size, 2 * size**3 / best / 1e9
+
+
+def matmul_gflops(dtype: str, device: str = "cpu", seconds: float = 0.25, max_size: int = 1024) -> float:
+    """``matmul_benchmark``'s GFLOP/s, cached per (dtype, device) for this process."""
+    key = (dtype, device)
+    if key not in _CACHE:
+        _CACHE[key] = matmul_benchmark(dtype, device, seconds, max_size)[1]
     return _CACHE[key]
 
 

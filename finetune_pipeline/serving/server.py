@@ -65,7 +65,7 @@ def build(
     request_log = None
     if spec is not None and spec.spec.serving.log_requests:
         folder = PipelineLayout(state_root(), spec.name).review
-        request_log = RequestLog(folder, name, bundle.version, spec.spec.cleaning.pii)
+        request_log = RequestLog(folder, name, bundle.version, spec.cleaning.pii)
         log(f"serving.log_requests is on ({spec.path}): requests and answers go, masked, to {folder}")
     engine = Engine(
         bundle,

@@ -10,18 +10,18 @@ from typing import Any
 from finetune_pipeline import keys
 from finetune_pipeline.layout import AdapterRecord, PipelineLayout
 from finetune_pipeline.plots import loss_curve
+from finetune_pipeline.progress import LogFn
 from finetune_pipeline.spec import LoadedSpec, PipelineSpec
 from finetune_pipeline.stages.datasets import log_splits
-from finetune_pipeline.stages.sweep import finished_sweep
+from finetune_pipeline.stages.hyperparameter_sweep import finished_sweep
 from finetune_pipeline.tracking.mlflow_store import Lineage
 from finetune_pipeline.tracking.tracker import RunLog, Tracker
-from finetune_pipeline.training.launch import CHILD_MODULE, PID_FILE, ChildLaunch, child_launch
+from finetune_pipeline.training.launch import PID_FILE, ChildLaunch, child_launch
 from finetune_pipeline.training.sft import RESULT_FILE, TrainRequest, TrainResult
 
-LogFn = Callable[[str], None]
 # Starts the training child and waits for it -> the metadata the child reported (through Dagster Pipes).
 Launch = Callable[[ChildLaunch], dict[str, Any]]
-CODE = (__name__, CHILD_MODULE)  # what an adapter's key and the asset's code version hash
+CODE = (__name__,)  # its code version: the training child it runs (keys.STAGE_CODE)
 
 
 @dataclass
@@ -38,7 +38,7 @@ class AdapterOutcome:
 
 def tuned_spec(layout: PipelineLayout, spec: LoadedSpec) -> tuple[PipelineSpec, str]:
     """The spec with the sweep's best parameters applied (when the sweep is on), and the sweep's MLflow run."""
-    if not spec.spec.sweep.enabled:
+    if not spec.sweep.enabled:
         return spec.spec, ""
     done = finished_sweep(layout, spec)
     if done is None:

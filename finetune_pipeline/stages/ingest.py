@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,15 +22,14 @@ from finetune_pipeline.data.drops import (
 )
 from finetune_pipeline.data.readers.record_formats import plain_text
 from finetune_pipeline.layout import PipelineLayout, RawDropRecord
+from finetune_pipeline.progress import LogFn
 from finetune_pipeline.spec import LoadedSpec, SourceSpec
-
-LogFn = Callable[[str], None]
 
 
 def source_of(spec: LoadedSpec, path: Path) -> SourceSpec | None:
     """The spec source whose folder and glob select this file (None when none does)."""
     target = path.resolve()
-    for src in spec.spec.source_list():
+    for src in spec.source_list():
         if target in {p.resolve() for p in candidate_files(spec.incoming_of(src), src.file_glob, src.done_marker)}:
             return src
     return None
@@ -41,9 +39,9 @@ def locate_drop(spec: LoadedSpec, drop: str, source_file: str | None) -> tuple[P
     """The dropped file of a partition and the source it belongs to (the sensor's file when it still exists)."""
     if source_file and Path(source_file).exists():
         path = Path(source_file)
-        return path, source_of(spec, path) or spec.spec.source_list()[0]
+        return path, source_of(spec, path) or spec.source_list()[0]
     missing: FileNotFoundError | None = None
-    for src in spec.spec.source_list():
+    for src in spec.source_list():
         try:
             return find_drop(spec.incoming_of(src), src.file_glob, drop), src
         except FileNotFoundError as exc:
@@ -55,7 +53,7 @@ def locate_drop(spec: LoadedSpec, drop: str, source_file: str | None) -> tuple[P
 def scan_sources(spec: LoadedSpec, previous: dict[str, list], known: set[str]) -> ScanResult:
     """scan_incoming over every source's folder, merged (a content seen in two sources is one drop)."""
     ready, seen, waiting, skipped, why = [], {}, [], 0, {}
-    for src in spec.spec.source_list():
+    for src in spec.source_list():
         scan = scan_incoming(
             spec.incoming_of(src), src.file_glob, src.settle_seconds, previous, known, **completion_rules(src)
         )
@@ -133,7 +131,7 @@ def token_counter(layout: PipelineLayout) -> Any:
 
 def needs_tokenizer(spec: LoadedSpec) -> bool:
     """Token bounds in the cleaning rules make cleaned_dataset depend on base_model."""
-    c = spec.spec.cleaning
+    c = spec.cleaning
     return c.min_tokens is not None or c.max_tokens is not None
 
 

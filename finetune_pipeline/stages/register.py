@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,14 +13,14 @@ from typing import Any
 
 from finetune_pipeline.evaluation.report import EvalRecord, with_intervals
 from finetune_pipeline.layout import AdapterRecord, PipelineLayout, Registration
+from finetune_pipeline.progress import LogFn
 from finetune_pipeline.spec import LoadedSpec
 from finetune_pipeline.stages.datasets import split_dataset
-from finetune_pipeline.stages.evaluate import margins
+from finetune_pipeline.stages.eval_report import margins
 from finetune_pipeline.tracking.mlflow_store import ADAPTER_TAG, Lineage
 from finetune_pipeline.tracking.registry import MetricLink, ServedModel
 from finetune_pipeline.tracking.tracker import Tracker
 
-LogFn = Callable[[str], None]
 RELOAD_TOLERANCE = 1e-3
 # MLflow models-from-code: loaded by MLflow from the model folder, never imported by the package
 _SERVING_CODE = Path(__file__).resolve().parent.parent / "models" / "served_model.py"
@@ -102,7 +102,7 @@ def _register_once(
     """(name, version, register run id): an adapter already registered is not registered again. A new version is
     made from an MLflow 3 LoggedModel whose source run is the training run (with its dataset inputs), carrying
     the training and evaluation metrics, each linked to the split (name, digest) it was measured on."""
-    name = spec.spec.registry.model_name
+    name = spec.registry.model_name
     existing = tracker.find_version(name, adapter.adapter_key)
     if existing is not None:
         log(f"adapter {adapter.adapter_key} is already registered as {name} v{existing.version}")
@@ -119,7 +119,7 @@ def _register_once(
             "finetune.splits_version": adapter.splits_version,
             **{f"finetune.dataset_digest.{sp}": d for sp, d in adapter.split_digests.items()},
             "finetune.drops": ",".join(adapter.drops),
-            "finetune.base_model": spec.spec.model.base,
+            "finetune.base_model": spec.model.base,
             "finetune.base_weights_digest": adapter.base_weights_digest,
             "dagster.run_id": lineage.dagster_run_id,
         }
@@ -146,13 +146,13 @@ def _served_model(layout: PipelineLayout, spec: LoadedSpec, adapter: AdapterReco
     from finetune_pipeline.models.merge import standalone_model
     from finetune_pipeline.tracking.registry import chat_signature
 
-    e = spec.spec.evaluation
-    merged, tok = standalone_model(layout.read_base().path, spec.spec.model, adapter.path)
+    e = spec.evaluation
+    merged, tok = standalone_model(layout.read_base().path, spec.model, adapter.path)
     defaults = {
         "max_new_tokens": e.max_new_tokens,
         "temperature": 0.0,
         "batch_size": e.batch_size,
-        "model_name": spec.spec.registry.model_name,
+        "model_name": spec.registry.model_name,
     }
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d) / "model"
@@ -164,7 +164,7 @@ def _served_model(layout: PipelineLayout, spec: LoadedSpec, adapter: AdapterReco
 
 def _model_params(spec: LoadedSpec, adapter: AdapterRecord) -> dict[str, Any]:
     """What the LoggedModel shows as its parameters: the trained-with values and the model settings."""
-    m = spec.spec.model
+    m = spec.model
     lora = {} if m.method == "full" else {"lora.r": m.lora.r, "lora.alpha": m.lora.alpha}
     return {**adapter.params, "base_model": m.base, "method": m.method, **lora, "adapter_key": adapter.adapter_key}
 
@@ -195,7 +195,7 @@ def _reload_diff(
     from finetune_pipeline.models.merge import max_logit_diff, tuned_model
 
     model, tok = tracker.load_version(name, version)
-    diff = max_logit_diff(tuned_model(layout.read_base().path, spec.spec.model, adapter.path), model, tok)
+    diff = max_logit_diff(tuned_model(layout.read_base().path, spec.model, adapter.path), model, tok)
     tracker.record_reload_diff(name, version, diff)
     return diff
 
@@ -227,7 +227,7 @@ def _promote(
         reg.version, ev.report, champ.version if champ else None, s.registry.promotion_min_delta, s.registry.floors
     )
     tags = evidence_tags(ev, d, s.evaluation.bootstrap_seed, s.evaluation.bootstrap_resamples)
-    card = model_card(reg.name, reg.version, ev, d, _facts(spec, adapter), spec.spec.description)
+    card = model_card(reg.name, reg.version, ev, d, _facts(spec, adapter), spec.description)
     tracker.record_evidence(reg.name, reg.version, tags, card)
     tracker.set_challenger(reg.name, reg.version)
     if d.promote and (champ is None or champ.version != reg.version):

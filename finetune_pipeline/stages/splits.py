@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,9 +10,8 @@ import pandas as pd
 from finetune_pipeline.data.clean import write_parquet_atomic
 from finetune_pipeline.data.split import SplitResult, build_splits, overlap_report
 from finetune_pipeline.layout import SPLITS, PipelineLayout, SplitsManifest
+from finetune_pipeline.progress import LogFn
 from finetune_pipeline.spec import LoadedSpec
-
-LogFn = Callable[[str], None]
 
 
 @dataclass
@@ -55,7 +53,7 @@ class SplitsRecord:
 
 def training_mix(spec: LoadedSpec) -> dict[str, tuple[float, int | None]] | None:
     """Per source (weight, max_rows) when there are several sources or a weight or cap is set; None otherwise."""
-    sources = spec.spec.source_list()
+    sources = spec.source_list()
     if len(sources) == 1 and sources[0].weight == 1 and sources[0].max_rows is None:
         return None
     return {s.name: (s.weight, s.max_rows) for s in sources}
@@ -71,9 +69,9 @@ def build_dataset_splits(
         log(f"drops not cleaned yet or blocked by their gates (left out): {missing}")
     res = build_splits(
         [pd.read_parquet(layout.kept(d)) for d in drops],
-        spec.spec.split,
+        spec.split,
         drops,
-        spec.spec.dedup,
+        spec.dedup,
         mix=training_mix(spec),
     )
     if res.frames["train"].empty:
@@ -100,7 +98,7 @@ def build_dataset_splits(
         f"splits {manifest.counts} from {len(res.drops)} drop(s); "
         f"{len(res.cross_drop_duplicates)} cross-drop duplicates removed ({rec.near_cross_drop} near); "
         f"{len(res.conflicts)} label conflicts ({res.conflict_share:.1%} of rows, dedup.conflicts="
-        f"{spec.spec.dedup.conflicts}: {len(res.conflict_quarantine)} rows quarantined)"
+        f"{spec.dedup.conflicts}: {len(res.conflict_quarantine)} rows quarantined)"
         + (f"; training mix per source: {res.mix.to_dict(orient='records')}" if len(res.mix) else "")
     )
     return rec
@@ -125,7 +123,7 @@ def token_stats(layout: PipelineLayout, spec: LoadedSpec) -> TokenStats:
     from finetune_pipeline.plots import token_histogram
 
     counter = TokenCounter(layout.read_base().tokenizer_dir)
-    max_len = spec.spec.training.max_length
+    max_len = spec.training.max_length
     frames = layout.read_split_frames(columns=["messages"])
     lengths = {s: counter(frames[s]["messages"].tolist()) for s in SPLITS}
     stats = {s: length_stats(lengths[s], max_len) for s in SPLITS}
@@ -153,8 +151,8 @@ def end_of_turn_check(layout: PipelineLayout, spec: LoadedSpec) -> EndOfTurnChec
     from finetune_pipeline.training import contract
     from finetune_pipeline.training.chat import resolve_chat_template
 
-    t = spec.spec.training
-    tok = load_tokenizer(layout.read_base().tokenizer_dir, spec.spec.model.trust_remote_code)
+    t = spec.training
+    tok = load_tokenizer(layout.read_base().tokenizer_dir, spec.model.trust_remote_code)
     try:
         chat = resolve_chat_template(tok, t.chat_template, spec.base_dir, need_markers=t.assistant_only_loss)
     except (ValueError, FileNotFoundError) as e:  # the training child would stop on the same error

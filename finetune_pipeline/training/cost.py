@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import resource
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,26 +24,11 @@ class MatmulPeak:
 def measure_matmul_peak(dtype: str, device: str = "cpu", size: int = 2048, seconds: float = 1.0) -> MatmulPeak:
     """Best-of GFLOP/s of a square ``size`` matmul in ``dtype`` on ``device``: the ceiling FLOP utilisation is
     measured against (the same threads the training uses)."""
-    import torch
+    from finetune_pipeline.models.base import resolve_dtype
+    from finetune_pipeline.models.hardware import matmul_benchmark
 
-    from finetune_pipeline.models.base import torch_dtype
-
-    dt = torch_dtype(dtype)
-    a = torch.randn(size, size, device=device).to(dt)
-    b = torch.randn(size, size, device=device).to(dt)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    a @ b  # warm-up (kernel selection, page faults)
-    sync()
-    best = float("inf")
-    start = time.perf_counter()
-    reps = 0
-    while reps < 3 or (time.perf_counter() - start < seconds and reps < 50):
-        t0 = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t0)
-        reps += 1
-    return MatmulPeak(dtype, device, size, 2 * size**3 / best / 1e9)
+    size, gflops = matmul_benchmark(resolve_dtype(dtype), device, seconds, max_size=size, min_size=size)
+    return MatmulPeak(dtype, device, size, gflops)
 
 
 def linear_params(model: Any) -> tuple[int, int]:

@@ -494,32 +494,17 @@ def _dataset(messages: list[str], assistant_only: bool) -> Any:
 
 
 def eos_check(model: Any, tok: Any, messages: list[str], max_new_tokens: int) -> tuple[float, list[dict[str, Any]]]:
-    """Greedy generations for a sample of prompts with the trained template: share that end with the EOS token."""
-    import torch
+    """Greedy generations for a sample of prompts with the trained template, made as evaluation and the served model
+    make them (``generate_answers``): the share that end with the EOS token, and the samples."""
+    from finetune_pipeline.models.chat_generation import generate_answers
 
-    rows = [json.loads(m) for m in messages]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    device = next(model.parameters()).device
-    samples: list[dict[str, Any]] = []
     was_training = model.training
     model.eval()
-    for r in rows:
-        ids = tok.apply_chat_template(r[:-1], add_generation_prompt=True, tokenize=True, return_dict=False)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=torch.tensor([ids], device=device),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                eos_token_id=tok.eos_token_id,
-            )
-        new = out[0, len(ids) :].tolist()
-        samples.append({"ended": tok.eos_token_id in new, "output": tok.decode(new, skip_special_tokens=True)[:200]})
+    answers, ended = generate_answers(model, tok, [json.loads(m)[:-1] for m in messages], max_new_tokens)
     if was_training:
         model.train()
-    return (sum(s["ended"] for s in samples) / len(samples) if samples else math.nan), samples
+    samples = [{"ended": e, "output": a[:200]} for a, e in zip(answers, ended, strict=True)]
+    return (sum(ended) / len(ended) if ended else math.nan), samples
 
 
 def _tokens_at(checkpoint: Path | None) -> int:

@@ -17,13 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from finetune_pipeline.progress import LogFn
 from finetune_pipeline.spec import PipelineSpec, SearchParam, SweepSpec, TrainingSpec
 from finetune_pipeline.training.launch import ChildLaunch
 from finetune_pipeline.training.sft import TrainRequest
 from finetune_pipeline.tuning.trials import CHILD_MODULE as TRIAL_CHILD
-from finetune_pipeline.tuning.trials import TrialOutcome, TrialRequest, outcome_path
-
-LogFn = Callable[[str], None]
+from finetune_pipeline.tuning.trials import TrialOutcome, TrialRequest, make_pruner, outcome_path
 
 
 @dataclass
@@ -77,21 +76,21 @@ def objective_direction(spec: PipelineSpec) -> str:
     return "maximize" if higher_is_better(spec.sweep.objective, spec.evaluation) else "minimize"
 
 
-def make_pruner(kind: str) -> Any:
-    """The study's pruner; parent and trial children build the same one (Optuna does not store it)."""
-    import optuna
-
-    if kind == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
-    return optuna.pruners.NopPruner()
-
-
 def subprocess_launch(how: ChildLaunch) -> dict[str, Any]:
     """Runs a child as a plain subprocess (library callers without Dagster); the asset passes its Pipes launch."""
     import os
     import subprocess
 
     subprocess.run(how.command, check=False, env={**os.environ, **(how.env or {})})
+    return {}
+
+
+def in_process_launch(how: ChildLaunch) -> dict[str, Any]:
+    """Runs a trial in this process (``trial_child.main`` on its request): no interpreter start and no imports to pay
+    per trial, for tests and debugging, one trial at a time. A crash takes the caller down with it."""
+    from finetune_pipeline.tuning.trial_child import main
+
+    main([how.extras["request"]])
     return {}
 
 

@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from finetune_pipeline.layout import Record
 from finetune_pipeline.spec import EvaluationSpec
@@ -52,13 +52,21 @@ class TrialOutcome(Record):
     ended: float = 0.0
 
 
+def make_pruner(kind: str) -> Any:
+    """The study's pruner; parent and trial children build the same one (Optuna does not store it)."""
+    import optuna
+
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    return optuna.pruners.NopPruner()
+
+
 def run_trial(req: TrialRequest, log: Callable[[str], None] = print) -> TrialOutcome:
     """Train one trial, reporting validation losses to its Optuna trial; pruned when the study's pruner says so."""
     import optuna
 
     from finetune_pipeline.training.sft import train
     from finetune_pipeline.tuning.pruning import PruneOnEval
-    from finetune_pipeline.tuning.sweep import make_pruner
 
     study = optuna.load_study(study_name=req.study_name, storage=req.storage_uri, pruner=make_pruner(req.pruner))
     trial = optuna.trial.Trial(study, req.trial_id)
@@ -95,14 +103,14 @@ def objective_metric(req: TrialRequest, log: Callable[[str], None]) -> float:
     import json
 
     from finetune_pipeline.evaluation.metrics import row_function
-    from finetune_pipeline.models.base import load_for_eval
+    from finetune_pipeline.models.base import load_trained
     from finetune_pipeline.models.chat_generation import generate_answers
 
     ev = req.evaluation
     if ev is None:
         raise ValueError(f"objective {req.objective} needs the evaluation settings in the trial request")
     rows = [json.loads(m) for m in req.train.eval_messages[: req.objective_samples]]
-    model, tok = load_for_eval(req.train.base_path, req.train.model, str(req.train.output_dir))
+    model, tok = load_trained(req.train.base_path, req.train.model, str(req.train.output_dir))
     answers, _ = generate_answers(model, tok, [r[:-1] for r in rows], ev.max_new_tokens, batch_size=ev.batch_size)
     fn = row_function(req.objective, ev)
     scores = [fn(a, r[-1]["content"]) for a, r in zip(answers, rows, strict=True)]  # type: ignore[misc]

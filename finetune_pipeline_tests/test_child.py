@@ -4,7 +4,6 @@ and a real MLflow store: kill -9 mid-run and resume from the checkpoint, identic
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -13,15 +12,16 @@ import time
 from pathlib import Path
 
 import dagster as dg
-import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
 from finetune_pipeline.defs.resources import MlflowTracking, OptunaStorage, StateStore
 from finetune_pipeline.defs.training_assets import build_training_assets
-from finetune_pipeline.layout import AdapterRecord, PipelineLayout, SplitsManifest
+from finetune_pipeline.layout import AdapterRecord, PipelineLayout
 from finetune_pipeline.spec import parse_spec
-from finetune_pipeline_tests.conftest import chat_row
+from finetune_pipeline_tests.conftest import chat_row, prepared_splits
+
+pytestmark = pytest.mark.integration
 
 MAX_STEPS = 12
 SPEC = """
@@ -37,34 +37,10 @@ registry: {{model_name: kid-model}}
 """
 
 
-def _write_splits(root: Path, name: str) -> None:
-    """What dataset_splits leaves for the training assets: three parquet splits and their manifest."""
-    rows = [chat_row(i) for i in range(40)]
-    frame = pd.DataFrame(
-        {
-            "row_id": [r["id"] for r in rows],
-            "messages": [json.dumps(r["messages"]) for r in rows],
-            "drop": "d0",
-            "source_line": list(range(1, 41)),
-            "content_hash": [hashlib.sha256(json.dumps(r["messages"]).encode()).hexdigest() for r in rows],
-        }
-    )
-    parts = {"train": frame.iloc[:32], "validation": frame.iloc[32:36], "test": frame.iloc[36:]}
-    layout = PipelineLayout(root, name)
-    layout.splits.mkdir(parents=True, exist_ok=True)
-    for s, f in parts.items():
-        f.reset_index(drop=True).to_parquet(layout.split(s))
-    digests = {s: hashlib.sha256(f.to_json().encode()).hexdigest()[:16] for s, f in parts.items()}
-    counts = {s: len(f) for s, f in parts.items()}
-    SplitsManifest(drops=["d0"], digests=digests, version="v-" + digests["train"], counts=counts, spec_hash="s").save(
-        layout.splits_manifest
-    )
-
-
 class World:
     def __init__(self, tmp: Path, tiny_model: Path, launcher: str = "python") -> None:
         self.root = tmp / "state"
-        _write_splits(self.root, "kid")
+        prepared_splits(tmp, "kid", None, [json.dumps(chat_row(i)["messages"]) for i in range(40)], 32, 4)
         (tmp / "specs").mkdir(parents=True, exist_ok=True)
         spec_file = tmp / "specs" / "kid.yaml"
         spec_file.write_text(SPEC.format(model=tiny_model, steps=MAX_STEPS, launcher=launcher))

@@ -13,12 +13,10 @@ from typing import Any
 
 import pytest
 
-from finetune_pipeline.models.hardware import DtypeChoice, SlowDtypeError, decide_dtype
 from finetune_pipeline.spec import ModelSpec, RuntimeSpec, TrainingSpec
-from finetune_pipeline.training.callbacks import budget_steps, diverged
-from finetune_pipeline.training.configs import planned_steps, warmup_steps
-from finetune_pipeline.training.contract import check_rows, loss_spans
-from finetune_pipeline_tests.conftest import REPO, chat_row, make_spec
+from finetune_pipeline_tests.conftest import REPO, chat_row
+
+pytestmark = pytest.mark.integration
 
 AVX512_BF16 = {"float32": 200.0, "bfloat16": 860.0, "float16": 30.0}
 AVX2_ONLY = {"float32": 38.0, "bfloat16": 0.8, "float16": 0.7}
@@ -26,179 +24,6 @@ ROWS = [json.dumps(chat_row(i)["messages"]) for i in range(48)]
 RT = RuntimeSpec(logging_steps=1, calibration_steps=0)
 LORA = ModelSpec(lora={"r": 4, "alpha": 8, "dropout": 0.0})
 TRAIN = TrainingSpec(max_steps=6, per_device_train_batch_size=4, learning_rate=5e-3, max_length=128)
-
-
-# ---- tier 1: the dtype rule (pure function of measured speeds) -------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("requested", "speeds", "allow", "expected"),
-    [
-        ("auto", AVX512_BF16, False, "bfloat16"),  # bf16 4x faster: taken
-        ("auto", AVX2_ONLY, False, "float32"),  # bf16 50x slower: never by default
-        ("auto", {"float32": 100.0, "bfloat16": 120.0}, False, "float32"),  # a marginal gain is not worth bf16
-        ("bfloat16", AVX512_BF16, False, "bfloat16"),  # native: as asked
-        ("bfloat16", AVX2_ONLY, True, "bfloat16"),  # slow but explicitly allowed
-        ("float32", AVX2_ONLY, False, "float32"),
-    ],
-    ids=["auto-fast-bf16", "auto-avx2", "auto-marginal", "bf16-native", "bf16-allowed", "fp32"],
-)
-def test_dtype_rule(requested: str, speeds: dict, allow: bool, expected: str) -> None:
-    choice = decide_dtype(requested, speeds, "cpu", allow_slow=allow)
-    assert choice.dtype == expected and choice.gflops == speeds
-
-
-@pytest.mark.parametrize("requested", ["bfloat16", "float16"])
-def test_slow_explicit_dtype_is_refused_with_the_measured_slowdown(requested: str) -> None:
-    with pytest.raises(SlowDtypeError) as err:
-        decide_dtype(requested, AVX2_ONLY, "cpu")
-    msg = str(err.value)
-    slowdown = AVX2_ONLY["float32"] / AVX2_ONLY[requested]
-    assert f"{slowdown:.0f}x slower" in msg and "model.dtype" in msg
-    assert "model.dtype: auto" in msg and "allow_slow_dtype: true" in msg
-
-
-@pytest.mark.parametrize(
-    ("requested", "bf16", "expected"),
-    [("auto", True, "bfloat16"), ("auto", False, "float32"), ("float16", False, "float16")],
-)
-def test_dtype_rule_on_cuda(requested: str, bf16: bool, expected: str) -> None:
-    assert decide_dtype(requested, {}, "cuda", cuda_bf16=bf16).dtype == expected
-
-
-def test_bf16_on_a_gpu_without_it_is_refused() -> None:
-    with pytest.raises(SlowDtypeError, match="not supported natively by this GPU"):
-        decide_dtype("bfloat16", {}, "cuda", cuda_bf16=False)
-
-
-def test_real_measurement_picks_a_measured_dtype() -> None:
-    """The measurement itself, on this machine: every candidate timed, quickly, and the choice follows the rule."""
-    import time
-
-    from finetune_pipeline.models import hardware
-
-    hardware._CACHE.clear()
-    t0 = time.perf_counter()
-    choice = hardware.choose_dtype("auto")
-    assert time.perf_counter() - t0 < 10
-    assert set(choice.gflops) == {"float32", "bfloat16"} and all(v > 0 for v in choice.gflops.values())
-    assert choice == decide_dtype("auto", choice.gflops, "cpu")
-    assert isinstance(choice, DtypeChoice) and choice.as_metadata()["dtype_requested"] == "auto"
-
-
-# ---- tier 1: steps, epochs, budget, divergence, the end-of-turn rule, the spec ---------------------------------
-
-
-@pytest.mark.parametrize(
-    ("fields", "rows", "steps"),
-    [
-        ({"max_steps": 7}, 100, 7),
-        ({"num_train_epochs": 1}, 40, 10),  # 40 rows / batch 4
-        ({"num_train_epochs": 2, "gradient_accumulation_steps": 2}, 41, 12),  # ceil(41 / 8) = 6 per epoch
-        ({"num_train_epochs": 0.5}, 40, 5),
-    ],
-    ids=["max_steps", "one-epoch", "epochs-accumulation", "half-epoch"],
-)
-def test_planned_steps(fields: dict, rows: int, steps: int) -> None:
-    t = TrainingSpec(per_device_train_batch_size=4, **fields)
-    assert planned_steps(t, rows) == steps
-
-
-def test_warmup_steps_replace_the_ratio() -> None:
-    assert warmup_steps(TrainingSpec(warmup_ratio=0.1), 50) == 5
-    assert warmup_steps(TrainingSpec(warmup_steps=3), 50) == 3
-    assert warmup_steps(TrainingSpec(warmup_steps=80), 50) == 50
-
-
-@pytest.mark.parametrize(
-    ("budget", "elapsed", "per_step", "done", "planned", "expected"),
-    [(600, 60, 10, 4, 100, 58), (600, 60, 1, 4, 100, 100), (10, 60, 10, 4, 100, 5)],
-    ids=["budget-binds", "everything-fits", "over-budget-already"],
-)
-def test_budget_steps(budget: float, elapsed: float, per_step: float, done: int, planned: int, expected: int) -> None:
-    assert budget_steps(budget, elapsed, per_step, done, planned) == expected
-
-
-@pytest.mark.parametrize(
-    ("losses", "broken"),
-    [([2.0, 1.5, math.nan], True), ([2.0, 1.0, math.inf], True), ([2.0, 0.4, 2.5], True), ([2.0, 1.0, 1.2], False)],
-    ids=["nan", "inf", "diverged", "noisy-but-fine"],
-)
-def test_divergence_rule(losses: list[float], broken: bool) -> None:
-    assert (diverged(losses) is not None) == broken
-
-
-EOS = 2
-
-
-@pytest.mark.parametrize(
-    ("ids", "labels", "ok"),
-    [
-        ([5, 6, 7, EOS], [-100, -100, 7, EOS], True),
-        ([5, 6, 7, EOS, 9], [-100, -100, 7, EOS, 9], True),  # a whitespace token after EOS (ChatML's newline)
-        ([5, 6, 7, EOS], [-100, -100, 7, -100], False),  # EOS outside the loss mask
-        ([5, 6, 7, 8], [-100, -100, 7, 8], False),  # truncated: no EOS at all
-        ([5, 6, 7, EOS], [-100] * 4, False),  # all-masked
-        ([5, 7, EOS, 6, 7, 8], [-100, 7, EOS, -100, 7, 8], False),  # the second trained turn misses its EOS
-    ],
-    ids=["eos-in-mask", "newline-after-eos", "eos-masked", "no-eos", "all-masked", "second-turn"],
-)
-def test_end_of_turn_rule(ids: list[int], labels: list[int], ok: bool) -> None:
-    rep = check_rows([(ids, labels)], EOS, "</s>", whitespace_ids={9})
-    assert rep.passed == ok and rep.share_failing == (0.0 if ok else 1.0)
-    if not ok:
-        assert rep.example is not None and "1 of 1 training rows (100.0%)" in rep.message()
-
-
-def test_loss_spans() -> None:
-    assert loss_spans([-100, 1, 2, -100, 3]) == [(1, 3), (4, 5)]
-
-
-@pytest.mark.parametrize(
-    ("training", "problem"),
-    [
-        ({"max_steps": 10, "num_train_epochs": 2}, "not both"),
-        ({"max_steps": None}, "needs max_steps or num_train_epochs"),
-    ],
-    ids=["both", "neither"],
-)
-def test_spec_steps_or_epochs(training: dict, problem: str) -> None:
-    with pytest.raises(ValueError, match=problem):
-        TrainingSpec(**training)
-
-
-def test_spec_epochs_alone_and_budget_needs_calibration() -> None:
-    t = TrainingSpec(num_train_epochs=2)
-    assert t.max_steps is None and t.num_train_epochs == 2
-    spec = make_spec(training={"num_train_epochs": 2})
-    assert spec.with_overrides({"learning_rate": 1e-4}).training.num_train_epochs == 2  # round trip stays valid
-    with pytest.raises(ValueError, match="calibration_steps"):
-        make_spec(training={"max_minutes": 5}, runtime={"calibration_steps": 0})
-
-
-def test_sweep_trials_get_a_share_of_the_sweep_budget() -> None:
-    from finetune_pipeline.tuning.sweep import trial_training
-
-    spec = make_spec(
-        training={"num_train_epochs": 3, "max_minutes": 30},
-        sweep={"max_minutes": 6, "n_trials": 3, "max_steps": 4},
-    )
-    t = trial_training(spec.training, spec.sweep)
-    assert (t.max_steps, t.num_train_epochs, t.max_minutes, t.eval_steps) == (4, None, 2.0, 2)
-
-
-def test_knobs_reach_trl_and_peft() -> None:
-    from finetune_pipeline.training.configs import check_optim, lora_config, sft_config
-
-    t = TrainingSpec(max_steps=10, gradient_checkpointing=True, optim="adafactor", max_grad_norm=0.5, warmup_steps=2)
-    cfg = sft_config(t, RT, output_dir="x", use_cuda=False, dtype="float32", do_eval=False, saving=False, steps=10)
-    assert (cfg.gradient_checkpointing, cfg.optim, cfg.max_grad_norm, cfg.warmup_steps) == (True, "adafactor", 0.5, 2)
-    assert cfg.logging_nan_inf_filter is False  # the NaN guard must see NaN losses
-    lc = lora_config(LORA.lora.model_copy(update={"bias": "lora_only", "modules_to_save": ["lm_head"]}))
-    assert lc.bias == "lora_only" and set(lc.modules_to_save) == {"lm_head"}
-    with pytest.raises(ValueError, match="needs a CUDA GPU"):
-        check_optim("paged_adamw_8bit", use_cuda=False)
-    check_optim("paged_adamw_8bit", use_cuda=True)
 
 
 # ---- tier 2: real runs on the tiny model -----------------------------------------------------------------------
@@ -401,17 +226,6 @@ def test_memory_estimate_within_25_percent(method: str, tiny_model: Path, tmp_pa
     est = res.memory_estimate_mb["total_mb"]
     assert set(res.memory_estimate_mb) >= {"weights_mb", "gradients_mb", "optimizer_mb", "activations_mb"}
     assert abs(res.peak_memory_mb / est - 1) <= 0.25, (res.peak_memory_mb, res.memory_estimate_mb)
-
-
-def test_measured_speeds_are_kept_per_machine(tmp_path: Path) -> None:
-    """Every process on one machine decides from the same measurement (the file), measured once."""
-    from finetune_pipeline.models import hardware
-
-    first = hardware.dtype_speeds("cpu", ("float32",), cache_dir=tmp_path)
-    files = list(tmp_path.glob("dtype_speeds-cpu-*.json"))
-    assert len(files) == 1 and json.loads(files[0].read_text()) == first
-    files[0].write_text(json.dumps({"float32": 1.0}))  # a later process reads the stored figure, not a new timing
-    assert hardware.dtype_speeds("cpu", ("float32",), cache_dir=tmp_path) == {"float32": 1.0}
 
 
 def test_memory_estimate_projects_only_the_loss_positions(tiny_model: Path) -> None:

@@ -3,19 +3,17 @@ settings and champion are unchanged)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from finetune_pipeline import keys
 from finetune_pipeline.evaluation.report import EvalRecord
 from finetune_pipeline.layout import AdapterRecord, PipelineLayout
+from finetune_pipeline.progress import LogFn
 from finetune_pipeline.spec import LoadedSpec
 from finetune_pipeline.stages.datasets import log_splits
 from finetune_pipeline.tracking.mlflow_store import ADAPTER_TAG, Lineage
 from finetune_pipeline.tracking.tracker import Tracker
-
-LogFn = Callable[[str], None]
 
 
 @dataclass
@@ -27,12 +25,12 @@ class EvalOutcome:
     plot: bytes | None = None
 
     def passes_gate(self, spec: LoadedSpec) -> bool:
-        return self.record.report.passes_gate(spec.spec.registry.min_improvement_over_base)
+        return self.record.report.passes_gate(spec.registry.min_improvement_over_base)
 
 
 def margins(spec: LoadedSpec) -> tuple[dict[str, float], dict[str, float]]:
     """The margins the primary metric's intervals are judged against: over base, over the champion."""
-    r, pm = spec.spec.registry, spec.spec.evaluation.primary_metric
+    r, pm = spec.registry, spec.evaluation.primary_metric
     return {pm: r.min_improvement_over_base}, {pm: r.promotion_min_delta}
 
 
@@ -44,7 +42,7 @@ def champion_source(
     from the registry's copy of its weights."""
     from finetune_pipeline.evaluation.evaluate import ChampionSource
 
-    name = spec.spec.registry.model_name
+    name = spec.registry.model_name
     champ = tracker.champion(name)
     if champ is None:
         return None
@@ -56,14 +54,12 @@ def champion_source(
     )
 
     def load() -> tuple[Any, Any]:
-        from finetune_pipeline.models.base import load_for_eval
+        from finetune_pipeline.models.base import load_trained
 
         if akey and layout.adapter_record(akey).exists():
             rec = AdapterRecord.load(layout.adapter_record(akey))
             log(f"champion v{champ.version}: loading its adapter {akey}")
-            if spec.spec.model.method == "full":
-                return load_for_eval(rec.path, spec.spec.model, None)
-            return load_for_eval(layout.read_base().path, spec.spec.model, rec.path)
+            return load_trained(layout.read_base().path, spec.model, rec.path)
         log(f"champion v{champ.version}: loading it from the registry")
         return tracker.load_version(name, champ.version)
 
@@ -82,7 +78,7 @@ def evaluate_adapter(
     all three on the same rows, with paired bootstrap intervals. Base outputs are cached by (base weights, test
     rows, settings), the champion's by (version, test rows, settings)."""
     from finetune_pipeline.evaluation.evaluate import evaluate
-    from finetune_pipeline.evaluation.plots import interval_plot
+    from finetune_pipeline.evaluation.interval_plot import interval_plot
     from finetune_pipeline.evaluation.report import render_markdown, with_intervals
 
     s = spec.spec

@@ -20,7 +20,7 @@ def provision_base(layout: PipelineLayout, spec: LoadedSpec) -> BaseOutcome:
     is; a hub id is passed through, with its tokenizer saved once under the state root for token counts."""
     from finetune_pipeline.models.base import PACKAGED, provision_base_model, save_hub_tokenizer
 
-    m = spec.spec.model
+    m = spec.model
     base = m.base
     if base not in PACKAGED and (base.startswith((".", "/", "~")) or spec.resolve(base).exists()):
         base = str(spec.resolve(base))  # a local folder, relative to the spec file

@@ -15,6 +15,8 @@ from finetune_pipeline.data.split import SPLITS, build_splits
 from finetune_pipeline.spec import DedupSpec, SplitSpec
 from finetune_pipeline_tests.conftest import make_spec, write_jsonl
 
+pytestmark = pytest.mark.unit
+
 SCHEMA = (
     "CREATE TABLE clients (id INTEGER PRIMARY KEY, name TEXT, country TEXT, segment TEXT, signup_year INTEGER); "
     "CREATE TABLE orders (id INTEGER PRIMARY KEY, client_id INTEGER REFERENCES clients(id), amount DECIMAL, "

@@ -17,6 +17,8 @@ from finetune_pipeline.data.split import SPLITS, build_splits, overlap_report
 from finetune_pipeline.spec import DedupSpec, QualitySpec, SplitSpec
 from finetune_pipeline_tests.conftest import make_spec, write_jsonl
 
+pytestmark = pytest.mark.unit
+
 WORDS = [f"w{i}" for i in range(2000)]
 
 

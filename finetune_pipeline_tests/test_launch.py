@@ -11,6 +11,8 @@ from finetune_pipeline.spec import ModelSpec, RuntimeSpec, TrainingSpec
 from finetune_pipeline.training.launch import CHILD_MODULE, child_command
 from finetune_pipeline_tests.conftest import chat_row
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture()
 def no_accelerate_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

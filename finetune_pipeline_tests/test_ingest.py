@@ -19,6 +19,8 @@ import pytest
 from finetune_pipeline.data.clean import clean_file
 from finetune_pipeline_tests.conftest import chat_row, make_spec, write_jsonl
 
+pytestmark = pytest.mark.unit
+
 DROPPED = "/home/user/exports/my_export"  # the name the user dropped: file-level messages must use it
 
 

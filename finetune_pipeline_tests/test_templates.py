@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.unit
+
 # mistralai/Mistral-7B-Instruct-v0.2 (and Mixtral-8x7B-Instruct-v0.1) tokenizer_config.json "chat_template" (Apache-2.0)
 MISTRAL_OFFICIAL = """{%- if messages[0]['role'] == 'system' %}
     {%- set system_message = messages[0]['content'] %}
@@ -270,32 +272,3 @@ def test_base_model_without_template_takes_a_named_one() -> None:
     with pytest.raises(ValueError, match="the model has no chat template; name one"):
         resolve_chat_template(tok, "auto")
     assert resolve_chat_template(tok, "llama3").source == "llama3"
-
-
-def test_two_training_steps_with_llama3_tokenizer(tmp_path: Path) -> None:
-    """Tier 2: assistant-only loss on a tiny llama with a Llama-3 tokenizer shipping <|end_of_text|> as EOS (as the
-    first Meta-Llama-3-Instruct release did): training ends turns with <|eot_id|>, the adapter keeps that as EOS."""
-    from finetune_pipeline.models.tiny import make_tiny_model
-    from finetune_pipeline.spec import ModelSpec, RuntimeSpec, TrainingSpec
-    from finetune_pipeline.training.sft import TrainRequest, train
-    from finetune_pipeline.training.templates import LLAMA3
-
-    base = make_tiny_model(tmp_path / "base", tokenizer=family_tokenizer("llama3", eos="<|end_of_text|>"))
-    rows = [json.dumps(chat(i % 2 == 0)) for i in range(8)]
-    res = train(
-        TrainRequest(
-            base_path=str(base),
-            model=ModelSpec(lora={"r": 4, "alpha": 8, "dropout": 0.0}),
-            training=TrainingSpec(max_steps=2, per_device_train_batch_size=4, max_length=256),
-            runtime=RuntimeSpec(logging_steps=1, eos_check_samples=0),
-            train_messages=rows,
-            eval_messages=[],
-            output_dir=tmp_path / "adapter",
-        ),
-        log=lambda m: None,
-    )
-    assert res.steps == 2 and res.chat_template_source == "llama3" and res.eos_token == "<|eot_id|>"
-    saved = json.loads((tmp_path / "adapter" / "generation_config.json").read_text())
-    tok = family_tokenizer("llama3")
-    assert saved["eos_token_id"] == tok.convert_tokens_to_ids("<|eot_id|>")
-    assert (tmp_path / "adapter" / "chat_template.jinja").read_text() == LLAMA3

@@ -9,14 +9,14 @@ from typing import Any
 from finetune_pipeline import keys
 from finetune_pipeline.hashing import short_hash
 from finetune_pipeline.layout import PipelineLayout, SweepRecord
+from finetune_pipeline.progress import LogFn
 from finetune_pipeline.spec import LoadedSpec
 from finetune_pipeline.stages.datasets import log_splits
 from finetune_pipeline.tracking.mlflow_store import Lineage
 from finetune_pipeline.tracking.tracker import Tracker
 from finetune_pipeline.training.launch import ChildLaunch
 
-LogFn = Callable[[str], None]
-CODE = __name__  # the study depends on this module and the training code it reaches
+CODE = __name__  # its code version: the trials it runs (keys.STAGE_CODE)
 
 
 @dataclass
@@ -86,7 +86,7 @@ def sweep(
             on_trial=on_trial,
             launch=launch or subprocess_launch,
         )
-        parent.log_metrics({f"best_{spec.spec.sweep.objective}": res.best_value})
+        parent.log_metrics({f"best_{spec.sweep.objective}": res.best_value})
         parent.log_params({f"best.{p}": v for p, v in res.best_params.items()})
         parent.set_tags({"optuna.study": res.study_name})
     rec = SweepRecord(

@@ -13,7 +13,7 @@ from finetune_pipeline.spec import LoadedSpec
 
 def gate_confidence(spec: LoadedSpec) -> float | None:
     """The evaluation gate's confidence when the spec has such a setting (evaluation or registry), else None."""
-    for section in (spec.spec.evaluation, spec.spec.registry):
+    for section in (spec.evaluation, spec.registry):
         value = getattr(section, "confidence", None)
         if isinstance(value, int | float):
             return float(value)

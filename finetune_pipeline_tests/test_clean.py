@@ -4,15 +4,18 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from finetune_pipeline.data.clean import clean_file, frame_digest
 from examples.demo_tickets import write_demo_drops
+from finetune_pipeline.data.clean import clean_file, frame_digest
 from finetune_pipeline.data.split import build_splits, overlap_report, split_of
 from finetune_pipeline.keys import training_fingerprint
 from finetune_pipeline.spec import SplitSpec
 from finetune_pipeline_tests.conftest import chat_row, make_spec, write_jsonl
+
+pytestmark = pytest.mark.unit
 
 SPEC = make_spec()
 

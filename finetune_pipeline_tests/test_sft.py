@@ -1,4 +1,6 @@
-"""Tier 2: real trl training on a tiny model; the Optuna sweep with real storage; the registry round trip."""
+"""Integration tier: real trl training on a tiny model (training/sft.py): every LoRA weight changes, same seed same
+weights, full fine-tuning, QLoRA on CPU and its merge, the lean loss equal to trl's, adapter variants, early
+stopping, padding-free and packing, a Llama-3 tokenizer's end of turn; evaluation of base and tuned."""
 
 import json
 from pathlib import Path
@@ -9,6 +11,8 @@ from safetensors.torch import load_file
 
 from finetune_pipeline.spec import EvaluationSpec, ModelSpec, RuntimeSpec, TrainingSpec
 from finetune_pipeline_tests.conftest import chat_row
+
+pytestmark = pytest.mark.integration
 
 ROWS = [json.dumps(chat_row(i)["messages"]) for i in range(48)]
 RT = RuntimeSpec(logging_steps=1)
@@ -64,55 +68,6 @@ def test_full_finetune_and_same_seed_same_weights(tiny_model: Path, tmp_path: Pa
     assert a.trainable_params == a.total_params
     wa, wb = load_file(tmp_path / "f1" / "model.safetensors"), load_file(tmp_path / "f2" / "model.safetensors")
     assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
-
-
-def test_sweep_uses_persistent_storage_and_resumes(tiny_model: Path, tmp_path: Path) -> None:
-    import optuna
-
-    from finetune_pipeline.tuning.sweep import TrialReport, run_sweep
-    from finetune_pipeline_tests.conftest import make_spec
-
-    spec = make_spec(
-        model=LORA.model_dump(),
-        training=TRAIN.model_dump(),
-        runtime=RT.model_dump(),
-        sweep={
-            "enabled": True,
-            "n_trials": 2,
-            "max_steps": 2,
-            "pruner": "none",
-            "search_space": {
-                "learning_rate": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
-                "lora.r": {"type": "categorical", "choices": [2, 4]},
-            },
-        },
-    )
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    reports: list[TrialReport] = []
-    kw = dict(
-        study_name="p-d1",
-        base_path=str(tiny_model),
-        spec=spec,
-        train_messages=ROWS[:24],
-        val_messages=ROWS[40:],
-        storage_uri=storage,
-        work_dir=tmp_path / "sweep",
-        log=lambda m: None,
-        on_trial=reports.append,
-    )
-    first = run_sweep(**kw)
-    assert first.n_complete == 2 and first.n_run_now == 2 and first.study_name == "p-d1"
-    assert set(first.best_params) == {"learning_rate", "lora.r"}
-    # every finished trial was reported, with the curve of its 2 steps (runtime.logging_steps 1)
-    assert [(r.number, r.state) for r in reports] == [(0, "COMPLETE"), (1, "COMPLETE")]
-    assert all(set(r.params) == {"learning_rate", "lora.r"} for r in reports)
-    assert [s for s, _ in reports[0].loss_history] == [1, 2] and reports[0].tokens_per_second > 0
-    assert min(r.eval_loss for r in reports) == pytest.approx(first.best_value)
-    study = optuna.load_study(study_name=first.study_name, storage=storage)
-    assert study.best_value == pytest.approx(first.best_value)
-    again = run_sweep(**kw)  # same study name: the stored trials count, nothing reruns
-    assert again.n_run_now == 0 and again.best_params == first.best_params and len(reports) == 2
-    assert run_sweep(**{**kw, "study_name": "p-d2"}).n_run_now == 2
 
 
 def test_evaluation_scores_base_and_tuned_and_caches_the_base_outputs(tiny_model: Path, tmp_path: Path) -> None:
@@ -236,3 +191,33 @@ def test_padding_free_and_packing_train(mode: dict, tiny_model: Path, tmp_path: 
     res = train(request(str(tiny_model), LORA, t, ROWS[:12], [], tmp_path / "p", runtime=RT), log=lambda m: None)
     assert res.steps == 3 and res.lora_tensors_changed == res.lora_tensors_total > 0
     assert all(loss == loss and loss > 0 for _, loss in res.loss_history)  # finite, not NaN
+
+
+def test_two_training_steps_with_llama3_tokenizer(tmp_path: Path) -> None:
+    """Assistant-only loss on a tiny llama with a Llama-3 tokenizer shipping <|end_of_text|> as EOS (as the
+    first Meta-Llama-3-Instruct release did): training ends turns with <|eot_id|>, the adapter keeps that as EOS."""
+    from finetune_pipeline.models.tiny import make_tiny_model
+    from finetune_pipeline.spec import ModelSpec, RuntimeSpec, TrainingSpec
+    from finetune_pipeline.training.sft import TrainRequest, train
+    from finetune_pipeline.training.templates import LLAMA3
+    from finetune_pipeline_tests.test_templates import chat, family_tokenizer
+
+    base = make_tiny_model(tmp_path / "base", tokenizer=family_tokenizer("llama3", eos="<|end_of_text|>"))
+    rows = [json.dumps(chat(i % 2 == 0)) for i in range(8)]
+    res = train(
+        TrainRequest(
+            base_path=str(base),
+            model=ModelSpec(lora={"r": 4, "alpha": 8, "dropout": 0.0}),
+            training=TrainingSpec(max_steps=2, per_device_train_batch_size=4, max_length=256),
+            runtime=RuntimeSpec(logging_steps=1, eos_check_samples=0),
+            train_messages=rows,
+            eval_messages=[],
+            output_dir=tmp_path / "adapter",
+        ),
+        log=lambda m: None,
+    )
+    assert res.steps == 2 and res.chat_template_source == "llama3" and res.eos_token == "<|eot_id|>"
+    saved = json.loads((tmp_path / "adapter" / "generation_config.json").read_text())
+    tok = family_tokenizer("llama3")
+    assert saved["eos_token_id"] == tok.convert_tokens_to_ids("<|eot_id|>")
+    assert (tmp_path / "adapter" / "chat_template.jinja").read_text() == LLAMA3

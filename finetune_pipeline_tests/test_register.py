@@ -12,6 +12,8 @@ from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
 from finetune_pipeline.tracking.tracker import Tracker
 from finetune_pipeline_tests.conftest import chat_row
 
+pytestmark = pytest.mark.integration
+
 SPEC = """
 name: reg
 source: {{incoming_dir: in}}
@@ -40,8 +42,8 @@ def _adapter(layout: PipelineLayout, spec, rows, key: str) -> AdapterRecord:  # 
     out = layout.adapter(key)
     train(
         TrainRequest(
-            base_path=spec.spec.model.base,
-            model=spec.spec.model,
+            base_path=spec.model.base,
+            model=spec.model,
             training=TrainingSpec(max_steps=2, per_device_train_batch_size=4, learning_rate=5e-3, max_length=96),
             runtime=RuntimeSpec(logging_steps=1, save_steps=0, calibration_steps=0, eos_check_samples=0),
             train_messages=rows,
