@@ -229,7 +229,8 @@ def _promote(reg: Registration, spec: LoadedSpec, ev: EvalRecord, adapter: Adapt
 
     s = spec.spec
     champ = mlflow_store.champion(reg.name)
-    d = _recorded_decision(mlflow_store.version_tags(reg.name, reg.version), champ, reg.version) or decide(
+    recorded = mlflow_store.version_tags(reg.name, reg.version)
+    d = _recorded_decision(recorded, champ, reg.version, ev.eval_key) or decide(
         reg.version, ev.report, champ.version if champ else None, s.registry.promotion_min_delta, s.registry.floors
     )
     tags = evidence_tags(ev, d, s.evaluation.bootstrap_seed, s.evaluation.bootstrap_resamples)
@@ -257,12 +258,13 @@ def _promote(reg: Registration, spec: LoadedSpec, ev: EvalRecord, adapter: Adapt
     )
 
 
-def _recorded_decision(tags: dict[str, str], champ: Any, version: str) -> Any:
-    """The decision recorded on the version when it was registered, while it still holds: the champion is the
-    one it was measured against, or is this version already (a step stopped after moving it). None: decide anew."""
+def _recorded_decision(tags: dict[str, str], champ: Any, version: str, eval_key: str) -> Any:
+    """The decision recorded on the version when it was registered, while it still holds: made on this same
+    evaluation, and the champion is the one it was measured against, or is this version already (a step stopped
+    after moving it). None: decide anew (a new evaluation of the same adapter, or another champion since)."""
     from finetune_pipeline.evaluation.promotion import Decision
 
-    if "finetune.decision.promoted" not in tags:
+    if "finetune.decision.promoted" not in tags or tags.get("finetune.eval.eval_key") != eval_key:
         return None
     against = tags.get("finetune.decision.compared_with", "")
     now = champ.version if champ else ""
