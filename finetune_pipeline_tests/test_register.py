@@ -405,6 +405,7 @@ class PostgresServer:
         self.bin, self.folder, self.port = PG_BIN, folder, _free_port()
         folder.mkdir(parents=True)
         folder.chmod(0o777)
+        folder.parent.chmod(0o755)
         self.as_user = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"] if os.geteuid() == 0 else []
         self._run("initdb", "-D", str(folder / "data"), "-U", "postgres", "--auth=trust", "-E", "UTF8")
         self.start()
@@ -438,7 +439,9 @@ def test_postgres_stopped_during_the_alias_moves_converges(world: World, tmp_pat
 
     if PG_BIN is None:
         pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl): apt-get install postgresql")
-    server = PostgresServer(tmp_path / "pg")
+    import tempfile
+
+    server = PostgresServer(Path(tempfile.mkdtemp(prefix="finetune-pg-")) / "pg")  # reachable by `nobody`
     stage = Stage(world, tmp_path / "run", tracking_uri=server.database("mlflow_rf"))
     stopped: list[str] = []
 
@@ -463,3 +466,4 @@ def test_postgres_stopped_during_the_alias_moves_converges(world: World, tmp_pat
             server.stop()
         except subprocess.CalledProcessError:
             pass
+        shutil.rmtree(server.folder.parent, ignore_errors=True)
