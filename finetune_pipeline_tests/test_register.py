@@ -428,7 +428,7 @@ class PostgresServer:
         with conn.cursor() as cur:
             cur.execute(f"CREATE DATABASE {name}")
         conn.close()
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{name}"  # the driver the profile names
 
 
 @pytest.mark.e2e
@@ -454,7 +454,7 @@ def test_postgres_stopped_during_the_alias_moves_converges(world: World, tmp_pat
         res = stage.materialize(hook=stop_server)
         assert stopped and not res.success
         msg = failure_message(res)
-        assert "MLflow store postgresql://postgres@127.0.0.1" in msg and "materialize" in msg
+        assert "MLflow store postgresql+psycopg2://postgres@127.0.0.1" in msg and "materialize" in msg
         server.start()
         assert_nothing_half_done(stage.uri)
         assert list(registry_state(stage.uri)["versions"]) == ["1"]  # type: ignore[index]
