@@ -4,6 +4,7 @@ paired evidence of the evaluation and move aliases."""
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,32 @@ _SERVING_CODE = Path(__file__).resolve().parent.parent / "models" / "served_mode
 
 class GateFailed(RuntimeError):
     """The evaluation did not pass the registration gate: nothing is registered."""
+
+
+class StoreUnavailable(RuntimeError):
+    """The MLflow store could not be read or written in the middle of the step (locked, stopped, unreachable)."""
+
+
+_STORE_MODULES = ("sqlalchemy", "sqlite3", "psycopg2", "psycopg", "pymysql", "requests", "urllib3")
+_STORE_WORDS = ("database is locked", "OperationalError", "could not connect", "Connection refused", "server closed")
+
+
+def store_failure(exc: BaseException) -> str | None:
+    """A short reason when ``exc`` (or what caused it) is the store failing rather than a bug or bad input."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e)
+        if type(e).__module__.split(".")[0] in _STORE_MODULES or any(w in text for w in _STORE_WORDS):
+            first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+            return first[:300]
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _shown_uri(uri: str) -> str:
+    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", uri)
 
 
 def load_evidence(layout: PipelineLayout, spec: LoadedSpec, eval_key: str) -> EvalRecord:
@@ -61,6 +88,30 @@ def register(
             f"the lower bound must be >= {gate}): the model is not registered"
         )
     adapter = AdapterRecord.load(layout.adapter_record(ev.adapter_key))
+    try:
+        return _register_and_promote(layout, spec, ev, adapter, tracker, lineage, log)
+    except Exception as exc:
+        why = store_failure(exc)
+        if why is None:
+            raise
+        raise StoreUnavailable(
+            f"the MLflow store {_shown_uri(tracker.target.tracking_uri)} failed while registering adapter "
+            f"{adapter.adapter_key} ({why}). Nothing half-done is served: a version gets challenger/champion only "
+            f"after its reload check, and carries its evidence from the moment it exists. Bring the store back and "
+            f"materialize {spec.name}/registered_model again: it finds the version by adapter key and finishes it."
+        ) from exc
+
+
+def _register_and_promote(
+    layout: PipelineLayout,
+    spec: LoadedSpec,
+    ev: EvalRecord,
+    adapter: AdapterRecord,
+    tracker: Tracker,
+    lineage: Lineage,
+    log: LogFn,
+) -> Registration:
+    report = ev.report
     name, version, register_run = _register_once(layout, spec, ev, adapter, tracker, lineage, log)
     diff = _reload_diff(layout, spec, tracker, adapter, name, version)
     log(f"{name} v{version} reloaded from the registry: max |logit difference| vs trained = {diff:.2e}")
@@ -107,6 +158,14 @@ def _register_once(
     if existing is not None:
         log(f"adapter {adapter.adapter_key} is already registered as {name} v{existing.version}")
         return name, str(existing.version), existing.tags.get("finetune.register_run_id", "")
+    from finetune_pipeline.evaluation.card import evidence_tags
+    from finetune_pipeline.evaluation.promotion import decide
+
+    s = spec.spec
+    champ = tracker.champion(name)
+    # the decision against the champion of now, on the version from the moment it exists (one write with it)
+    first = decide("", ev.report, champ.version if champ else None, s.registry.promotion_min_delta, s.registry.floors)
+    evidence = evidence_tags(ev, first, s.evaluation.bootstrap_seed, s.evaluation.bootstrap_resamples)
     links = {"finetune.eval_run_id": ev.run_id, "finetune.train_run_id": adapter.train_run_id}
     with tracker.run("register", lineage, **links) as run:
         tags = {
@@ -122,6 +181,7 @@ def _register_once(
             "finetune.base_model": spec.model.base,
             "finetune.base_weights_digest": adapter.base_weights_digest,
             "dagster.run_id": lineage.dagster_run_id,
+            **evidence,
         }
         log("logging the merged chat model (weights, tokenizer with chat template, generation defaults) to MLflow")
         with _served_model(layout, spec, adapter) as served:
@@ -223,7 +283,8 @@ def _promote(
 
     s = spec.spec
     champ = tracker.champion(reg.name)
-    d = decide(
+    recorded = tracker.version_tags(reg.name, reg.version)
+    d = _recorded_decision(recorded, champ, reg.version, ev.eval_key) or decide(
         reg.version, ev.report, champ.version if champ else None, s.registry.promotion_min_delta, s.registry.floors
     )
     tags = evidence_tags(ev, d, s.evaluation.bootstrap_seed, s.evaluation.bootstrap_resamples)
@@ -238,13 +299,33 @@ def _promote(
             "aliases": ["challenger"] + (["champion"] if d.promote else []),
             "promoted": d.promote,
             "champion_version": reg.version if d.promote else (champ.version if champ else None),
-            "previous_champion": champ.version if champ else None,
+            "previous_champion": d.compared_with
+            if champ and champ.version == reg.version
+            else champ.version
+            if champ
+            else None,
             "previous_champion_score": champion_score,
             "reason": d.reason,
             "evidence": tags,
             "model_card": card,
         }
     )
+
+
+def _recorded_decision(tags: dict[str, str], champ: Any, version: str, eval_key: str) -> Any:
+    """The decision recorded on the version when it was registered, while it still holds: made on this same
+    evaluation, and the champion is the one it was measured against, or is this version already (a step stopped
+    after moving it). None: decide anew (a new evaluation of the same adapter, or another champion since)."""
+    from finetune_pipeline.evaluation.promotion import Decision
+
+    if "finetune.decision.promoted" not in tags or tags.get("finetune.eval.eval_key") != eval_key:
+        return None
+    against = tags.get("finetune.decision.compared_with", "")
+    now = champ.version if champ else ""
+    if now not in (against, version):
+        return None
+    reason = tags.get("finetune.decision.reason", "")
+    return Decision(tags["finetune.decision.promoted"] == "true", reason, against or None)
 
 
 class AliasRefused(RuntimeError):

@@ -252,12 +252,17 @@ def move_champion(client: Any, name: str, version: str, reason: str, when: str) 
     Returns the previous champion."""
     prev = champion(client, name)
     history = champion_history(client, name)
-    history.append({"version": version, "previous": prev.version if prev else None, "reason": reason, "at": when})
-    client.set_registered_model_alias(name, "champion", version)
-    if prev is not None and prev.version != version:
-        client.set_registered_model_alias(name, "previous-champion", prev.version)
+    entry = {"version": version, "previous": prev.version if prev else None, "reason": reason, "at": when}
+    last = history[-1] if history else {}
+    if (last.get("version"), last.get("previous"), last.get("reason")) != (version, entry["previous"], reason):
+        history.append(entry)  # a move retried after the store failed mid-way is recorded once
+    # the history, the reason and previous-champion first; the champion alias last: until it is written the move
+    # has not happened, and a retry redoes it whole
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-50:]))
     client.set_model_version_tag(name, version, "finetune.champion_reason", reason)
+    if prev is not None and prev.version != version:
+        client.set_registered_model_alias(name, "previous-champion", prev.version)
+    client.set_registered_model_alias(name, "champion", version)
     return prev.version if prev else None
 
 

@@ -24,9 +24,9 @@ from pydantic import ConfigDict, Field
 from finetune_pipeline.data.messages import to_prompt_completion
 from finetune_pipeline.layout import Record
 from finetune_pipeline.spec import ModelSpec, RuntimeSpec, TrainingSpec
+from finetune_pipeline.training.checkpoints import COMPLETE, disk_full_explained, last_usable_checkpoint  # noqa: F401
 
 LogFn = Callable[[str], None]
-COMPLETE = "CHECKPOINT_COMPLETE"  # written into a checkpoint folder once everything in it is on disk
 DATA_ORDER = "data_order.jsonl"
 RESULT_FILE = "train_result.json"  # written into the request's output_dir
 
@@ -153,9 +153,10 @@ class Fitted:
 
 def train(req: TrainRequest, log: LogFn = print, extra_callbacks: list[Any] | None = None) -> TrainResult:
     """Train and (optionally) save the adapter or full model plus tokenizer and chat template to ``req.output_dir``."""
-    session = setup(req, log, extra_callbacks)
-    fitted = fit(session)
-    return finalize(session, fitted)
+    with disk_full_explained(req.checkpoint_dir, Path(req.output_dir)):
+        session = setup(req, log, extra_callbacks)
+        fitted = fit(session)
+        return finalize(session, fitted)
 
 
 def setup(req: TrainRequest, log: LogFn = print, extra_callbacks: list[Any] | None = None) -> Session:
@@ -199,7 +200,7 @@ def setup(req: TrainRequest, log: LogFn = print, extra_callbacks: list[Any] | No
         log(f"matmul peak in {dtype} on {device}: {peak.gflops:.0f} GFLOP/s")
     out = Path(req.output_dir)
     ckpt_dir = req.checkpoint_dir or (out / "trainer")
-    resume = last_complete_checkpoint(req.checkpoint_dir) if rt.save_steps else None
+    resume = last_usable_checkpoint(req.checkpoint_dir, log) if rt.save_steps else None
     eval_ds = _dataset(req.eval_messages[: t.max_eval_samples], t.assistant_only_loss) if req.eval_messages else None
     do_eval = eval_ds is not None and t.eval_steps > 0
     saving = bool(req.checkpoint_dir and rt.save_steps)
@@ -472,17 +473,8 @@ def _save_model(trainer: Any, tok: Any, out: Path) -> None:
 
 
 def last_complete_checkpoint(folder: Path | None) -> Path | None:
-    """The newest ``checkpoint-N`` folder holding the completion marker; half-written ones are removed."""
-    if folder is None or not folder.is_dir():
-        return None
-    found = []
-    for d in folder.glob("checkpoint-*"):
-        if d.is_dir() and d.name.split("-")[-1].isdigit():
-            if (d / COMPLETE).exists():
-                found.append((int(d.name.split("-")[-1]), d))
-            else:
-                shutil.rmtree(d, ignore_errors=True)  # killed while writing it
-    return max(found)[1] if found else None
+    """The newest complete checkpoint that reads back whole (training.checkpoints.last_usable_checkpoint)."""
+    return last_usable_checkpoint(folder)
 
 
 def _dataset(messages: list[str], assistant_only: bool) -> Any:
