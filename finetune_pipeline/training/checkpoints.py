@@ -13,12 +13,13 @@ import json
 import shutil
 import struct
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from finetune_pipeline.progress import LogFn
+
 COMPLETE = "CHECKPOINT_COMPLETE"  # written into a checkpoint folder once everything in it is on disk
-LogFn = Callable[[str], None]
 
 
 def safetensors_problem(path: Path) -> str | None:
