@@ -65,7 +65,7 @@ def short_varied(rows: list[str], seed: int = 0) -> list[str]:
 def run_child(base: str, model: dict, training: dict, rows: list[str], work: Path, measure: bool) -> dict[str, Any]:
     """The adapter asset's training child (python -m finetune_pipeline.training.child), without Dagster."""
     from finetune_pipeline.spec import ModelSpec, RuntimeSpec, TrainingSpec
-    from finetune_pipeline.training.sft import TrainRequest, TrainResult
+    from finetune_pipeline.training.records import TrainRequest, TrainResult
 
     work.mkdir(parents=True, exist_ok=True)
     req = TrainRequest(

@@ -16,7 +16,7 @@ from finetune_pipeline.stages.sweep import finished_sweep
 from finetune_pipeline.tracking import mlflow_store
 from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
 from finetune_pipeline.training.launch import CHILD_MODULE, PID_FILE, ChildLaunch, child_launch
-from finetune_pipeline.training.sft import RESULT_FILE, TrainRequest, TrainResult
+from finetune_pipeline.training.records import RESULT_FILE, TrainRequest, TrainResult
 
 LogFn = Callable[[str], None]
 # Starts the training child and waits for it -> the metadata the child reported (through Dagster Pipes).

@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from finetune_pipeline.training.sft import COMPLETE, LogFn
+from finetune_pipeline.training.records import COMPLETE, LogFn
 
 
 class Progress(TrainerCallback):

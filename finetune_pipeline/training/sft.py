@@ -14,93 +14,16 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import ConfigDict, Field
-
 from finetune_pipeline.data.messages import to_prompt_completion
-from finetune_pipeline.layout import Record
-from finetune_pipeline.spec import ModelSpec, RuntimeSpec, TrainingSpec
+from finetune_pipeline.spec import RuntimeSpec, TrainingSpec
+from finetune_pipeline.training.checkpoints import last_complete_checkpoint, load_final_checkpoint, tokens_at
+from finetune_pipeline.training.records import DATA_ORDER, RESULT_FILE, LogFn, TrainRequest, TrainResult
 
-LogFn = Callable[[str], None]
-COMPLETE = "CHECKPOINT_COMPLETE"  # written into a checkpoint folder once everything in it is on disk
-DATA_ORDER = "data_order.jsonl"
-RESULT_FILE = "train_result.json"  # written into the request's output_dir
-
-
-class TrainRequest(Record):
-    """One training run: the final model / training / runtime settings and the data (``request.json``).
-
-    The flag ``save`` (write the model and the result to ``output_dir``) is the attribute ``save_outputs``: the name
-    ``save`` is the method that writes the request. Construct and serialise it as ``save``.
-    """
-
-    model_config = ConfigDict(
-        extra="forbid",
-        ser_json_inf_nan="constants",
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-    )
-    base_path: str
-    model: ModelSpec
-    training: TrainingSpec
-    runtime: RuntimeSpec = RuntimeSpec()
-    train_messages: list[str]  # JSON-encoded message lists
-    eval_messages: list[str]
-    output_dir: Path
-    save_outputs: bool = Field(True, alias="save")
-    checkpoint_dir: Path | None = None  # checkpoints every runtime.save_steps; resume from the last complete one
-    spec_dir: str | None = None  # resolves a relative training.chat_template
-    measure_cost: bool = False  # matmul peak, FLOP utilisation and the EOS check (the adapter asset turns it on)
-    eos_max_new_tokens: int = 48
-
-
-class TrainResult(Record):
-    """What a run did and cost (``train_result.json``). ``eval_loss`` is NaN when there was no validation data."""
-
-    model_config = ConfigDict(extra="ignore", ser_json_inf_nan="constants")  # older results may hold more fields
-
-    output_dir: str
-    method: str
-    steps: int
-    loss_history: list[tuple[int, float]]
-    eval_loss: float
-    train_tokens: int  # non-padding tokens seen in this session
-    wall_seconds: float
-    tokens_per_second: float
-    cpu_seconds: float  # CPU time of this process while training (all threads): robust to other load
-    trainable_params: int
-    total_params: int
-    lora_tensors_changed: int
-    lora_tensors_total: int
-    resumed_from_step: int = 0
-    stopped_early: bool = False
-    eval_history: list[tuple[int, float]] = []
-    dtype: str = "float32"
-    device: str = "cpu"
-    peak_memory_mb: float = 0.0
-    estimated_seconds: float | None = None
-    seconds_per_step: float | None = None
-    flops_per_token: float = 0.0
-    achieved_tflops: float = 0.0
-    matmul_peak_tflops: float | None = None
-    flop_utilisation: float | None = None
-    chat_template_source: str = "model"
-    eos_token: str = ""
-    eos_rate: float | None = None
-    eos_samples: list[dict[str, Any]] = []
-    reproducibility: dict[str, Any] = {}
-    num_processes: int = 1
-    planned_steps: int = 0  # from max_steps or num_train_epochs, before any time budget
-    budget_steps: int | None = None  # the step count training.max_minutes allowed (None: no budget, or it fit)
-    dtype_choice: dict[str, Any] = {}  # requested dtype, the one used, why, and the matmul GFLOP/s measured per dtype
-    eot_contract: dict[str, Any] = {}  # the end-of-turn check on the tokenised training rows
-    best_step: int | None = None  # the step whose weights were kept (best validation loss), when validating
-    memory_estimate_mb: dict[str, float] = {}  # estimated peak before training, by part
+__all__ = ["TrainRequest", "TrainResult", "train", "setup", "fit", "finalize", "eos_check"]
 
 
 @dataclass
@@ -269,14 +192,14 @@ def fit(session: Session) -> Fitted:
         log(f"resuming from {resume.name}: global step, optimizer, scheduler, RNG and data position restored")
     t0, c0 = time.perf_counter(), time.process_time()
     if resume is not None and session.resumed_from >= session.steps:
-        _load_final_checkpoint(trainer, resume, session.req.model.method)  # killed after its last step
+        load_final_checkpoint(trainer, resume, session.req.model.method)  # killed after its last step
         log(f"{resume.name} is the last step: loaded its weights, nothing left to train")
     else:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     wall, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     steps = int(trainer.state.global_step)
     # tokens of this session: the state restored from a checkpoint already counts the steps before it
-    tokens = int(trainer.state.num_input_tokens_seen) - _tokens_at(resume)
+    tokens = int(trainer.state.num_input_tokens_seen) - tokens_at(resume)
     eval_history = session.progress.eval_history
     best_step = None
     if not session.has_eval:
@@ -467,20 +390,6 @@ def _save_model(trainer: Any, tok: Any, out: Path) -> None:
     gen.save_pretrained(out)
 
 
-def last_complete_checkpoint(folder: Path | None) -> Path | None:
-    """The newest ``checkpoint-N`` folder holding the completion marker; half-written ones are removed."""
-    if folder is None or not folder.is_dir():
-        return None
-    found = []
-    for d in folder.glob("checkpoint-*"):
-        if d.is_dir() and d.name.split("-")[-1].isdigit():
-            if (d / COMPLETE).exists():
-                found.append((int(d.name.split("-")[-1]), d))
-            else:
-                shutil.rmtree(d, ignore_errors=True)  # killed while writing it
-    return max(found)[1] if found else None
-
-
 def _dataset(messages: list[str], assistant_only: bool) -> Any:
     from datasets import Dataset
 
@@ -516,23 +425,3 @@ def eos_check(model: Any, tok: Any, messages: list[str], max_new_tokens: int) ->
     if was_training:
         model.train()
     return (sum(s["ended"] for s in samples) / len(samples) if samples else math.nan), samples
-
-
-def _tokens_at(checkpoint: Path | None) -> int:
-    if checkpoint is None or not (checkpoint / "trainer_state.json").exists():
-        return 0
-    return int(json.loads((checkpoint / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0))
-
-
-def _load_final_checkpoint(trainer: Any, ckpt: Path, method: str) -> None:
-    """Weights and state of a checkpoint written at the last step (``Trainer.train`` would run one step too many)."""
-    from safetensors.torch import load_file
-    from transformers import TrainerState
-
-    if method in ("lora", "qlora"):
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(trainer.model, load_file(ckpt / "adapter_model.safetensors"))
-    else:
-        trainer.model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
-    trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
