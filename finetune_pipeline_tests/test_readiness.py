@@ -171,3 +171,33 @@ def test_end_of_turn_contract_is_a_blocking_check_before_training(tmp_path, tiny
         steps = {(e.step_key, e.event_type_value) for e in res.all_events if e.step_key}
         assert ("rd__token_stats", "STEP_FAILURE") in steps  # a failed blocking check fails its step
         assert not {k for k, _ in steps} & {"rd__data_readiness", "rd__adapter"}, "nothing downstream started"
+
+
+def test_a_budget_under_one_epoch_warns_with_the_minutes_one_epoch_takes() -> None:
+    """The issue's case: 1,911 rows of ~150 tokens at 290 tokens/s, five minutes: a third of an epoch."""
+    r = assess(
+        {"train": 1911, "test": 200},
+        max_eval_samples=64,
+        gate_margin=0.0,
+        mean_train_tokens=150.0,
+        tokens_per_step_rows=8,
+        max_steps=400,
+        tokens_per_second=290.0,
+        budget_minutes=5.0,
+    )
+    assert r.epoch_seconds == pytest.approx(1911 * 150 / 290)
+    assert r.budget_epochs == pytest.approx(300 / (1911 * 150 / 290)) and not r.budget_covers_an_epoch
+    assert r.estimated_seconds == pytest.approx(300.0)  # the budget caps the planned 400 steps
+    assert "covers about 0.30 of an epoch" in r.budget_warning and "16.5 minutes here" in r.budget_warning
+    assert r.as_dict()["epoch_minutes"] == 16.5
+    roomy = assess(
+        {"train": 1911},
+        max_eval_samples=64,
+        gate_margin=0.0,
+        mean_train_tokens=150.0,
+        tokens_per_step_rows=8,
+        max_steps=None,
+        tokens_per_second=290.0,
+        budget_minutes=30.0,
+    )
+    assert roomy.budget_covers_an_epoch and roomy.budget_warning is None and roomy.train_tokens is None

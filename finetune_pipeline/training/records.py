@@ -86,6 +86,9 @@ class TrainResult(Record):
     num_processes: int = 1
     planned_steps: int = 0  # from max_steps or num_train_epochs, before any time budget
     budget_steps: int | None = None  # the step count training.max_minutes allowed (None: no budget, or it fit)
+    epochs_trained: float | None = None  # passes over the training rows (or packed sequences) the run made
+    budget_epochs: float | None = None  # passes over the training rows training.max_minutes buys at the measured pace
+    budget_warmup_steps: int | None = None  # warm-up of the schedule rescaled to the budget's steps
     dtype_choice: dict[str, Any] = {}  # requested dtype, the one used, why, and the matmul GFLOP/s measured per dtype
     eot_contract: dict[str, Any] = {}  # the end-of-turn check on the tokenised training rows
     best_step: int | None = None  # the step whose weights were kept (best validation loss), when validating

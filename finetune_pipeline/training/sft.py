@@ -90,7 +90,7 @@ def setup(req: TrainRequest, log: LogFn = print, extra_callbacks: list[Any] | No
     from finetune_pipeline.models.hardware import choose_dtype
     from finetune_pipeline.training import contract, cost
     from finetune_pipeline.training.chat import resolve_chat_template
-    from finetune_pipeline.training.configs import check_optim, planned_steps, sft_config, warmup_steps
+    from finetune_pipeline.training.configs import check_optim, epoch_steps, planned_steps, sft_config, warmup_steps
     from finetune_pipeline.training.trainer import RecordingSFTTrainer
 
     t, rt = req.training, req.runtime
@@ -142,6 +142,10 @@ def setup(req: TrainRequest, log: LogFn = print, extra_callbacks: list[Any] | No
         steps = planned_steps(t, len(trainer.train_dataset))
         trainer.args.max_steps, progress.max_steps = steps, steps
         trainer.args.warmup_steps = warmup_steps(t, steps)
+        for cb in callbacks:
+            if hasattr(cb, "max_steps"):
+                cb.max_steps = steps
+    calib["epoch_steps"] = epoch_steps(t, len(trainer.train_dataset))  # the budget's epochs, the epochs trained
     report = contract.check_trainer_dataset(trainer, tok, len(req.train_messages), t.packing)
     log(f"end-of-turn check on the tokenised training rows: {report.message()}")
     if not report.passed:
@@ -266,6 +270,11 @@ def finalize(session: Session, fitted: Fitted) -> TrainResult:
         eos_rate=None if math.isnan(eos_rate) else eos_rate,
         eos_samples=eos_samples,
         planned_steps=session.steps,
+        epochs_trained=fitted.steps / session.calib["epoch_steps"] if session.calib.get("epoch_steps") else None,
+        budget_epochs=session.calib.get("budget_epochs"),
+        budget_warmup_steps=None
+        if "budget_warmup_steps" not in session.calib
+        else int(session.calib["budget_warmup_steps"]),
         budget_steps=None if session.calib.get("budget_steps") is None else int(session.calib["budget_steps"]),
         dtype_choice=session.dtype_choice.as_metadata() if session.dtype_choice else {},
         eot_contract=session.contract.as_metadata() if session.contract else {},
@@ -296,13 +305,15 @@ def _callbacks(
     from transformers import EarlyStoppingCallback
 
     from finetune_pipeline.training.callbacks import Calibrate, KeepBest, MarkComplete, NanGuard, Progress
+    from finetune_pipeline.training.configs import budget_warmup_steps
 
     progress, calib = Progress(steps, log), {}
     callbacks: list[Any] = [progress, MarkComplete()]
     n_calib = min(rt.calibration_steps, steps - 2)
     if n_calib >= 1:
         budget = t.max_minutes * 60 if t.max_minutes else None
-        callbacks.append(Calibrate(n_calib, steps, log, calib, budget_seconds=budget, progress=progress))
+        warm = lambda planned, fit: budget_warmup_steps(t, planned, fit)  # noqa: E731
+        callbacks.append(Calibrate(n_calib, steps, log, calib, budget, progress, warmup_for=warm))
     elif t.max_minutes:
         log(f"training.max_minutes: {steps} steps are too few to calibrate (needs 3): the budget is not applied")
     if t.nan_guard:
