@@ -362,6 +362,10 @@ def _model(req: TrainRequest, dtype: str) -> Any:
 
         set_seed(req.training.seed)  # adapter initialisation is reproducible from the recorded seed
         model = get_peft_model(model, lora_config(req.model.lora))
+        if req.model.method == "lora" and req.training.half_precision_lora:
+            from finetune_pipeline.training.speed import half_precision_lora
+
+            half_precision_lora(model, dtype, "cuda" if next(model.parameters()).is_cuda else "cpu")
     return model
 
 
