@@ -200,6 +200,8 @@ def section_e(args: Any, base: str, tmp: Path) -> dict[str, Any]:
     demo = rows_from_demo(tmp, n + args.heldout)
     sql_train, sql_held = make_rows(n, args.heldout, seed=1)
     tasks = {"demo": (demo[:n], demo[n:]), "sql": (sql_train, sql_held)}
+    tasks = {k: tasks[k] for k in args.tasks.split(",")}
+    first = next(iter(tasks))
     lora = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
     train = {"max_steps": args.steps, "per_device_train_batch_size": args.batch, "learning_rate": 2e-4, "seed": 42}
     peaks = {dt: measure_matmul_peak(dt).gflops for dt in ("float32", "bfloat16")}
@@ -213,9 +215,9 @@ def section_e(args: Any, base: str, tmp: Path) -> dict[str, Any]:
                 base, {"lora": lora}, train, r, tmp / f"e-{t}-new-{i}", True, calibration_steps=2
             ),
         }
-        if task == "demo":
-            arms["new_float32"] = lambda i, r=rows: run_child(
-                base, {"lora": lora, "dtype": "float32"}, train, r, tmp / f"e-demo-fp32-{i}", True, calibration_steps=2
+        if task == first:
+            arms["new_float32"] = lambda i, r=rows, t=task: run_child(
+                base, {"lora": lora, "dtype": "float32"}, train, r, tmp / f"e-{t}-fp32-{i}", True, calibration_steps=2
             )
         print(f"(e) {task}: {', '.join(arms)} ({load_note()})", flush=True)
         res = alternate(args.repeats, arms)
@@ -253,6 +255,7 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=24)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "train_bench.json"))
     ap.add_argument("--baseline", default="dc4102f", help="(e): the commit whose asset is 'today's'")
+    ap.add_argument("--tasks", default="demo,sql", help="(e): demo, sql or both")
     args = ap.parse_args()
     which = set(args.which.split(","))
     os.environ.setdefault("FINETUNE_HOME", str(REPO / ".finetune"))
