@@ -219,6 +219,8 @@ def section_e(args: Any, base: str, tmp: Path) -> dict[str, Any]:
             arms["new_float32"] = lambda i, r=rows, t=task: run_child(
                 base, {"lora": lora, "dtype": "float32"}, train, r, tmp / f"e-{t}-fp32-{i}", True, calibration_steps=2
             )
+        if args.reverse:  # the other order, to see how much falling or rising load favoured one arm
+            arms = dict(reversed(list(arms.items())))
         print(f"(e) {task}: {', '.join(arms)} ({load_note()})", flush=True)
         res = alternate(args.repeats, arms)
         row: dict[str, Any] = {"load_end": load_note()}
@@ -256,6 +258,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "train_bench.json"))
     ap.add_argument("--baseline", default="dc4102f", help="(e): the commit whose asset is 'today's'")
     ap.add_argument("--tasks", default="demo,sql", help="(e): demo, sql or both")
+    ap.add_argument("--reverse", action="store_true", help="(e): run the new asset before today's")
     args = ap.parse_args()
     which = set(args.which.split(","))
     os.environ.setdefault("FINETUNE_HOME", str(REPO / ".finetune"))
