@@ -57,8 +57,8 @@ optuna-dashboard: setup  ## optuna-dashboard on http://127.0.0.1:8080: every pip
 bench-data: setup  ## data layer on 1M generated rows vs the per-row loop and datasketch (writes .finetune/bench/data_bench.json)
 	$(BIN)/python bench/data_bench.py --rows $(or $(ROWS),1000000)
 
-bench-train: setup  ## training benchmarks (asset vs bare trl script, defaults, padding-free, FLOP utilisation): a few minutes each
-	$(BIN)/python bench/train_bench.py --out bench/results/train_bench.json
+bench-train: setup  ## today's asset vs this one (tokens/s, FLOP utilisation, held-out loss, steps in 5 min); WHICH=a,b,c,d for the issue-4 sections
+	$(BIN)/python bench/train_bench.py --which $(or $(WHICH),e) --out bench/results/train_bench.json
 
 bench-sweep: setup  ## sweep trials 1 vs 2 at a time, pruned vs unpruned (writes .finetune/bench/sweep_bench.json)
 	$(BIN)/python bench/sweep_bench.py

@@ -1,4 +1,4 @@
-"""Training benchmarks for issue 4, each a ratio against its baseline measured in the same run.
+"""Training benchmarks (issues 4 and 18), each a ratio against its baseline measured in the same run.
 
     python bench/train_bench.py [--which a,b,c,d] [--steps 6] [--repeats 2] [--out bench/results/train_bench.json]
     (or: make bench-train)
@@ -12,6 +12,9 @@ Every training run is its own child process (as the adapter asset runs it), base
     and also off): tokens/s, and the held-out loss of both adapters after the same examples (equal loss check).
 (c) padding-free and packing vs naive padding on short examples of varied length (asset child, defaults otherwise).
 (d) FLOP utilisation of the asset's run against torch matmul in the dtype used (and fp32 / bf16 matmul peaks).
+(e) today's asset (the tree at --baseline, unpacked with git archive) vs this tree's, same spec, on the demo tickets
+    and a short-row NL->SQL task (bench/sql_task.py): tokens/s, FLOP utilisation against the matmul peak measured in
+    the same run, held-out answer loss, steps in 5 minutes; plus this tree's float32 step vs its bf16 step.
 """
 
 from __future__ import annotations
@@ -62,31 +65,43 @@ def short_varied(rows: list[str], seed: int = 0) -> list[str]:
     return out
 
 
-def run_child(base: str, model: dict, training: dict, rows: list[str], work: Path, measure: bool) -> dict[str, Any]:
-    """The adapter asset's training child (python -m finetune_pipeline.training.child), without Dagster."""
+def run_child(
+    base: str,
+    model: dict,
+    training: dict,
+    rows: list[str],
+    work: Path,
+    measure: bool,
+    code: Path = REPO,
+    calibration_steps: int = 0,
+) -> dict[str, Any]:
+    """The adapter asset's training child (python -m finetune_pipeline.training.child), without Dagster; ``code``:
+    the source tree whose child runs (another commit's, for "today's asset"). The request holds only the fields set
+    here, so an older tree reads it too."""
     from finetune_pipeline.spec import ModelSpec, RuntimeSpec, TrainingSpec
-    from finetune_pipeline.training.sft import TrainRequest, TrainResult
+    from finetune_pipeline.training.records import TrainRequest
 
     work.mkdir(parents=True, exist_ok=True)
     req = TrainRequest(
         base_path=base,
         model=ModelSpec(**model),
         training=TrainingSpec(**training),
-        runtime=RuntimeSpec(logging_steps=1, save_steps=0, calibration_steps=0, eos_check_samples=0),
+        runtime=RuntimeSpec(logging_steps=1, save_steps=0, calibration_steps=calibration_steps, eos_check_samples=0),
         train_messages=rows,
         eval_messages=[],
         output_dir=work / "out",
         measure_cost=measure,
     )
-    req.save(work / "request.json")
+    (work / "request.json").write_text(req.model_dump_json(exclude_unset=True, by_alias=True))
     subprocess.run(
         [sys.executable, "-m", "finetune_pipeline.training.child", str(work / "request.json")],
-        cwd=REPO,
+        cwd=code,
+        env={**os.environ, "PYTHONPATH": str(code)},
         check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    res = TrainResult.load(work / "out" / "train_result.json").model_dump()
+    res = json.loads((work / "out" / "train_result.json").read_text())
     res["adapter"] = str(work / "out")
     return res
 
@@ -159,6 +174,80 @@ def cpu_ratio(cand: list[dict[str, Any]], base: list[dict[str, Any]]) -> float:
     return float(per(cand) / per(base))
 
 
+def baseline_tree(ref: str, tmp: Path) -> Path:
+    """The source tree of commit ``ref`` (today's asset), unpacked into ``tmp`` with git archive."""
+    out = tmp / f"code-{ref}"
+    out.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    return out
+
+
+def load_note() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load {one:.1f}/{five:.1f}/{fifteen:.1f} on {os.cpu_count()} cores"
+
+
+def section_e(args: Any, base: str, tmp: Path) -> dict[str, Any]:
+    """Today's asset (the tree at --baseline) vs this tree's asset, same spec (the asset's defaults: dtype auto, LoRA
+    r16 on all linear layers, batch --batch, learning rate 2e-4), on the demo tickets and on the short-row SQL task;
+    and this tree's asset in float32 vs its bf16 step. Runs alternate (A B A B) so load from others hits both."""
+    from bench.sql_task import make_rows
+    from finetune_pipeline.training.cost import measure_matmul_peak
+
+    old = baseline_tree(args.baseline, tmp)
+    n = args.steps * args.batch
+    demo = rows_from_demo(tmp, n + args.heldout)
+    sql_train, sql_held = make_rows(n, args.heldout, seed=1)
+    tasks = {"demo": (demo[:n], demo[n:]), "sql": (sql_train, sql_held)}
+    tasks = {k: tasks[k] for k in args.tasks.split(",")}
+    first = next(iter(tasks))
+    lora = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+    train = {"max_steps": args.steps, "per_device_train_batch_size": args.batch, "learning_rate": 2e-4, "seed": 42}
+    peaks = {dt: measure_matmul_peak(dt).gflops for dt in ("float32", "bfloat16")}
+    out: dict[str, Any] = {"baseline": args.baseline, "matmul_gflops": peaks, "load_start": load_note()}
+    for task, (rows, held) in tasks.items():
+        arms = {
+            "today": lambda i, r=rows, t=task: run_child(
+                base, {"lora": lora}, train, r, tmp / f"e-{t}-today-{i}", True, old, calibration_steps=2
+            ),
+            "new": lambda i, r=rows, t=task: run_child(
+                base, {"lora": lora}, train, r, tmp / f"e-{t}-new-{i}", True, calibration_steps=2
+            ),
+        }
+        if task == first:
+            arms["new_float32"] = lambda i, r=rows, t=task: run_child(
+                base, {"lora": lora, "dtype": "float32"}, train, r, tmp / f"e-{t}-fp32-{i}", True, calibration_steps=2
+            )
+        if args.reverse:  # the other order, to see how much falling or rising load favoured one arm
+            arms = dict(reversed(list(arms.items())))
+        print(f"(e) {task}: {', '.join(arms)} ({load_note()})", flush=True)
+        res = alternate(args.repeats, arms)
+        row: dict[str, Any] = {"load_end": load_note()}
+        for arm, rs in res.items():
+            sps = statistics.median(r.get("seconds_per_step") or r["wall_seconds"] / r["steps"] for r in rs)
+            row[arm] = {
+                "dtype": rs[0]["dtype"],
+                "tokens_per_second": med(rs),
+                "flop_utilisation": rs[0]["flop_utilisation"],
+                "matmul_peak_tflops": rs[0]["matmul_peak_tflops"],
+                "seconds_per_step": sps,
+                "steps_in_5_minutes": int(300 // sps),
+                "heldout_loss": heldout_loss(base, rs[0]["adapter"], held),
+                "runs_tokens_per_second": [r["tokens_per_second"] for r in rs],
+            }
+        row["tokens_per_second_ratio"] = row["new"]["tokens_per_second"] / row["today"]["tokens_per_second"]
+        row["heldout_loss_ratio"] = row["new"]["heldout_loss"] / row["today"]["heldout_loss"]
+        if "new_float32" in row:
+            row["bf16_step_speedup_over_float32"] = (
+                row["new_float32"]["seconds_per_step"] / row["new"]["seconds_per_step"]
+            )
+            row["bf16_matmul_speedup_over_float32"] = peaks["bfloat16"] / peaks["float32"]
+        print(json.dumps(row, indent=2), flush=True)
+        out[task] = row
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--which", default="a,b,c,d")
@@ -167,6 +256,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--heldout", type=int, default=24)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "train_bench.json"))
+    ap.add_argument("--baseline", default="dc4102f", help="(e): the commit whose asset is 'today's'")
+    ap.add_argument("--tasks", default="demo,sql", help="(e): demo, sql or both")
+    ap.add_argument("--reverse", action="store_true", help="(e): run the new asset before today's")
     args = ap.parse_args()
     which = set(args.which.split(","))
     os.environ.setdefault("FINETUNE_HOME", str(REPO / ".finetune"))
@@ -212,6 +304,10 @@ def main() -> None:
         "dtype_auto": resolve_dtype("auto"),
     }
     print(f"bench: {args.steps} steps x batch {args.batch}, {args.repeats} repeats, work dir {tmp}", flush=True)
+
+    if "e" in which:
+        print("(e) today's asset vs this one: tokens/s, FLOP utilisation, held-out loss, steps in 5 minutes")
+        report["e"] = section_e(args, base, tmp)
 
     if "a" in which:
         print("(a) asset child vs bare trl script, same settings (bf16 weights, answer-only loss, no packing)")

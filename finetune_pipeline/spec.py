@@ -495,6 +495,12 @@ class TrainingSpec(_Strict):
         description="Recompute activations in the backward pass: less memory, ~30% more compute. Off by default "
         "(trl turns it on by default; with small models and batches it only costs time).",
     )
+    half_precision_lora: bool = Field(
+        True,
+        description="With bfloat16 / float16 base weights, run the LoRA layers in that dtype (autocast) instead of "
+        "peft's float32 copies of every adapted layer's input; the adapter's weights and optimizer state stay "
+        "float32. No effect in float32.",
+    )
     nan_guard: bool = Field(
         True,
         description="Stop with an error when the training loss becomes NaN/inf or diverges (above 4x the lowest "

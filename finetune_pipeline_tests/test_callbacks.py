@@ -71,6 +71,10 @@ def test_time_budget_caps_the_steps_and_says_so(tiny_model: Path, tmp_path: Path
     )
     assert res.planned_steps == 40 and res.budget_steps == res.steps == 4  # 1 warm-up + 2 timed + 1
     assert any("time budget" in m and "training stops at step 4" in m for m in lines)
+    # 40 rows at batch 4: one epoch is 10 steps, the budget's 4 steps cover 0.4 of it; warm-up 5% of 4 steps = 0
+    assert res.budget_epochs == pytest.approx(0.4) and res.epochs_trained == pytest.approx(0.4)
+    assert res.budget_warmup_steps == 0
+    assert any("the budget covers 0.40 epochs (one epoch = 10 steps" in m for m in lines)
 
 
 def test_nan_loss_stops_the_run(tiny_model: Path, tmp_path: Path) -> None:

@@ -71,6 +71,7 @@ def test_two_specs_two_independent_groups(tmp_path: Path) -> None:
         "enough_train_rows",
         "test_resolves_gate",
         "label_balance",
+        "budget_covers_an_epoch",
         "drift",
         "few_truncated",
         "end_of_turn_contract",

@@ -61,7 +61,7 @@ def test_a_missing_config_file_names_the_field_and_the_fix(tmp_path: Path) -> No
 
 
 def _train(tmp_path: Path, model: Path, name: str, procs: int, per_device: int, launcher: str):  # type: ignore[no-untyped-def]
-    from finetune_pipeline.training.sft import RESULT_FILE, TrainRequest, TrainResult
+    from finetune_pipeline.training.records import RESULT_FILE, TrainRequest, TrainResult
 
     rt = RuntimeSpec(launcher=launcher, logging_steps=1, save_steps=0, calibration_steps=0, eos_check_samples=0)
     t = TrainingSpec(

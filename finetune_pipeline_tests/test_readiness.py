@@ -89,3 +89,33 @@ def test_token_budget_and_time_from_the_calibration() -> None:
     )
     assert r.train_tokens == 150 * 8 * 60 and r.estimated_seconds == pytest.approx(360.0)
     assert not r.labels_balanced and any("unbalanced" in x for x in r.reasons)
+
+
+def test_a_budget_under_one_epoch_warns_with_the_minutes_one_epoch_takes() -> None:
+    """The issue's case: 1,911 rows of ~150 tokens at 290 tokens/s, five minutes: a third of an epoch."""
+    r = assess(
+        {"train": 1911, "test": 200},
+        max_eval_samples=64,
+        gate_margin=0.0,
+        mean_train_tokens=150.0,
+        tokens_per_step_rows=8,
+        max_steps=400,
+        tokens_per_second=290.0,
+        budget_minutes=5.0,
+    )
+    assert r.epoch_seconds == pytest.approx(1911 * 150 / 290)
+    assert r.budget_epochs == pytest.approx(300 / (1911 * 150 / 290)) and not r.budget_covers_an_epoch
+    assert r.estimated_seconds == pytest.approx(300.0)  # the budget caps the planned 400 steps
+    assert "covers about 0.30 of an epoch" in r.budget_warning and "16.5 minutes here" in r.budget_warning
+    assert r.as_dict()["epoch_minutes"] == 16.5
+    roomy = assess(
+        {"train": 1911},
+        max_eval_samples=64,
+        gate_margin=0.0,
+        mean_train_tokens=150.0,
+        tokens_per_step_rows=8,
+        max_steps=None,
+        tokens_per_second=290.0,
+        budget_minutes=30.0,
+    )
+    assert roomy.budget_covers_an_epoch and roomy.budget_warning is None and roomy.train_tokens is None

@@ -124,7 +124,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> World:
     train(
         TrainRequest(
             base_path=str(tiny_model),
-            model=spec.spec.model,
+            model=spec.model,
             training=TrainingSpec(max_steps=2, per_device_train_batch_size=4, learning_rate=5e-3, max_length=96),
             runtime=RuntimeSpec(logging_steps=1, save_steps=0, calibration_steps=0, eos_check_samples=0),
             train_messages=rows[:12],

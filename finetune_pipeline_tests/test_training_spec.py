@@ -220,7 +220,7 @@ def test_train_records_round_trip_as_models(tmp_path: Path) -> None:
     import math
 
     from finetune_pipeline.spec import ModelSpec, TrainingSpec
-    from finetune_pipeline.training.sft import TrainRequest, TrainResult
+    from finetune_pipeline.training.records import TrainRequest, TrainResult
 
     req = TrainRequest(
         base_path="base",

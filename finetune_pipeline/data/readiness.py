@@ -62,11 +62,18 @@ class Readiness:
     detectable: float  # smallest difference the evaluated test rows can resolve
     rows_for_margin: int
     label_ratio: float | None
-    train_tokens: float | None  # tokens the training run will see (max_steps x batch x mean row length)
+    train_tokens: float | None  # tokens the training run will see (planned steps x batch x mean row length)
     estimated_seconds: float | None  # from the last calibration (tokens per second), when there is one
     verdict: str
     reasons: list[str] = field(default_factory=list)
     blocking: list[str] = field(default_factory=list)  # unmet spec minimums, each with what to do
+    epoch_seconds: float | None = None  # one pass over the training rows at the last measured tokens/s
+    budget_epochs: float | None = None  # passes over the training rows training.max_minutes buys at that pace
+    budget_warning: str | None = None  # set when the time budget covers less than one epoch
+
+    @property
+    def budget_covers_an_epoch(self) -> bool:
+        return self.budget_epochs is None or self.budget_epochs >= 1.0
 
     @property
     def test_resolves_gate(self) -> bool:
@@ -95,6 +102,8 @@ class Readiness:
             "train_tokens": None if self.train_tokens is None else round(self.train_tokens),
             "estimated_seconds": None if self.estimated_seconds is None else round(self.estimated_seconds, 1),
             "blocking": self.blocking,
+            "epoch_minutes": None if self.epoch_seconds is None else round(self.epoch_seconds / 60, 1),
+            "budget_epochs": None if self.budget_epochs is None else round(self.budget_epochs, 3),
         }
 
 
@@ -107,13 +116,18 @@ def assess(
     label_counts: dict[str, int] | None = None,
     mean_train_tokens: float | None = None,
     tokens_per_step_rows: int = 0,
-    max_steps: int = 0,
+    max_steps: int | None = 0,
     tokens_per_second: float | None = None,
+    budget_minutes: float | None = None,
     min_train_rows: int | None = None,
     min_test_rows: int | None = None,
 ) -> Readiness:
     """The readiness of splits with ``rows`` per split for a gate requiring ``gate_margin`` (0 = any improvement:
-    then REFERENCE_EFFECT is what the test split must resolve)."""
+    then REFERENCE_EFFECT is what the test split must resolve).
+
+    ``max_steps``: the run's planned optimizer steps (from ``training.max_steps`` or ``num_train_epochs``; None or
+    0: unknown, no token budget); ``budget_minutes``: ``training.max_minutes``. With a measured ``tokens_per_second``
+    the time of one epoch is known, and a budget that covers less than one epoch is reported with that time."""
     conf, source = (confidence, "spec") if confidence is not None else (DEFAULT_CONFIDENCE, "default (0.95)")
     eval_rows = min(rows.get("test", 0), max_eval_samples)
     margin = gate_margin if gate_margin > 0 else REFERENCE_EFFECT
@@ -121,8 +135,13 @@ def assess(
     needed = rows_needed(margin, conf)
     ratio = label_ratio(label_counts or {})
     train = rows.get("train", 0)
-    tokens = mean_train_tokens * tokens_per_step_rows * max_steps if mean_train_tokens is not None else None
+    steps = int(max_steps or 0)
+    tokens = mean_train_tokens * tokens_per_step_rows * steps if mean_train_tokens is not None and steps else None
     seconds = tokens / tokens_per_second if tokens is not None and tokens_per_second else None
+    epoch_s = train * mean_train_tokens / tokens_per_second if mean_train_tokens and tokens_per_second else None
+    budget_epochs = budget_minutes * 60 / epoch_s if budget_minutes and epoch_s else None
+    if seconds is not None and budget_minutes:
+        seconds = min(seconds, budget_minutes * 60)  # the budget caps the run
     reasons: list[str] = []
     if train < MIN_TRAIN_ROWS:
         reasons.append(
@@ -145,6 +164,15 @@ def assess(
         verdict = "collect more data"
     else:
         verdict = "fine-tune"
+    budget_warning = None
+    if budget_epochs is not None and epoch_s is not None and budget_epochs < 1.0:
+        budget_warning = (
+            f"training.max_minutes: {budget_minutes:g} covers about {budget_epochs:.2f} of an epoch: one pass over "
+            f"the {train} training rows takes about {epoch_s / 60:.1f} minutes here (at {tokens_per_second:.0f} "
+            "tokens/s, the last adapter's measured pace); raise training.max_minutes to about "
+            f"{math.ceil(epoch_s / 60)} for one epoch, or accept that part of the data is never trained on"
+        )
+        reasons.append(budget_warning)
     blocking = []
     if min_train_rows is not None and train < min_train_rows:
         blocking.append(
@@ -170,4 +198,7 @@ def assess(
         verdict=verdict,
         reasons=reasons,
         blocking=blocking,
+        epoch_seconds=epoch_s,
+        budget_epochs=budget_epochs,
+        budget_warning=budget_warning,
     )

@@ -324,6 +324,10 @@ READINESS_CHECKS = {
     "enough_train_rows": ("At least 100 training rows (the guides: under 100 is too few to fine-tune).", False),
     "test_resolves_gate": ("The evaluated test rows can resolve the promotion gate's margin.", False),
     "label_balance": ("Largest / smallest label count in train is at most 10.", False),
+    "budget_covers_an_epoch": (
+        "training.max_minutes buys at least one pass over the training rows at the last measured pace.",
+        False,
+    ),
 }
 
 
@@ -350,6 +354,7 @@ def data_readiness_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
             ("enough_train_rows", r.enough_train_rows, warn, r.reasons[0] if not r.enough_train_rows else None),
             ("test_resolves_gate", r.test_resolves_gate, warn, next((x for x in r.reasons if "test rows" in x), None)),
             ("label_balance", r.labels_balanced, warn, next((x for x in r.reasons if "labels" in x), None)),
+            ("budget_covers_an_epoch", r.budget_covers_an_epoch, warn, r.budget_warning),
         ]
         return dg.MaterializeResult(
             metadata={

@@ -17,7 +17,7 @@ from finetune_pipeline.stages.hyperparameter_sweep import finished_sweep
 from finetune_pipeline.tracking.mlflow_store import Lineage
 from finetune_pipeline.tracking.tracker import RunLog, Tracker
 from finetune_pipeline.training.launch import PID_FILE, ChildLaunch, child_launch
-from finetune_pipeline.training.sft import RESULT_FILE, TrainRequest, TrainResult
+from finetune_pipeline.training.records import RESULT_FILE, TrainRequest, TrainResult
 
 # Starts the training child and waits for it -> the metadata the child reported (through Dagster Pipes).
 Launch = Callable[[ChildLaunch], dict[str, Any]]

@@ -266,11 +266,28 @@ def _facts(spec: LoadedSpec, adapter: AdapterRecord) -> dict[str, str]:
     return {
         "base model": f"{s.model.base} (weights digest {adapter.base_weights_digest})",
         "method": f"{s.model.method}" + (f", LoRA r={lora.r} alpha={lora.alpha}" if s.model.method != "full" else ""),
-        "training": f"max_steps={t.max_steps}, learning_rate={t.learning_rate}, batch={t.per_device_train_batch_size}, max_length={t.max_length}, seed={t.seed}",
+        "training": f"{trained_steps(t, adapter.cost)}, learning_rate={t.learning_rate}, batch={t.per_device_train_batch_size}, max_length={t.max_length}, seed={t.seed}",
         "data digests": ", ".join(f"{k}={v}" for k, v in adapter.split_digests.items()),
         "drops": ", ".join(adapter.drops),
         "adapter key": adapter.adapter_key,
     }
+
+
+def trained_steps(t: Any, cost: dict[str, Any]) -> str:
+    """The steps the adapter actually trained (as its training child reported them), what was planned (from
+    max_steps or num_train_epochs) and what cut them (a time budget, early stopping)."""
+    planned = cost.get("planned_steps") or t.max_steps
+    steps = cost.get("steps", planned)
+    how = f"max_steps={t.max_steps}" if t.max_steps is not None else f"num_train_epochs={t.num_train_epochs:g}"
+    out = f"steps trained={steps} (planned {planned} from {how}"
+    if cost.get("budget_steps") is not None and cost["budget_steps"] < (planned or 0):
+        out += f"; training.max_minutes={t.max_minutes:g} allowed {cost['budget_steps']}"
+    if cost.get("stopped_early"):
+        out += "; stopped early on the validation loss"
+    out += ")"
+    if cost.get("epochs_trained") is not None:
+        out += f", epochs trained={cost['epochs_trained']:.2f}"
+    return out
 
 
 def _promote(

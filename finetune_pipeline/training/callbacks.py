@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
-from finetune_pipeline.training.sft import COMPLETE, LogFn
+from finetune_pipeline.progress import LogFn
+from finetune_pipeline.training.records import COMPLETE
 
 
 class Progress(TrainerCallback):
@@ -64,8 +66,10 @@ class Calibrate(TrainerCallback):
 
     With a time budget (``training.max_minutes``) it turns the budget into a step count there and then: the steps
     that fit in what is left of the budget at the measured pace (``budget_steps`` in ``sink``). When that is fewer
-    than planned, training stops at that step and the learning-rate schedule is rescaled to end there (a linear or
-    cosine decay still reaches its end instead of being cut off mid-way)."""
+    than planned, training stops at that step and the learning-rate schedule is rescaled to end there: warm-up is
+    ``warmup_for(planned, fit)`` (the spec's share of the steps that fit, not of the planned ones) and a linear or cosine
+    decay reaches its end instead of being cut off mid-way. With ``epoch_steps`` in ``sink`` (optimizer steps of one
+    pass over the training rows) it also logs how many epochs the budget covers (``budget_epochs``)."""
 
     def __init__(
         self,
@@ -75,6 +79,7 @@ class Calibrate(TrainerCallback):
         sink: dict[str, float],
         budget_seconds: float | None = None,
         progress: Progress | None = None,
+        warmup_for: Callable[[int, int], int] | None = None,
     ) -> None:
         self.steps = steps
         self.max_steps = max_steps
@@ -82,6 +87,7 @@ class Calibrate(TrainerCallback):
         self.sink = sink
         self.budget_seconds = budget_seconds
         self.progress = progress
+        self.warmup_for = warmup_for
         self.stop_at: int | None = None
         self.t_begin = 0.0
         self.t_first = 0.0
@@ -115,19 +121,30 @@ class Calibrate(TrainerCallback):
         fit = budget_steps(self.budget_seconds or 0.0, elapsed, per_step, state.global_step, self.max_steps)
         self.sink["budget_steps"] = fit
         minutes = (self.budget_seconds or 0.0) / 60
+        epoch_steps = self.sink.get("epoch_steps")
+        epochs = ""
+        if epoch_steps:
+            self.sink["budget_epochs"] = min(fit, self.max_steps) / epoch_steps
+            epochs = (
+                f"; the budget covers {self.sink['budget_epochs']:.2f} epochs (one epoch = {epoch_steps:.0f} steps, "
+                f"about {epoch_steps * per_step / 60:.1f} min at this pace)"
+            )
         if fit >= self.max_steps:
-            self.log(f"time budget {minutes:g} min: all {self.max_steps} steps fit")
+            self.log(f"time budget {minutes:g} min: all {self.max_steps} steps fit{epochs}")
             return
         self.stop_at = fit
         self.sink["estimated_seconds"] = elapsed + per_step * (fit - state.global_step)
         if self.progress is not None:
             self.progress.max_steps = fit
+        warm = self.warmup_for(self.max_steps, fit) if self.warmup_for is not None else int(args.get_warmup_steps(fit))
+        self.sink["budget_warmup_steps"] = warm
         self.log(
             f"time budget {minutes:g} min: {fit} of the planned {self.max_steps} steps fit at {per_step:.2f} s/step; "
-            f"training stops at step {fit} (learning-rate schedule rescaled to end there)"
+            f"training stops at step {fit} (learning-rate schedule rescaled to end there, warm-up {warm} steps)"
+            + epochs
         )
         if scheduler is not None:
-            rescale_schedule(scheduler, args, fit)
+            rescale_schedule(scheduler, args.lr_scheduler_type, warm, fit)
 
 
 def budget_steps(budget_seconds: float, elapsed: float, per_step: float, done: int, planned: int) -> int:
@@ -137,14 +154,14 @@ def budget_steps(budget_seconds: float, elapsed: float, per_step: float, done: i
     return max(done + 1, min(planned, done + more))
 
 
-def rescale_schedule(scheduler: Any, args: Any, total_steps: int) -> None:
-    """Point a LambdaLR learning-rate schedule at a new total step count (same type and warm-up)."""
+def rescale_schedule(scheduler: Any, schedule_type: Any, warmup: int, total_steps: int) -> None:
+    """Point a LambdaLR learning-rate schedule at a new total step count and warm-up (same schedule type)."""
     import torch
     from transformers import get_scheduler
 
-    warm = min(int(args.get_warmup_steps(total_steps)), total_steps)
+    warm = max(0, min(int(warmup), total_steps))
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    fresh = get_scheduler(args.lr_scheduler_type, probe, num_warmup_steps=warm, num_training_steps=total_steps)
+    fresh = get_scheduler(schedule_type, probe, num_warmup_steps=warm, num_training_steps=total_steps)
     if hasattr(scheduler, "lr_lambdas") and hasattr(fresh, "lr_lambdas"):
         scheduler.lr_lambdas = [fresh.lr_lambdas[0]] * len(scheduler.lr_lambdas)
 

@@ -16,10 +16,10 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from finetune_pipeline.progress import LogFn
-
-COMPLETE = "CHECKPOINT_COMPLETE"  # written into a checkpoint folder once everything in it is on disk
+from finetune_pipeline.training.records import COMPLETE
 
 
 def safetensors_problem(path: Path) -> str | None:
@@ -129,3 +129,23 @@ def disk_full_explained(checkpoints: Path | None, output: Path) -> Iterator[None
             f"or the model ({output}: {_free(output)}): {keep}. Free space there (or point FINETUNE_HOME at a "
             f"bigger disk) and materialize the adapter again: it resumes from that checkpoint. ({exc})",
         ) from exc
+
+
+def tokens_at(checkpoint: Path | None) -> int:
+    if checkpoint is None or not (checkpoint / "trainer_state.json").exists():
+        return 0
+    return int(json.loads((checkpoint / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0))
+
+
+def load_final_checkpoint(trainer: Any, ckpt: Path, method: str) -> None:
+    """Weights and state of a checkpoint written at the last step (``Trainer.train`` would run one step too many)."""
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    if method in ("lora", "qlora"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(trainer.model, load_file(ckpt / "adapter_model.safetensors"))
+    else:
+        trainer.model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
+    trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))

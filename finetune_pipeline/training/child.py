@@ -41,6 +41,9 @@ def cost_metadata(res: Any) -> dict[str, Any]:
         "num_processes": res.num_processes,
         "planned_steps": res.planned_steps,
         "budget_steps": res.budget_steps,
+        "epochs_trained": None if res.epochs_trained is None else round(res.epochs_trained, 3),
+        "budget_epochs": None if res.budget_epochs is None else round(res.budget_epochs, 3),
+        "budget_warmup_steps": res.budget_warmup_steps,
         "best_step": res.best_step,
         "estimated_peak_memory_mb": round(res.memory_estimate_mb.get("total_mb", 0.0), 1),
         "memory_estimate_error": round(res.peak_memory_mb / res.memory_estimate_mb["total_mb"] - 1, 3)

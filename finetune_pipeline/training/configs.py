@@ -118,3 +118,18 @@ def planned_steps(t: TrainingSpec, rows: int) -> int:
 def warmup_steps(t: TrainingSpec, steps: int) -> int:
     """``warmup_steps`` when given, else ``warmup_ratio`` of the run's steps."""
     return min(steps, t.warmup_steps) if t.warmup_steps is not None else int(round(t.warmup_ratio * steps))
+
+
+def budget_warmup_steps(t: TrainingSpec, planned: int, fit: int) -> int:
+    """Warm-up when a time budget cuts the run from ``planned`` to ``fit`` steps: the same share of the steps that fit
+    as the spec asked of the planned run (``warmup_ratio`` x fit; an explicit ``warmup_steps`` scaled by
+    fit / planned), so that a budget-cut run does not spend a third of itself warming up."""
+    if t.warmup_steps is not None:
+        return min(fit, int(round(t.warmup_steps * fit / max(1, planned))))
+    return int(round(t.warmup_ratio * fit))
+
+
+def epoch_steps(t: TrainingSpec, rows: int) -> int:
+    """Optimizer steps of one pass over ``rows`` training rows (or packed sequences) at the effective batch."""
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_processes
+    return max(1, math.ceil(rows / per_step))

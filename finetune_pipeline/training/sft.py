@@ -14,93 +14,22 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import ConfigDict, Field
-
 from finetune_pipeline.data.messages import to_prompt_completion
-from finetune_pipeline.layout import Record
-from finetune_pipeline.spec import ModelSpec, RuntimeSpec, TrainingSpec
-from finetune_pipeline.training.checkpoints import COMPLETE, disk_full_explained, last_usable_checkpoint  # noqa: F401
+from finetune_pipeline.progress import LogFn
+from finetune_pipeline.spec import RuntimeSpec, TrainingSpec
+from finetune_pipeline.training.checkpoints import (
+    disk_full_explained,
+    last_usable_checkpoint,
+    load_final_checkpoint,
+    tokens_at,
+)
+from finetune_pipeline.training.records import DATA_ORDER, RESULT_FILE, TrainRequest, TrainResult
 
-LogFn = Callable[[str], None]
-DATA_ORDER = "data_order.jsonl"
-RESULT_FILE = "train_result.json"  # written into the request's output_dir
-
-
-class TrainRequest(Record):
-    """One training run: the final model / training / runtime settings and the data (``request.json``).
-
-    The flag ``save`` (write the model and the result to ``output_dir``) is the attribute ``save_outputs``: the name
-    ``save`` is the method that writes the request. Construct and serialise it as ``save``.
-    """
-
-    model_config = ConfigDict(
-        extra="forbid",
-        ser_json_inf_nan="constants",
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-    )
-    base_path: str
-    model: ModelSpec
-    training: TrainingSpec
-    runtime: RuntimeSpec = RuntimeSpec()
-    train_messages: list[str]  # JSON-encoded message lists
-    eval_messages: list[str]
-    output_dir: Path
-    save_outputs: bool = Field(True, alias="save")
-    checkpoint_dir: Path | None = None  # checkpoints every runtime.save_steps; resume from the last complete one
-    spec_dir: str | None = None  # resolves a relative training.chat_template
-    measure_cost: bool = False  # matmul peak, FLOP utilisation and the EOS check (the adapter asset turns it on)
-    eos_max_new_tokens: int = 48
-
-
-class TrainResult(Record):
-    """What a run did and cost (``train_result.json``). ``eval_loss`` is NaN when there was no validation data."""
-
-    model_config = ConfigDict(extra="ignore", ser_json_inf_nan="constants")  # older results may hold more fields
-
-    output_dir: str
-    method: str
-    steps: int
-    loss_history: list[tuple[int, float]]
-    eval_loss: float
-    train_tokens: int  # non-padding tokens seen in this session
-    wall_seconds: float
-    tokens_per_second: float
-    cpu_seconds: float  # CPU time of this process while training (all threads): robust to other load
-    trainable_params: int
-    total_params: int
-    lora_tensors_changed: int
-    lora_tensors_total: int
-    resumed_from_step: int = 0
-    stopped_early: bool = False
-    eval_history: list[tuple[int, float]] = []
-    dtype: str = "float32"
-    device: str = "cpu"
-    peak_memory_mb: float = 0.0
-    estimated_seconds: float | None = None
-    seconds_per_step: float | None = None
-    flops_per_token: float = 0.0
-    achieved_tflops: float = 0.0
-    matmul_peak_tflops: float | None = None
-    flop_utilisation: float | None = None
-    chat_template_source: str = "model"
-    eos_token: str = ""
-    eos_rate: float | None = None
-    eos_samples: list[dict[str, Any]] = []
-    reproducibility: dict[str, Any] = {}
-    num_processes: int = 1
-    planned_steps: int = 0  # from max_steps or num_train_epochs, before any time budget
-    budget_steps: int | None = None  # the step count training.max_minutes allowed (None: no budget, or it fit)
-    dtype_choice: dict[str, Any] = {}  # requested dtype, the one used, why, and the matmul GFLOP/s measured per dtype
-    eot_contract: dict[str, Any] = {}  # the end-of-turn check on the tokenised training rows
-    best_step: int | None = None  # the step whose weights were kept (best validation loss), when validating
-    memory_estimate_mb: dict[str, float] = {}  # estimated peak before training, by part
+__all__ = ["TrainRequest", "TrainResult", "train", "setup", "fit", "finalize", "eos_check", "last_complete_checkpoint"]
 
 
 @dataclass
@@ -168,7 +97,7 @@ def setup(req: TrainRequest, log: LogFn = print, extra_callbacks: list[Any] | No
     from finetune_pipeline.models.hardware import choose_dtype
     from finetune_pipeline.training import contract, cost
     from finetune_pipeline.training.chat import resolve_chat_template
-    from finetune_pipeline.training.configs import check_optim, planned_steps, sft_config, warmup_steps
+    from finetune_pipeline.training.configs import check_optim, epoch_steps, planned_steps, sft_config, warmup_steps
     from finetune_pipeline.training.trainer import RecordingSFTTrainer
 
     t, rt = req.training, req.runtime
@@ -220,6 +149,10 @@ def setup(req: TrainRequest, log: LogFn = print, extra_callbacks: list[Any] | No
         steps = planned_steps(t, len(trainer.train_dataset))
         trainer.args.max_steps, progress.max_steps = steps, steps
         trainer.args.warmup_steps = warmup_steps(t, steps)
+        for cb in callbacks:
+            if hasattr(cb, "max_steps"):
+                cb.max_steps = steps
+    calib["epoch_steps"] = epoch_steps(t, len(trainer.train_dataset))  # the budget's epochs, the epochs trained
     report = contract.check_trainer_dataset(trainer, tok, len(req.train_messages), t.packing)
     log(f"end-of-turn check on the tokenised training rows: {report.message()}")
     if not report.passed:
@@ -270,14 +203,14 @@ def fit(session: Session) -> Fitted:
         log(f"resuming from {resume.name}: global step, optimizer, scheduler, RNG and data position restored")
     t0, c0 = time.perf_counter(), time.process_time()
     if resume is not None and session.resumed_from >= session.steps:
-        _load_final_checkpoint(trainer, resume, session.req.model.method)  # killed after its last step
+        load_final_checkpoint(trainer, resume, session.req.model.method)  # killed after its last step
         log(f"{resume.name} is the last step: loaded its weights, nothing left to train")
     else:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     wall, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     steps = int(trainer.state.global_step)
     # tokens of this session: the state restored from a checkpoint already counts the steps before it
-    tokens = int(trainer.state.num_input_tokens_seen) - _tokens_at(resume)
+    tokens = int(trainer.state.num_input_tokens_seen) - tokens_at(resume)
     eval_history = session.progress.eval_history
     best_step = None
     if not session.has_eval:
@@ -348,6 +281,11 @@ def finalize(session: Session, fitted: Fitted) -> TrainResult:
         eos_rate=None if math.isnan(eos_rate) else eos_rate,
         eos_samples=eos_samples,
         planned_steps=session.steps,
+        epochs_trained=fitted.steps / session.calib["epoch_steps"] if session.calib.get("epoch_steps") else None,
+        budget_epochs=session.calib.get("budget_epochs"),
+        budget_warmup_steps=None
+        if "budget_warmup_steps" not in session.calib
+        else int(session.calib["budget_warmup_steps"]),
         budget_steps=None if session.calib.get("budget_steps") is None else int(session.calib["budget_steps"]),
         dtype_choice=session.dtype_choice.as_metadata() if session.dtype_choice else {},
         eot_contract=session.contract.as_metadata() if session.contract else {},
@@ -378,13 +316,15 @@ def _callbacks(
     from transformers import EarlyStoppingCallback
 
     from finetune_pipeline.training.callbacks import Calibrate, KeepBest, MarkComplete, NanGuard, Progress
+    from finetune_pipeline.training.configs import budget_warmup_steps
 
     progress, calib = Progress(steps, log), {}
     callbacks: list[Any] = [progress, MarkComplete()]
     n_calib = min(rt.calibration_steps, steps - 2)
     if n_calib >= 1:
         budget = t.max_minutes * 60 if t.max_minutes else None
-        callbacks.append(Calibrate(n_calib, steps, log, calib, budget_seconds=budget, progress=progress))
+        warm = lambda planned, fit: budget_warmup_steps(t, planned, fit)  # noqa: E731
+        callbacks.append(Calibrate(n_calib, steps, log, calib, budget, progress, warmup_for=warm))
     elif t.max_minutes:
         log(f"training.max_minutes: {steps} steps are too few to calibrate (needs 3): the budget is not applied")
     if t.nan_guard:
@@ -433,6 +373,10 @@ def _model(req: TrainRequest, dtype: str) -> Any:
 
         set_seed(req.training.seed)  # adapter initialisation is reproducible from the recorded seed
         model = get_peft_model(model, lora_config(req.model.lora))
+        if req.model.method == "lora" and req.training.half_precision_lora:
+            from finetune_pipeline.training.speed import half_precision_lora
+
+            half_precision_lora(model, dtype, "cuda" if next(model.parameters()).is_cuda else "cpu")
     return model
 
 
@@ -497,23 +441,3 @@ def eos_check(model: Any, tok: Any, messages: list[str], max_new_tokens: int) ->
         model.train()
     samples = [{"ended": e, "output": a[:200]} for a, e in zip(answers, ended, strict=True)]
     return (sum(ended) / len(ended) if ended else math.nan), samples
-
-
-def _tokens_at(checkpoint: Path | None) -> int:
-    if checkpoint is None or not (checkpoint / "trainer_state.json").exists():
-        return 0
-    return int(json.loads((checkpoint / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0))
-
-
-def _load_final_checkpoint(trainer: Any, ckpt: Path, method: str) -> None:
-    """Weights and state of a checkpoint written at the last step (``Trainer.train`` would run one step too many)."""
-    from safetensors.torch import load_file
-    from transformers import TrainerState
-
-    if method in ("lora", "qlora"):
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(trainer.model, load_file(ckpt / "adapter_model.safetensors"))
-    else:
-        trainer.model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
-    trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from finetune_pipeline.progress import LogFn
 from finetune_pipeline.spec import PipelineSpec, SearchParam, SweepSpec, TrainingSpec
 from finetune_pipeline.training.launch import ChildLaunch
-from finetune_pipeline.training.sft import TrainRequest
+from finetune_pipeline.training.records import TrainRequest
 from finetune_pipeline.tuning.trials import CHILD_MODULE as TRIAL_CHILD
 from finetune_pipeline.tuning.trials import TrialOutcome, TrialRequest, make_pruner, outcome_path
 

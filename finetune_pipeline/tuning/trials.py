@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from finetune_pipeline.layout import Record
 from finetune_pipeline.spec import EvaluationSpec
-from finetune_pipeline.training.sft import TrainRequest
+from finetune_pipeline.training.records import TrainRequest
 
 CHILD_MODULE = "finetune_pipeline.tuning.trial_child"
 OUTCOME_FILE = "trial_outcome.json"

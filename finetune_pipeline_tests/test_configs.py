@@ -1,0 +1,56 @@
+"""Tier 1: the step plan when a time budget cuts a run: warm-up as a share of the steps that fit, the steps of one
+epoch, and the rescaled learning-rate schedule (a real torch LambdaLR)."""
+
+from __future__ import annotations
+
+import pytest
+
+from finetune_pipeline.spec import TrainingSpec
+from finetune_pipeline.training.configs import budget_warmup_steps, epoch_steps, warmup_steps
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    ("fields", "planned", "fit", "warm"),
+    [
+        ({"warmup_ratio": 0.05}, 400, 65, 3),  # the issue's case: 5% of 65, not 20 of the 400 planned
+        ({"warmup_ratio": 0.1}, 400, 400, 40),
+        ({"warmup_steps": 20}, 400, 65, 3),  # an explicit count keeps its share of the run (20/400)
+        ({"warmup_steps": 20}, 40, 4, 2),
+        ({"warmup_ratio": 0.0}, 400, 65, 0),
+    ],
+)
+def test_budget_warmup_is_a_share_of_the_steps_that_fit(fields: dict, planned: int, fit: int, warm: int) -> None:
+    t = TrainingSpec(max_steps=planned, **fields)
+    assert budget_warmup_steps(t, planned, fit) == warm
+    assert budget_warmup_steps(t, planned, planned) == warmup_steps(t, planned)
+
+
+def test_epoch_steps_count_the_effective_batch() -> None:
+    t = TrainingSpec(max_steps=1, per_device_train_batch_size=8, gradient_accumulation_steps=2)
+    assert epoch_steps(t, 1911) == 120  # ceil(1911 / 16)
+    assert epoch_steps(t, 0) == 1
+
+
+def test_rescaled_schedule_warms_up_and_decays_within_the_budget() -> None:
+    import torch
+    from transformers import get_scheduler
+
+    from finetune_pipeline.training.callbacks import rescale_schedule
+
+    t = TrainingSpec(max_steps=400, warmup_ratio=0.05)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = get_scheduler("linear", opt, num_warmup_steps=warmup_steps(t, 400), num_training_steps=400)
+    for _ in range(4):  # the calibration steps run on the planned schedule
+        opt.step()
+        sched.step()
+    assert sched.get_last_lr()[0] == pytest.approx(4 / 20)  # still warming up toward step 20 of 400
+    rescale_schedule(sched, "linear", budget_warmup_steps(t, 400, 65), 65)
+    lrs = []
+    for _ in range(4, 65):
+        opt.step()
+        sched.step()
+        lrs.append(sched.get_last_lr()[0])
+    assert lrs[0] == pytest.approx((65 - 5) / (65 - 3))  # past the 3-step warm-up: decaying
+    assert lrs[-1] == pytest.approx(0.0)  # the decay ends at the last step that fits
