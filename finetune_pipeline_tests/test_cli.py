@@ -392,6 +392,14 @@ def ui_walkthrough(world: dict, shots: Path) -> dict[str, str]:
             ["Fine-tuned by finetune_pipeline", "champion"],
         )
         assert "Evaluation (" in text and "finetune.adapter_key" in text
+        # ... and links the MLflow 3 LoggedModel it was registered from: its page shows the datasets the model
+        # learned from and was scored on, and its metrics, each with the split it was measured on
+        source = page.locator("a[href*='/models/m-']").first
+        source.wait_for()  # the source model's link (the version's source is models:/<model id>)
+        source.click()
+        text = visit("mlflow-logged-model", page.url, ["Datasets used", "train_loss"])
+        for shown in ("mini/dataset_splits/train", "mini/dataset_splits/test", "eval_loss", "tuned.perplexity"):
+            assert shown in text, f"the LoggedModel page lacks {shown}"
         # optuna-dashboard: the sweep's study with its trials
         import optuna
 
@@ -410,4 +418,4 @@ def test_ui_pages_in_a_browser(trained: dict, env: dict, tmp_path: Path) -> None
     shots = tmp_path / "screenshots"
     ui_walkthrough(env, shots)
     print(f"screenshots: {sorted(p.name for p in shots.glob('*.png'))} in {shots}")
-    assert len(list(shots.glob("*.png"))) == 9
+    assert len(list(shots.glob("*.png"))) == 10
