@@ -800,6 +800,7 @@ class RegistrySpec(_Strict):
         "(perplexity: a ceiling, as lower is better).",
     )
 
+
 # vLLM's --max-lora-rank accepts only these values (vllm/config/lora.py, MaxLoRARanks); an adapter serves when its
 # rank is at most the flag's value, so the largest is the limit.
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
