@@ -32,8 +32,9 @@ def test_release_of_the_champion(tmp_path: Path, tiny_model: Path) -> None:
     from finetune_pipeline.layout import BaseModelRecord, PipelineLayout
     from finetune_pipeline_tests.conftest import local_resources
 
-    # perplexity of a 2-layer random model is in the thousands: the drop allowed is scaled to it
-    spec = parse_spec(SPEC.format(model=tiny_model, max_drop=50.0), path=tmp_path / "prom.yaml")
+    # the drop allowed is in perplexity units, and a 2-layer random model's perplexity is in the hundreds or more:
+    # the check is made lenient here (test_a_failing_artifact_is_named covers failing) and closeness asserted below
+    spec = parse_spec(SPEC.format(model=tiny_model, max_drop=1e6), path=tmp_path / "prom.yaml")
     layout = PipelineLayout(tmp_path / "state", "prom")
     BaseModelRecord(
         path=str(tiny_model), kind="local", digest="b", source=str(tiny_model), tokenizer_dir=str(tiny_model)
@@ -58,6 +59,9 @@ def test_release_of_the_champion(tmp_path: Path, tiny_model: Path) -> None:
     for r in rows:
         assert r.data["size_mb"] > 0 and r.data["c1_p50_s"] > 0 and r.data["c2_tok_s"] > 0 and r.data["peak_rss_mb"] > 0
         assert r.data["vs_evaluated"].startswith(("+", "-"))
+    evaluated = mat["evaluated_perplexity"].value
+    for r in rows:  # bf16 and q8_0 rounding move perplexity a little, not a lot
+        assert abs(r.data["perplexity"] / evaluated - 1) < 0.05, (r.data, evaluated)
     assert "transformers GGUF loader" in mat["loaders"].value["gguf_q8_0"]
     assert "TEMPLATE" in mat["modelfile"].value and "--enable-lora --lora-modules rel-model=" in mat["vllm_serve"].value
 
