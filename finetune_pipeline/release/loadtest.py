@@ -30,6 +30,7 @@ class LoadResult(BaseModel):
     p95_s: float
     tokens_per_s: float
     wall_s: float
+    first_error: str | None = None
 
 
 class ServingNumbers(BaseModel):
@@ -55,6 +56,8 @@ def load_test(
     """``n`` requests (cycling through ``prompts``), ``concurrency`` in flight at once, greedy."""
     import httpx
 
+    errors: list[str] = []
+
     def one(i: int) -> tuple[float, int, bool]:
         body = {"messages": prompts[i % len(prompts)], "max_tokens": max_tokens, "temperature": 0.0}
         t0 = time.perf_counter()
@@ -62,8 +65,11 @@ def load_test(
             r = client.post(f"{base_url}/v1/chat/completions", json=body)
             ok = r.status_code == 200
             toks = int(r.json().get("usage", {}).get("completion_tokens", 0)) if ok else 0
-        except httpx.HTTPError:
+            if not ok:
+                errors.append(f"HTTP {r.status_code}: {r.text[:300]}")
+        except httpx.HTTPError as exc:
             ok, toks = False, 0
+            errors.append(repr(exc)[:300])
         return time.perf_counter() - t0, toks, ok
 
     with httpx.Client(timeout=600.0) as client, ThreadPoolExecutor(concurrency) as pool:
@@ -79,6 +85,7 @@ def load_test(
         p95_s=_percentile(lat, 0.95),
         tokens_per_s=sum(r[1] for r in results) / wall if wall > 0 else math.nan,
         wall_s=wall,
+        first_error=errors[0] if errors else None,
     )
 
 
@@ -133,7 +140,9 @@ def measure_artifact(
                 raise TimeoutError(f"the {fmt} server did not answer /health within {startup_timeout:.0f} s")
             time.sleep(0.5)
         startup = time.perf_counter() - t0
-        load_test(url, prompts, 1, 1, max_tokens)  # warm-up, not counted
+        warm = load_test(url, prompts, 1, 1, max_tokens)  # warm-up, not counted
+        if warm.errors:
+            raise RuntimeError(f"the {fmt} server refused a load-test request: {warm.first_error}")
         runs = [load_test(url, prompts, n, c, max_tokens) for c in levels]
         peak = peak_rss_mb(proc.pid)
     finally:

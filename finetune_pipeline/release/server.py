@@ -14,10 +14,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, Field
+
+
+class Message(BaseModel):
+    role: str
+    content: str
+
+
+class ChatRequest(BaseModel):
+    """Module level: FastAPI resolves the body's annotation by name (this module uses postponed annotations)."""
+
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int = Field(64, gt=0, le=4096)
+    temperature: float = Field(0.0, ge=0.0)
+    seed: int = 0
+
 
 def build_app(fmt: str, path: Path) -> Any:
     from fastapi import FastAPI, HTTPException
-    from pydantic import BaseModel, Field
 
     from finetune_pipeline.models.chat_generation import generate_answers
     from finetune_pipeline.release.score import load_artifact
@@ -25,16 +40,6 @@ def build_app(fmt: str, path: Path) -> Any:
     model, tok, loader, _ = load_artifact(fmt, path)
     lock = threading.Lock()
     app = FastAPI(title=f"release artifact {fmt}")
-
-    class Message(BaseModel):
-        role: str
-        content: str
-
-    class ChatRequest(BaseModel):
-        messages: list[Message] = Field(min_length=1)
-        max_tokens: int = Field(64, gt=0, le=4096)
-        temperature: float = Field(0.0, ge=0.0)
-        seed: int = 0
 
     @app.get("/health")
     def health() -> dict[str, str]:
