@@ -45,23 +45,36 @@ def test_gguf_round_trip(tiny_pair, tmp_path: Path, kind: str, tensor_type: str,
 
 
 def test_q_k_permutation_matters(tiny_pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """The q/k rows are permuted to GGML's rotary layout: transformers' loader undoes exactly that, so a logit match
-    means the layout is right, and skipping the permutation breaks it."""
+    """The q/k rows are permuted to GGML's rotary layout, which transformers' loader undoes: the export matches,
+    an export without the permutation does not (q/k scaled up so that attention, not noise, decides the logits)."""
+    import copy
+
     import torch
 
     from finetune_pipeline.release import gguf_export
 
     model, tok = tiny_pair
-    ids = tok("a b c d e f", return_tensors="pt")
+    sharp = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in sharp.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    ids = tok("a b c d e f g h", return_tensors="pt")
+
+    def diff(path: Path) -> float:
+        back, _ = gguf_export.load_gguf(path)
+        with torch.no_grad():
+            return (back(**ids).logits - sharp(**ids).logits).abs().max().item()
+
+    gguf_export.write_gguf(sharp, tok, tmp_path / "ok.gguf", "gguf_f16", "tiny")
     saved = gguf_export._permute
     gguf_export._permute = lambda w, n: w  # type: ignore[assignment]
     try:
-        gguf_export.write_gguf(model, tok, tmp_path / "raw.gguf", "gguf_f16", "tiny")
+        gguf_export.write_gguf(sharp, tok, tmp_path / "raw.gguf", "gguf_f16", "tiny")
     finally:
         gguf_export._permute = saved
-    back, _ = gguf_export.load_gguf(tmp_path / "raw.gguf")
-    with torch.no_grad():
-        assert (back(**ids).logits - model(**ids).logits).abs().max().item() > 1e-2
+    right, wrong = diff(tmp_path / "ok.gguf"), diff(tmp_path / "raw.gguf")
+    assert wrong > 5 * right, (right, wrong)
 
 
 def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
