@@ -295,6 +295,13 @@ class PipelineLayout:
     def registration(self) -> Path:
         return self.dir / "registered_model.json"
 
+    def release(self, version: str, key: str) -> Path:
+        """The exported artifacts of one registered version (stages.release), by release key."""
+        return self.dir / "release" / f"v{version}-{key}"
+
+    def release_record(self, version: str, key: str) -> Path:
+        return self.release(version, key) / "release.json"
+
     # readers that name the asset to materialize when a record is missing
     def read_manifest(self) -> SplitsManifest:
         if not self.splits_manifest.exists():

@@ -827,6 +827,78 @@ class ServingSpec(_Strict):
     )
 
 
+# vLLM's --max-lora-rank accepts only these values (vllm/config/lora.py, MaxLoRARanks); an adapter serves when its
+# rank is at most the flag's value, so the largest is the limit.
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+ReleaseFormat = Literal["safetensors_bf16", "safetensors_fp16", "gguf_f16", "gguf_q8_0"]
+
+
+class ReleaseSpec(_Strict):
+    """The release asset: the champion exported for deployment, every artifact loaded back and scored on the
+    evaluation's test rows, and measured under a short loopback load test."""
+
+    enabled: bool = Field(True, description="Build the release asset for the version holding 'champion'.")
+    formats: list[ReleaseFormat] = Field(
+        default_factory=lambda: ["safetensors_bf16", "safetensors_fp16", "gguf_f16", "gguf_q8_0"],
+        description="Artifacts to export: merged weights as safetensors (bf16, fp16; QLoRA merged into the "
+        "dequantised 4-bit base), GGUF f16 / q8_0 with the chat template embedded (plus an Ollama Modelfile).",
+    )
+    max_drop: float = Field(
+        0.02,
+        ge=0,
+        description="Blocking check: an artifact fails the release when the lower bound of artifact - evaluated "
+        "model on evaluation.primary_metric (paired bootstrap, same test rows, registry.confidence) is below "
+        "-max_drop.",
+    )
+    targets: list[Literal["llama_cpp", "ollama", "vllm"]] = Field(
+        default_factory=lambda: ["llama_cpp", "ollama"],
+        description="Where the release will be served. 'vllm' makes the spec check refuse adapters vLLM cannot "
+        "load (rank above 512, DoRA, LoRA bias, LoRA on lm_head / embed_tokens, modules_to_save).",
+    )
+    load_test_requests: int = Field(
+        20, ge=0, description="Requests per concurrency level in the loopback load test of each artifact (0 = off)."
+    )
+    load_test_concurrency: list[int] = Field(
+        default_factory=lambda: [1, 4], description="Concurrent clients of the load test, one run per value."
+    )
+    load_test_max_tokens: int = Field(32, gt=0, description="max_tokens of each load-test request.")
+    log_artifacts: bool = Field(
+        True, description="Copy the artifacts into MLflow (under the version's run, folder release/)."
+    )
+
+    @field_validator("load_test_concurrency")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(c < 1 for c in v):
+            raise ValueError("needs at least one concurrency level, each >= 1, e.g. [1, 4]")
+        return v
+
+
+def vllm_problems(model: ModelSpec) -> list[str]:
+    """Why vLLM cannot serve this adapter (empty: it can). Full fine-tuning has no adapter to check."""
+    if model.method == "full":
+        return []
+    lora, out = model.lora, []
+    if lora.r > VLLM_MAX_LORA_RANKS[-1]:
+        out.append(f"model.lora.r {lora.r} is above vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]})")
+    targets = [lora.target_modules] if isinstance(lora.target_modules, str) else lora.target_modules
+    on_head = sorted({t for t in targets if t.split(".")[-1] in ("lm_head", "embed_tokens", "wte")})
+    if on_head:
+        out.append(f"model.lora.target_modules {on_head}: vLLM loads no LoRA on the output head or embeddings")
+    if lora.modules_to_save:
+        out.append("model.lora.modules_to_save: vLLM only loads adapters whose modules_to_save is None")
+    if lora.use_dora:
+        out.append("model.lora.use_dora: vLLM does not load DoRA adapters")
+    if lora.bias != "none":
+        out.append("model.lora.bias: vLLM does not load LoRA biases (use bias: none)")
+    return out
+
+
+def vllm_max_lora_rank(r: int) -> int:
+    """The smallest value vLLM's --max-lora-rank accepts that serves a rank-``r`` adapter."""
+    return next(v for v in VLLM_MAX_LORA_RANKS if v >= r)
+
+
 class AutomationSpec(_Strict):
     mode: Literal["sensor_schedule", "declarative"] = Field(
         "sensor_schedule",
@@ -883,6 +955,9 @@ class PipelineSpec(_Strict):
     serving: ServingSpec = Field(
         default_factory=ServingSpec, description="`finetune-pipeline serve`: the optional feedback drop."
     )
+    release: ReleaseSpec = Field(
+        default_factory=ReleaseSpec, description="Exported artifacts of the champion, each scored before release."
+    )
 
     @model_validator(mode="after")
     def _sweep_needs_validation(self) -> PipelineSpec:
@@ -917,6 +992,13 @@ class PipelineSpec(_Strict):
         unknown_floors = sorted(set(self.registry.floors) - set(self.evaluation.metrics))
         if unknown_floors:
             raise ValueError(f"registry.floors {unknown_floors} are not in evaluation.metrics: add them there")
+        if "vllm" in self.release.targets and (why := vllm_problems(self.model)):
+            raise ValueError(
+                "release.targets includes vllm, which cannot serve this adapter: "
+                + "; ".join(why)
+                + ". Change the adapter settings, or drop vllm from release.targets (the merged safetensors of the "
+                "release still serve with vLLM)"
+            )
         return self
 
     def source_list(self) -> list[SourceSpec]:
@@ -1056,10 +1138,10 @@ class SpecError(ValueError):
 
 
 def spec_hash(spec: PipelineSpec) -> str:
-    """Stable short hash of the spec's content (all fields, defaults included), except ``serving``: how the
-    registered model is served changes no dataset, training or evaluation (and adding the section kept every
-    existing spec's hash)."""
-    return short_hash(spec.model_dump(mode="json", exclude={"serving"}))
+    """Stable short hash of the spec's content (all fields, defaults included), except ``serving`` and ``release``:
+    how the registered model is served and exported changes no dataset, training or evaluation (and adding those
+    sections kept every existing spec's hash; the release asset keys on its own section)."""
+    return short_hash(spec.model_dump(mode="json", exclude={"serving", "release"}))
 
 
 def _line_of(node: yaml.Node | None, path: tuple[Any, ...]) -> int | None:

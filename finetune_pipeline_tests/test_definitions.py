@@ -45,6 +45,7 @@ def test_two_specs_two_independent_groups(tmp_path: Path) -> None:
         "adapter",
         "eval_report",
         "registered_model",
+        "release",
     ]
     assert {f"alpha/{s}" for s in stages} | {"alpha/hyperparameter_sweep"} <= keys
     assert {f"beta/{s}" for s in stages} <= keys and "beta/hyperparameter_sweep" not in keys
@@ -79,6 +80,7 @@ def test_two_specs_two_independent_groups(tmp_path: Path) -> None:
         "no_forgetting",
         "generations_end",
         "reload_same_logits",
+        "artifacts_match_evaluated",
     } == checks
 
 

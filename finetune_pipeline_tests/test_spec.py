@@ -187,3 +187,29 @@ def test_new_source_fields_are_validated(patch: str, expected: str) -> None:
     with pytest.raises(SpecError) as exc:
         parse_spec(text)
     assert expected in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("lora", "reason"),
+    [
+        ("{r: 1024}", "above vLLM's largest --max-lora-rank (512)"),
+        ("{target_modules: [q_proj, lm_head]}", "no LoRA on the output head"),
+        ("{modules_to_save: [lm_head]}", "modules_to_save"),
+        ("{use_dora: true}", "DoRA"),
+    ],
+)
+def test_vllm_target_refuses_what_vllm_cannot_serve(lora: str, reason: str) -> None:
+    text = MINIMAL + f"model: {{lora: {lora}}}\nrelease: {{targets: [vllm]}}\n"
+    with pytest.raises(SpecError) as err:
+        parse_spec(text)
+    assert "release.targets includes vllm" in str(err.value) and reason in str(err.value)
+    parse_spec(MINIMAL + f"model: {{lora: {lora}}}\n")  # without the vllm target the same adapter is fine
+
+
+def test_vllm_rank_rounds_up_to_an_accepted_max_lora_rank() -> None:
+    from finetune_pipeline.spec import vllm_max_lora_rank
+
+    s = parse_spec(MINIMAL + "model: {lora: {r: 12}}\nrelease: {targets: [vllm], max_drop: 0.01}\n").spec
+    assert s.release.max_drop == 0.01 and vllm_max_lora_rank(s.model.lora.r) == 16
+    assert vllm_max_lora_rank(512) == 512 and vllm_max_lora_rank(300) == 320
+    assert parse_spec(MINIMAL + "model: {method: full, lora: {r: 1024}}\nrelease: {targets: [vllm]}\n")

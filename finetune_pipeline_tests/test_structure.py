@@ -89,6 +89,16 @@ RULES = [
             "finetune_pipeline.tracking",
         ),
     ),
+    (
+        "release",
+        (
+            "finetune_pipeline.training",
+            "finetune_pipeline.tuning",
+            "finetune_pipeline.stages",
+            "finetune_pipeline.tracking",
+            "mlflow",
+        ),
+    ),
     ("cli.py", ("finetune_pipeline.definitions",)),
     ("defs", ("mlflow",)),
 ]

@@ -7,8 +7,9 @@ mapped to metadata and check results.
 from base64 import b64encode
 
 import dagster as dg
+import pandas as pd
 
-from finetune_pipeline.defs.common import key, latest_version, lineage, logger, mlflow_link
+from finetune_pipeline.defs.common import key, latest_version, lineage, logger, mlflow_link, table
 from finetune_pipeline.defs.resources import MlflowTracking, StateStore
 from finetune_pipeline.keys import code_version
 from finetune_pipeline.spec import LoadedSpec
@@ -16,6 +17,7 @@ from finetune_pipeline.stages.eval_report import EvalOutcome, evaluate_adapter
 from finetune_pipeline.stages.register import RELOAD_TOLERANCE, GateFailed, register
 
 EVALUATE, REGISTER = "finetune_pipeline.stages.eval_report", "finetune_pipeline.stages.register"
+RELEASE = "finetune_pipeline.stages.release"
 
 
 def eval_report_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
@@ -211,5 +213,77 @@ def registered_model_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
     return registered_model
 
 
+def release_asset(spec: LoadedSpec) -> dg.AssetsDefinition:
+    k = key(spec, "release")
+    r = spec.spec.release
+
+    @dg.asset(
+        key=k,
+        deps=[key(spec, "registered_model")],
+        group_name=spec.name,
+        code_version=code_version(RELEASE),
+        kinds={"mlflow", "gguf", "safetensors"},
+        check_specs=[
+            dg.AssetCheckSpec(
+                "artifacts_match_evaluated",
+                asset=k,
+                blocking=True,
+                description=f"Every exported artifact, scored on the evaluated test rows, keeps the lower bound of "
+                f"artifact - evaluated model on the primary metric at or above -{r.max_drop} (release.max_drop).",
+            )
+        ],
+        description=f"The champion of '{spec.registry.model_name}' exported as {', '.join(r.formats)}; each "
+        "artifact scored on the evaluation's test rows and load-tested on loopback.",
+    )
+    def release(
+        context: dg.AssetExecutionContext, state: StateStore, mlflow_tracking: MlflowTracking
+    ) -> dg.MaterializeResult:
+        from finetune_pipeline.stages.release import build_release, metadata_rows
+
+        rec, reused = build_release(
+            state.pipeline(spec.name), spec, mlflow_tracking.tracker(state, spec.name), log=logger(context)
+        )
+        failures = rec.failures()
+        pm = rec.primary_metric
+        return dg.MaterializeResult(
+            metadata={
+                "model": rec.name,
+                "version": rec.version,
+                "reused": reused,
+                "artifacts": table(pd.DataFrame(metadata_rows(rec))),
+                "model_card_section": dg.MetadataValue.md(rec.card),
+                f"evaluated_{pm}": rec.evaluated.get(pm),
+                "merge_max_logit_diff": rec.export.merge_max_logit_diff
+                if rec.export.merge_max_logit_diff is not None
+                else "n/a (full fine-tuning)",
+                "loaders": dg.MetadataValue.json({s.format: s.loader for s in rec.scores}),
+                "serving": dg.MetadataValue.json([s.model_dump(mode="json") for s in rec.serving]),
+                "modelfile": dg.MetadataValue.md(
+                    f"```\n{rec.export.modelfile}```" if rec.export.modelfile else "(no GGUF)"
+                ),
+                "vllm_serve": dg.MetadataValue.md(
+                    "\n".join(f"    {c}" for c in rec.vllm_commands) or "(vllm not in release.targets)"
+                ),
+                "path": dg.MetadataValue.path(str(state.pipeline(spec.name).release(rec.version, rec.release_key))),
+            },
+            data_version=dg.DataVersion(rec.release_key),
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name="artifacts_match_evaluated",
+                    passed=not failures,
+                    metadata={"max_drop": rec.max_drop, "metric": pm, "failures": dg.MetadataValue.json(failures)},
+                    description=None
+                    if not failures
+                    else f"artifact(s) scoring below the evaluated model by more than {rec.max_drop} on {pm} at the "
+                    f"lower bound: {'; '.join(failures)}. Do not ship them: drop the format from release.formats, or "
+                    "raise release.max_drop if that loss is acceptable.",
+                )
+            ],
+        )
+
+    return release
+
+
 def build_release_assets(spec: LoadedSpec) -> list[dg.AssetsDefinition]:
-    return [eval_report_asset(spec), registered_model_asset(spec)]
+    out = [eval_report_asset(spec), registered_model_asset(spec)]
+    return out + ([release_asset(spec)] if spec.spec.release.enabled else [])
