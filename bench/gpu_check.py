@@ -133,7 +133,18 @@ def qlora_merge_check(base: Path, adapter: Path) -> dict[str, Any]:
     full = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).cuda()
     with torch.no_grad():
         merged_16 = PeftModel.from_pretrained(full, adapter).merge_and_unload().eval()(ids).logits.float()
+    # the project's own release path (models/merge.standalone_model: into the dequantised quantised base)
+    from finetune_pipeline.models.merge import standalone_model
+    from finetune_pipeline.spec import ModelSpec
+
+    project, _ = standalone_model(str(base), ModelSpec(method="qlora", dtype="bfloat16"), str(adapter))
+    project = project.to("cuda").eval()
+    with torch.no_grad():
+        ours = project(ids).logits.float()
     return {
+        "project_merge_dtype": str(next(project.parameters()).dtype),
+        "max_abs_logit_diff_project_merge": round((ours - ref).abs().max().item(), 4),
+        "same_greedy_token_project_merge": bool((ours.argmax(-1) == ref.argmax(-1)).all().item()),
         "max_abs_logit_diff_dequantised_merge": round((merged_deq - ref).abs().max().item(), 4),
         "max_abs_logit_diff_16bit_merge": round((merged_16 - ref).abs().max().item(), 4),
         "same_greedy_token_dequantised": bool((merged_deq.argmax(-1) == ref.argmax(-1)).float().mean().item() == 1.0),
@@ -147,6 +158,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/gpu_check"))
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--only", nargs="*", help="run only these (e.g. qlora-nf4)")
     a = p.parse_args()
     import torch
 
@@ -154,11 +166,8 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     base = smollm2_shaped(a.work / "base", a.tokenizer)
     results: dict[str, Any] = {"torch": torch.__version__, "runs": []}
-    for name, method, dtype in [
-        ("lora-fp32", "lora", "float32"),
-        ("lora-bf16", "lora", "bfloat16"),
-        ("qlora-nf4", "qlora", "bfloat16"),
-    ]:
+    runs = [("lora-fp32", "lora", "float32"), ("lora-bf16", "lora", "bfloat16"), ("qlora-nf4", "qlora", "bfloat16")]
+    for name, method, dtype in [r for r in runs if not a.only or r[0] in a.only]:
         try:
             results["runs"].append(run_one(name, base, a.work, method, dtype, a.steps))
         except Exception as e:  # one failing path must not hide the others' figures
