@@ -10,7 +10,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from finetune_pipeline_tests.test_e2e import DG
+from finetune_pipeline_tests.test_cli import DG
 
 from examples.demo_tickets import write_demo_drops
 from finetune_pipeline.data.drops import drop_key
@@ -66,7 +66,7 @@ def test_readme_dg_commands_work_without_supersession_warnings(tmp_path: Path) -
     assets = {a["asset_key"] for a in listed["assets"]}
     assert {"ticket_triage/raw_dataset", "ticket_triage/adapter", "ticket_triage/registered_model"} <= assets
     assert {j["name"] for j in listed["jobs"]} >= {"ticket_triage_ingest", "ticket_triage_train"}
-    # `dg launch` runs for real in test_e2e and below; `dg dev` (a server) only by its help here
+    # `dg launch` runs for real in test_cli.py and below; `dg dev` (a server) only by its help here
     assert "Start a local instance of Dagster" in dg_run(REPO, env, "dev", "--help").stdout
 
 
