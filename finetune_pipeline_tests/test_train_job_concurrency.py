@@ -23,6 +23,7 @@ runtime: {{logging_steps: 1, save_steps: 0, calibration_steps: 0, eos_check_samp
 evaluation: {{primary_metric: perplexity, metrics: [perplexity], max_samples: 4, max_new_tokens: 4, batch_size: 4,
              bootstrap_resamples: 100, forgetting: {{enabled: false}}}}
 registry: {{model_name: pool-model, min_improvement_over_base: -1000000}}
+release: {{enabled: false}}
 """
 
 RUN = """
