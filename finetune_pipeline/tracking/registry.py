@@ -142,6 +142,22 @@ def save_served_model(client: Any, model: Any, served: ServedModel, pip_requirem
     client.finalize_logged_model(model.model_id, "READY")
 
 
+def run_in_store(client: Any, run_id: str) -> Any:
+    """The run, or None when ``run_id`` is empty or the store holds no such run. Any other failure (a locked or
+    stopped store) is raised: only a missing run is skipped."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id)
+    except MlflowException as e:
+        if e.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise
+
+
 def link_metrics(client: Any, model_id: str, links: list[MetricLink]) -> dict[str, float]:
     """Attach metrics the runs already logged to the LoggedModel, each with its dataset (name and digest), as
     MLflow's own ``log_model`` does: the same point (key, value, step, timestamp) logged again with ``model_id``
@@ -150,9 +166,10 @@ def link_metrics(client: Any, model_id: str, links: list[MetricLink]) -> dict[st
 
     linked: dict[str, float] = {}
     for link in links:
-        if not link.run_id:
+        run = run_in_store(client, link.run_id)
+        if run is None:  # no run, or one this store does not hold (records copied from another state root)
             continue
-        keys = [k for k in client.get_run(link.run_id).data.metrics if k.startswith(link.prefixes)]
+        keys = [k for k in run.data.metrics if k.startswith(link.prefixes)]
         batch = []
         for k in sorted(keys):
             last = max(client.get_metric_history(link.run_id, k), key=lambda m: (m.step, m.timestamp))

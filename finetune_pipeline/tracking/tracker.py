@@ -199,7 +199,7 @@ class Tracker:
         try:
             registry.save_served_model(self.client, model, served, registry.PIP_REQUIREMENTS)
             registry.link_metrics(self.client, model.model_id, metrics)
-            for run_id in dict.fromkeys(r for r in input_of if r):
+            for run_id in dict.fromkeys(r for r in input_of if registry.run_in_store(self.client, r) is not None):
                 self.client.log_inputs(run_id, models=[LoggedModelInput(model.model_id)])
         except BaseException:
             with contextlib.suppress(Exception):  # the first error is the one to see
