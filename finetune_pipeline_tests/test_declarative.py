@@ -24,6 +24,7 @@ name: decl
 source: {{incoming_dir: {incoming}, settle_seconds: 0}}
 model: {{base: {model}}}
 registry: {{model_name: decl-model}}
+release: {{enabled: false}}  # the release joins the training chain when on; left out to keep these ticks short
 automation: {{mode: declarative, retrain_cron: "*/10 * * * *", schedule_enabled: true}}
 """
 LOCATION = """

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from finetune_pipeline.spec import parse_spec
-from finetune_pipeline.tracking import mlflow_store
+from finetune_pipeline.tracking.mlflow_store import Lineage, TrackingTarget
+from finetune_pipeline.tracking.tracker import Tracker
 from finetune_pipeline_tests.test_promotion import _adapter, _eval_and_register, _splits
 
 pytestmark = pytest.mark.integration
@@ -40,13 +41,11 @@ def test_release_of_the_champion(tmp_path: Path, tiny_model: Path) -> None:
         path=str(tiny_model), kind="local", digest="b", source=str(tiny_model), tokenizer_dir=str(tiny_model)
     ).save(layout.base_model)
     train = _splits(layout, 12, "test-v1")
-    target = mlflow_store.TrackingTarget(
-        f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "state/mlflow/artifacts")
-    )
-    mlflow_store.experiment_for(target, "prom")
-    lin = mlflow_store.Lineage("prom", "prom/x", "run-1", None, "c", spec.spec_hash)
+    target = TrackingTarget(f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "state/mlflow/artifacts"))
+    tracker = Tracker(target, "prom")
+    lin = Lineage("prom", "prom/x", "run-1", None, "c", spec.spec_hash)
     _adapter(layout, spec, train, "champ", lr=5e-3)
-    _, reg = _eval_and_register(layout, spec, "champ", target, lin)
+    _, reg = _eval_and_register(layout, spec, "champ", tracker, lin)
     assert reg.promoted
 
     res = dg.materialize([release_asset(spec)], resources=local_resources(tmp_path), raise_on_error=False)
@@ -70,7 +69,9 @@ def test_release_of_the_champion(tmp_path: Path, tiny_model: Path) -> None:
     assert mv.tags["finetune.release.passed"] == "true"
     assert mv.tags["finetune.release.gguf_q8_0.vs_evaluated"].endswith("@0.95")
     assert "## Release artifacts" in mv.description and "## Evaluation" in mv.description  # card kept, extended
-    logged = {a.path for a in client.list_artifacts(mv.run_id, "release")}
+    model_id = tracker.logged_model_id("rel-model", reg.version)  # the artifacts live under the version's model
+    assert model_id is not None
+    logged = {a.path for a in client.list_logged_model_artifacts(model_id, "release")}
     assert {"release/safetensors-bf16", "release/gguf"} <= logged
 
     again = dg.materialize([release_asset(spec)], resources=local_resources(tmp_path))
