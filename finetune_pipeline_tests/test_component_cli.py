@@ -10,11 +10,11 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from finetune_pipeline_tests.test_cli import DG
 
 from examples.demo_tickets import write_demo_drops
 from finetune_pipeline.data.drops import drop_key
 from finetune_pipeline_tests.conftest import REPO
+from finetune_pipeline_tests.test_cli import DG
 
 pytestmark = pytest.mark.e2e
 
