@@ -224,4 +224,4 @@ def test_sensor_evaluation_at_size_in_process(tmp_path: Path) -> None:
         assert len(requested) == len(set(requested)) == OLD + NEW
         assert len(instance.get_dynamic_partitions("big_drops")) == OLD + NEW
     print(f"sensor evaluation per tick: max {max(took):.2f} s, mean {sum(took) / len(took):.2f} s (2,000 files)")
-    assert max(took) < INTERVAL / 3
+    assert max(took) < INTERVAL  # the issue: a tick finishes within the sensor's interval (alone here: ~1 s)
