@@ -110,3 +110,13 @@ def local_resources(tmp_path: Path) -> dict:
         "mlflow_tracking": MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"),
         "optuna": OptunaStorage(),
     }
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_dagster_defs_state_storage() -> None:
+    """Dagster keeps the current defs-state storage in a context variable (a private one); a test whose instance is
+    gone can leave it set, and the next definitions load in the same process then fails with "Attempted to resolve
+    undefined DagsterInstance weakref" (seen in the full suite, never in a file alone). Each test starts without it."""
+    from dagster._core.storage.defs_state.base import _current_storage
+
+    _current_storage.set(None)
