@@ -113,10 +113,18 @@ def local_resources(tmp_path: Path) -> dict:
 
 
 @pytest.fixture(autouse=True)
-def _no_stale_dagster_defs_state_storage() -> None:
-    """Dagster keeps the current defs-state storage in a context variable (a private one); a test whose instance is
-    gone can leave it set, and the next definitions load in the same process then fails with "Attempted to resolve
-    undefined DagsterInstance weakref" (seen in the full suite, never in a file alone). Each test starts without it."""
-    from dagster._core.storage.defs_state.base import _current_storage
+def _no_stale_dagster_defs_state_storage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dagster keeps the current defs-state storage in a context variable (a private one); an instance that is gone
+    can leave it set, and the next definitions load in the same process then fails with "Attempted to resolve
+    undefined DagsterInstance weakref" (seen in the full suite, never in a file alone). Each test starts without it,
+    and a storage whose instance is gone reads as none."""
+    from dagster._core.storage.defs_state.base import DefsStateStorage, _current_storage
 
     _current_storage.set(None)
+
+    def live_storage(cls):  # type: ignore[no-untyped-def]
+        storage = _current_storage.get()
+        ref = getattr(storage, "_instance_weakref", None)
+        return storage if storage is not None and (ref is None or ref() is not None) else None
+
+    monkeypatch.setattr(DefsStateStorage, "get", classmethod(live_storage))
