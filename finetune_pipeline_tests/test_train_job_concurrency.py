@@ -70,6 +70,12 @@ def test_two_train_runs_at_once_train_one_adapter_and_register_one_version(
     # store at the same moment race in MLflow's own schema migration: "more than one head present")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments()
+    # ... and so is the Dagster instance (its SQLite storage, created by the daemon or the UI that launches runs;
+    # two processes creating it at the same moment race in Dagster's own alembic stamp)
+    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
+    monkeypatch.setenv("FINETUNE_DAGSTER_DIR", env["FINETUNE_DAGSTER_DIR"])
+    with dg.DagsterInstance.get() as inst:
+        inst.get_runs(limit=1)
     script = tmp_path / "run.py"
     script.write_text(RUN)
     procs = [
@@ -87,8 +93,6 @@ def test_two_train_runs_at_once_train_one_adapter_and_register_one_version(
     assert all(ln.split()[-1] == "True" for ln in lines), lines
     run_ids = [ln.split()[2] for ln in lines]
 
-    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
-    monkeypatch.setenv("FINETUNE_DAGSTER_DIR", env["FINETUNE_DAGSTER_DIR"])
     with dg.DagsterInstance.get() as inst:
         spans = {}
         reused = {}
