@@ -267,3 +267,44 @@ def test_runs_open_and_close_through_the_trackers_own_client(tmp_path: Path, mon
     ]
     assert set(runs["sweep"].data.metrics) == {"best_eval_loss"}
     assert not (tmp_path / "elsewhere.db").exists()
+
+
+OPEN_AT = """
+import sys, time
+from finetune_pipeline.tracking.mlflow_store import TrackingTarget
+from finetune_pipeline.tracking.tracker import Tracker
+db, start = sys.argv[1], float(sys.argv[2])
+while time.time() < start:
+    time.sleep(0.001)
+print("EXPERIMENT", Tracker(TrackingTarget(f"sqlite:///{db}", None), "p").experiment_id, flush=True)
+"""
+
+
+def test_four_processes_opening_a_fresh_store_at_once_all_succeed(tmp_path: Path) -> None:
+    """Four processes open the same not-yet-created SQLite store at the same instant (without the store lock,
+    MLflow's schema migration failed in all 4 here: "table _alembic_tmp_model_versions already exists"): every one
+    gets the pipeline's one experiment."""
+    import time
+
+    from mlflow import MlflowClient
+
+    script = tmp_path / "open.py"
+    script.write_text(OPEN_AT)
+    db = tmp_path / "fresh" / "mlflow.db"
+    start = time.time() + 8  # past the four interpreters' imports
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(db), str(start)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    ids = [next((ln.split()[1] for ln in o.splitlines() if ln.startswith("EXPERIMENT ")), o[-2000:]) for o in outs]
+    assert len(set(ids)) == 1, ids
+    exps = MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    assert [e.name for e in exps if e.name == "p"] == ["p"]

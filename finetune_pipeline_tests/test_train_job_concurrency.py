@@ -66,8 +66,8 @@ def test_two_train_runs_at_once_train_one_adapter_and_register_one_version(
         "FINETUNE_HOME": str(tmp_path / "state"),
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     }
-    # an existing deployment: the MLflow store is there before the two runs (two processes creating a fresh SQLite
-    # store at the same moment race in MLflow's own schema migration: "more than one head present")
+    # an existing deployment: the MLflow store is there before the two runs (two processes opening a fresh one at
+    # once: test_tracker)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments()
     # ... and so is the Dagster instance (its SQLite storage, created by the daemon or the UI that launches runs;

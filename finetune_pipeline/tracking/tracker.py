@@ -29,6 +29,25 @@ from finetune_pipeline.tracking.registry import Champion, MetricLink, NewVersion
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
 
+@contextlib.contextmanager
+def _store_lock(db: Path) -> Iterator[None]:
+    """An exclusive lock on ``<db>.lock`` while a SQLite store is opened: two processes opening a fresh store at the
+    same moment (the schedule's run and a person's) otherwise race in MLflow's own schema migration and one fails
+    ("table _alembic_tmp_... already exists"). Once the tables exist, opening under it is one quick read."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as fh:
+        try:
+            import fcntl
+        except ImportError:  # Windows: unlocked, as MLflow itself is
+            yield
+            return
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 class RunLog:
     """One open MLflow run, written through the tracker's client."""
 
@@ -109,10 +128,21 @@ class Tracker:
     def client(self) -> Any:
         from mlflow import MlflowClient
 
-        for uri in {self.target.tracking_uri, self.target.registry}:
-            if uri.startswith("sqlite:///"):
-                Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        return MlflowClient(tracking_uri=self.target.tracking_uri, registry_uri=self.target.registry)
+        dbs = sorted(
+            {
+                Path(u.removeprefix("sqlite:///"))
+                for u in (self.target.tracking_uri, self.target.registry)
+                if u.startswith("sqlite:///")
+            }
+        )
+        with contextlib.ExitStack() as locks:
+            for db in dbs:
+                locks.enter_context(_store_lock(db))
+            client = MlflowClient(tracking_uri=self.target.tracking_uri, registry_uri=self.target.registry)
+            if dbs:  # build both stores while locked: their tables are created / migrated here
+                client.search_experiments(max_results=1)
+                client.search_registered_models(max_results=1)
+        return client
 
     @cached_property
     def experiment_id(self) -> str:
@@ -130,7 +160,13 @@ class Tracker:
         else:
             Path(root).mkdir(parents=True, exist_ok=True)
             loc = (Path(root).resolve() / self.pipeline).as_uri()
-        return str(self.client.create_experiment(self.pipeline, artifact_location=loc))
+        try:
+            return str(self.client.create_experiment(self.pipeline, artifact_location=loc))
+        except Exception:  # another process created it between the lookup and here
+            exp = self.client.get_experiment_by_name(self.pipeline)
+            if exp is None:
+                raise
+            return str(exp.experiment_id)
 
     def run_url(self, run_id: str) -> str:
         return self.target.run_url(self.experiment_id, run_id)
