@@ -911,10 +911,22 @@ class AutomationSpec(_Strict):
     )
     sensor_enabled: bool = Field(True, description="Start the incoming-folder sensor by default.")
     sensor_interval_seconds: int = Field(30, gt=0, description="Seconds between sensor ticks.")
+    max_runs_per_tick: int | None = Field(
+        None,
+        gt=0,
+        description="Most ingest runs the sensor requests in one tick; the other finished files wait (oldest first) "
+        "for the next ticks, so that a tick, which includes Dagster submitting its runs (~1-2 s a run on 2 cores), "
+        "ends within the interval. Default: one run per 2 s of sensor_interval_seconds (15 at 30 s).",
+    )
     retrain_cron: str | None = Field(
         "0 3 * * *", description="Cron for the retraining schedule (skips when the training data is unchanged)."
     )
     schedule_enabled: bool = Field(False, description="Start the retraining schedule by default.")
+
+    @property
+    def runs_per_tick(self) -> int:
+        """``max_runs_per_tick``, or its default: one run per 2 s of the sensor's interval, at least one."""
+        return self.max_runs_per_tick or max(1, self.sensor_interval_seconds // 2)
 
     @model_validator(mode="after")
     def _declarative_needs_cron(self) -> AutomationSpec:
@@ -1140,8 +1152,10 @@ class SpecError(ValueError):
 def spec_hash(spec: PipelineSpec) -> str:
     """Stable short hash of the spec's content (all fields, defaults included), except ``serving`` and ``release``:
     how the registered model is served and exported changes no dataset, training or evaluation (and adding those
-    sections kept every existing spec's hash; the release asset keys on its own section)."""
-    return short_hash(spec.model_dump(mode="json", exclude={"serving", "release"}))
+    sections kept every existing spec's hash; the release asset keys on its own section), and
+    ``automation.max_runs_per_tick`` (how fast new drops are requested changes none of them)."""
+    exclude = {"serving": True, "release": True, "automation": {"max_runs_per_tick"}}
+    return short_hash(spec.model_dump(mode="json", exclude=exclude))
 
 
 def _line_of(node: yaml.Node | None, path: tuple[Any, ...]) -> int | None:

@@ -97,6 +97,37 @@ def test_sensor_registers_partitions_once(tmp_path: Path) -> None:
         assert not r3.run_requests and "1 already ingested" in str(r3.skip_reason)
 
 
+def test_sensor_requests_at_most_max_runs_per_tick_oldest_first(tmp_path: Path) -> None:
+    """Eight finished files, ``max_runs_per_tick: 3``: the ticks request 3, 3, 2 (oldest file first), each file once,
+    and the files not yet requested are not yet partitions."""
+    text = f"""
+name: watch
+source: {{incoming_dir: {tmp_path / "incoming"}, settle_seconds: 0}}
+registry: {{model_name: watch-model}}
+automation: {{retrain_cron: null, max_runs_per_tick: 3}}
+"""
+    spec = parse_spec(text, path=tmp_path / "watch.yaml")
+    defs = _defs(spec, tmp_path)
+    sensor = defs.resolve_sensor_def("watch_incoming_sensor")
+    files = []
+    for i in range(8):  # written newest first: the order of requests follows the files' age, not their names
+        f = write_jsonl(tmp_path / "incoming" / f"{i}.jsonl", [chat_row(i)])
+        _age(f, 100 + i)
+        files.append(f)
+    oldest_first = [drop_key(f) for f in reversed(files)]
+    requested: list[list[str]] = []
+    with _instance(tmp_path) as instance:
+        cursor = sensor(dg.build_sensor_context(instance=instance, definitions=defs)).cursor  # first sighting
+        for _ in range(4):
+            res = sensor(dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs))
+            cursor = res.cursor
+            requested.append([r.partition_key for r in res.run_requests])
+            for req in res.dynamic_partitions_requests or []:  # what the daemon does with the request
+                instance.add_dynamic_partitions("watch_drops", list(req.partition_keys))
+            assert set(instance.get_dynamic_partitions("watch_drops")) == {k for r in requested for k in r}
+    assert requested == [oldest_first[:3], oldest_first[3:6], oldest_first[6:], []]
+
+
 def test_ingest_job_and_schedule_skip_until_data_changes(tmp_path: Path) -> None:
     """raw_dataset + cleaned_dataset for a partition with real resources; the schedule asks to retrain only
     while the set of cleaned drops differs from what the last adapter recorded."""

@@ -39,21 +39,41 @@ def build_sensor(spec: LoadedSpec, ingest_job: Any) -> dg.SensorDefinition:
                 f"or settling, {scan.unchanged_skipped} already ingested){': ' + scan.waiting_summary() if scan.waiting else ''}",
                 cursor=cursor,
             )
-        keys = [d.key for d in scan.ready]
+        # runs are requested oldest file first, at most runs_per_tick a tick (Dagster submits them inside the tick);
+        # the rest stay unregistered and are found ready again on the next tick (their hashes are in the cursor)
+        batch = scan.ready if declarative else oldest_first(scan.ready)[: auto.runs_per_tick]
+        keys = [d.key for d in batch]
         if declarative:  # the raw/cleaned assets' eager AutomationCondition ingests the new partitions
             context.log.info(f"registered {len(keys)} drop(s) as partitions; declarative automation ingests them")
+        elif len(batch) < len(scan.ready):
+            context.log.info(
+                f"requesting {len(batch)} of {len(scan.ready)} new drops this tick (automation.max_runs_per_tick "
+                f"{auto.runs_per_tick}); the other {len(scan.ready) - len(batch)} follow on the next ticks"
+            )
         return dg.SensorResult(
             run_requests=[]
             if declarative
             else [
                 dg.RunRequest(partition_key=d.key, run_key=f"{spec.name}:{d.key}", tags={SOURCE_TAG: str(d.path)})
-                for d in scan.ready
+                for d in batch
             ],
             dynamic_partitions_requests=[parts.build_add_request(keys)],
             cursor=cursor,
         )
 
     return incoming_sensor
+
+
+def oldest_first(drops: list[Any]) -> list[Any]:
+    """Drops by their file's modification time, then path (a file that vanished sorts last)."""
+
+    def when(d: Any) -> tuple[float, str]:
+        try:
+            return d.path.stat().st_mtime, str(d.path)
+        except OSError:
+            return float("inf"), str(d.path)
+
+    return sorted(drops, key=when)
 
 
 def current_fingerprint(instance: dg.DagsterInstance, state: StateStore, spec: LoadedSpec) -> tuple[str, list[str]]:
