@@ -156,6 +156,7 @@ def main() -> None:
     unprofiled = times[: args.warm - 1] or times[:1]
     profiled = times[args.warm : args.warm + args.steps]
     cells: dict[tuple[str, str], float] = defaultdict(float)
+    by_op: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])  # (phase, op) -> [us, calls]
     op_total = 0.0
     main_thread = None
     events = prof.events()
@@ -171,6 +172,8 @@ def main() -> None:
             op_total += us if not ev.name.startswith("fp::") else 0
             continue
         cells[(phase_of(ev), kind_of(ev, rank))] += us
+        by_op[(phase_of(ev), ev.name)][0] += us
+        by_op[(phase_of(ev), ev.name)][1] += 1
         op_total += us
     n = max(1, len(profiled))
     wall_ms = sum(profiled) / n * 1e3
@@ -192,6 +195,11 @@ def main() -> None:
         "tokens_per_step_approx": tokens,
         "tokens_seen": int(res.num_input_tokens_seen),
         "ms_per_step": {k: round(v, 1) for k, v in table.items()},
+        "top_ops_ms_per_step": {  # the 25 operators with the most self time, and their calls per step
+            f"{p} / {op}": [round(v[0] / 1e3 / n, 1), int(v[1] / n)]
+            for (p, op), v in sorted(by_op.items(), key=lambda x: -x[1][0])[:25]
+        },
+        "operator_calls_per_step": int(sum(v[1] for v in by_op.values()) / n),
     }
     print(json.dumps(report, indent=2))
     if args.out:
