@@ -190,7 +190,8 @@ def load_note() -> str:
 
 def section_e(args: Any, base: str, tmp: Path) -> dict[str, Any]:
     """Today's asset (the tree at --baseline) vs this tree's asset, same spec (the asset's defaults: dtype auto, LoRA
-    r16 on all linear layers, batch --batch, learning rate 2e-4), on the demo tickets and on the short-row SQL task;
+    r16 on all linear layers, each tree's default LoRA dropout and attention, batch --batch, learning rate 2e-4), on
+    the demo tickets and on the short-row SQL task;
     and this tree's asset in float32 vs its bf16 step. Runs alternate (A B A B) so load from others hits both."""
     from bench.sql_task import make_rows
     from finetune_pipeline.training.cost import measure_matmul_peak
@@ -202,7 +203,7 @@ def section_e(args: Any, base: str, tmp: Path) -> dict[str, Any]:
     tasks = {"demo": (demo[:n], demo[n:]), "sql": (sql_train, sql_held)}
     tasks = {k: tasks[k] for k in args.tasks.split(",")}
     first = next(iter(tasks))
-    lora = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+    lora = {"r": 16, "alpha": 32, "target_modules": "all-linear"}  # each tree's own default dropout and attention
     train = {"max_steps": args.steps, "per_device_train_batch_size": args.batch, "learning_rate": 2e-4, "seed": 42}
     peaks = {dt: measure_matmul_peak(dt).gflops for dt in ("float32", "bfloat16")}
     out: dict[str, Any] = {"baseline": args.baseline, "matmul_gflops": peaks, "load_start": load_note()}

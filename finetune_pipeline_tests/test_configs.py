@@ -54,3 +54,49 @@ def test_rescaled_schedule_warms_up_and_decays_within_the_budget() -> None:
         lrs.append(sched.get_last_lr()[0])
     assert lrs[0] == pytest.approx((65 - 5) / (65 - 3))  # past the 3-step warm-up: decaying
     assert lrs[-1] == pytest.approx(0.0)  # the decay ends at the last step that fits
+
+
+@pytest.mark.parametrize(
+    ("attention", "max_length", "use_cuda", "kernel"),
+    [
+        ("auto", 512, False, "eager"),  # short rows on a CPU: eager (the CPU flash-attention backward is slow)
+        ("auto", 1024, False, "eager"),  # the bound itself
+        ("auto", 2048, False, "sdpa"),  # long rows: eager's attention matrices grow with the length squared
+        ("auto", 512, True, "sdpa"),  # CUDA: sdpa's fused kernels
+        ("eager", 4096, True, "eager"),  # a named kernel is taken as it is
+        ("sdpa", 128, False, "sdpa"),
+    ],
+)
+def test_attention_kernel_rule(attention: str, max_length: int, use_cuda: bool, kernel: str) -> None:
+    from finetune_pipeline.training.configs import attention_kernel
+
+    t = TrainingSpec(attention=attention, max_length=max_length)
+    assert attention_kernel(t, use_cuda) == kernel
+
+
+@pytest.mark.parametrize(
+    ("parameters", "method", "batch", "lr"),
+    [
+        (135_000_000, "lora", 8, 1.02e-3),  # the packaged SmolLM2-135M at the default batch: today's 1e-3
+        (7_000_000_000, "lora", 16, 2e-4),  # the anchor: QLoRA's published 7B setting
+        (7_000_000_000, "qlora", 64, 4e-4),  # square-root batch scaling
+        (70_000_000_000, "lora", 16, 6.32e-5),  # larger models take smaller steps
+        (1_000_000, "lora", 8, 2e-3),  # a tiny model: capped at 2e-3
+        (135_000_000, "full", 8, 5.09e-5),  # full fine-tuning: a 20x smaller anchor
+        (500_000_000_000, "full", 1, 1e-6),  # floored
+    ],
+)
+def test_default_learning_rate_rule(parameters: int, method: str, batch: int, lr: float) -> None:
+    from finetune_pipeline.training.configs import default_learning_rate
+
+    assert default_learning_rate(parameters, method, batch) == pytest.approx(lr, rel=1e-3)
+
+
+def test_sft_config_refuses_an_unresolved_learning_rate() -> None:
+    from finetune_pipeline.spec import RuntimeSpec
+    from finetune_pipeline.training.configs import sft_config
+
+    with pytest.raises(ValueError, match="learning_rate is left out"):
+        sft_config(
+            TrainingSpec(), RuntimeSpec(), output_dir="x", use_cuda=False, dtype="float32", do_eval=False, saving=False
+        )

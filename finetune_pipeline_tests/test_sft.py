@@ -48,6 +48,25 @@ def test_lora_training_changes_every_adapter_weight_and_lowers_loss(tiny_model: 
     assert not list((tmp_path / "a").glob("*.bin")), "only safetensors are written"
 
 
+def test_a_left_out_learning_rate_is_chosen_by_the_rule_logged_and_recorded(tiny_model: Path, tmp_path: Path) -> None:
+    from finetune_pipeline.training.configs import default_learning_rate
+    from finetune_pipeline.training.sft import train
+
+    lines: list[str] = []
+    t = TRAIN.model_copy(update={"learning_rate": None, "max_steps": 2})
+    res = train(request(str(tiny_model), LORA, t, ROWS[:8], [], tmp_path / "a", runtime=RT), log=lines.append)
+    from transformers import AutoModelForCausalLM
+
+    params = AutoModelForCausalLM.from_pretrained(tiny_model).num_parameters()
+    expected = default_learning_rate(params, "lora", 4)
+    assert res.learning_rate == expected
+    assert any(ln.startswith(f"learning rate {expected:.3g}: training.learning_rate left out") for ln in lines), lines
+    import torch
+
+    kernel = "sdpa" if torch.cuda.is_available() else "eager"  # attention auto: eager on a CPU for rows <= 1024
+    assert any(f"{kernel} attention" in ln for ln in lines), lines
+
+
 def test_lora_same_seed_same_adapter(tiny_model: Path, tmp_path: Path) -> None:
     from finetune_pipeline.training.sft import train
 

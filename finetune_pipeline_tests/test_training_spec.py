@@ -157,7 +157,8 @@ def test_sft_config(training: dict, runtime: dict, call: dict, expected: dict, t
     from finetune_pipeline.training.configs import sft_config
 
     kw = {"use_cuda": False, "dtype": "float32", "do_eval": False, "saving": False, **call}
-    cfg = sft_config(TrainingSpec(**training), RuntimeSpec(**runtime), output_dir=str(tmp_path / "ckpt"), **kw)
+    resolved = TrainingSpec(**{"learning_rate": 1e-3, **training})  # sft.setup resolves a left-out rate first
+    cfg = sft_config(resolved, RuntimeSpec(**runtime), output_dir=str(tmp_path / "ckpt"), **kw)
     assert cfg.output_dir == str(tmp_path / "ckpt")
     got = {k: getattr(cfg, k) for k in expected}
     got = {k: (v.value if hasattr(v, "value") else v) for k, v in got.items()}  # enums (eval / save strategy)
@@ -170,7 +171,7 @@ def test_sft_config_bf16_autocast_on_cuda(tmp_path: Path) -> None:
     from finetune_pipeline.training.configs import sft_config
 
     kw = {"use_cuda": True, "dtype": "bfloat16", "do_eval": False, "saving": False}
-    cfg = sft_config(TrainingSpec(), RuntimeSpec(), output_dir=str(tmp_path), **kw)
+    cfg = sft_config(TrainingSpec(learning_rate=1e-3), RuntimeSpec(), output_dir=str(tmp_path), **kw)
     assert cfg.bf16 and not cfg.fp16 and not cfg.use_cpu
 
 
@@ -361,7 +362,14 @@ def test_sweep_trials_get_a_share_of_the_sweep_budget() -> None:
 def test_knobs_reach_trl_and_peft() -> None:
     from finetune_pipeline.training.configs import check_optim, lora_config, sft_config
 
-    t = TrainingSpec(max_steps=10, gradient_checkpointing=True, optim="adafactor", max_grad_norm=0.5, warmup_steps=2)
+    t = TrainingSpec(
+        max_steps=10,
+        learning_rate=1e-3,
+        gradient_checkpointing=True,
+        optim="adafactor",
+        max_grad_norm=0.5,
+        warmup_steps=2,
+    )
     cfg = sft_config(t, RT, output_dir="x", use_cuda=False, dtype="float32", do_eval=False, saving=False, steps=10)
     assert (cfg.gradient_checkpointing, cfg.optim, cfg.max_grad_norm, cfg.warmup_steps) == (True, "adafactor", 0.5, 2)
     assert cfg.logging_nan_inf_filter is False  # the NaN guard must see NaN losses

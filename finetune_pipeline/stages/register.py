@@ -266,7 +266,7 @@ def _facts(spec: LoadedSpec, adapter: AdapterRecord) -> dict[str, str]:
     return {
         "base model": f"{s.model.base} (weights digest {adapter.base_weights_digest})",
         "method": f"{s.model.method}" + (f", LoRA r={lora.r} alpha={lora.alpha}" if s.model.method != "full" else ""),
-        "training": f"{trained_steps(t, adapter.cost)}, learning_rate={t.learning_rate}, batch={t.per_device_train_batch_size}, max_length={t.max_length}, seed={t.seed}",
+        "training": f"{trained_steps(t, adapter.cost)}, learning_rate={adapter.cost.get('learning_rate') or t.learning_rate}, batch={t.per_device_train_batch_size}, max_length={t.max_length}, seed={t.seed}",
         "data digests": ", ".join(f"{k}={v}" for k, v in adapter.split_digests.items()),
         "drops": ", ".join(adapter.drops),
         "adapter key": adapter.adapter_key,

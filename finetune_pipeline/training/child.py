@@ -26,6 +26,7 @@ def _rank() -> int:
 def cost_metadata(res: Any) -> dict[str, Any]:
     """The numbers a user wants before paying for the next run (JSON-able, for Dagster metadata and MLflow)."""
     return {
+        "learning_rate": res.learning_rate,
         "tokens_per_second": round(res.tokens_per_second, 1),
         "train_tokens": res.train_tokens,
         "wall_seconds": round(res.wall_seconds, 1),

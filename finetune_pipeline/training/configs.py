@@ -53,6 +53,8 @@ def sft_config(
     from trl import SFTConfig
 
     t, rt = training, runtime
+    if t.learning_rate is None:
+        raise ValueError("training.learning_rate is left out: resolve it first (sft.setup uses default_learning_rate)")
     return SFTConfig(
         output_dir=output_dir,
         max_steps=steps or t.max_steps or 1,
@@ -94,6 +96,33 @@ def sft_config(
     )
 
 
+def default_learning_rate(parameters: int, method: str, effective_batch: int) -> float:
+    """The peak learning rate when the spec leaves it out: an anchor (LoRA / QLoRA 2e-4, full fine-tuning 1e-5, at
+    a 7B model and an effective batch of 16, the usual published settings) scaled by sqrt(7e9 / parameters) (smaller
+    models take larger steps) and sqrt(effective batch / 16) (square-root batch scaling), kept within
+    [2e-5, 2e-3] (adapters) or [1e-6, 1e-4] (full)."""
+    anchor, low, high = (1e-5, 1e-6, 1e-4) if method == "full" else (2e-4, 2e-5, 2e-3)
+    lr = anchor * math.sqrt(7e9 / max(1, parameters)) * math.sqrt(max(1, effective_batch) / 16)
+    return float(f"{min(high, max(low, lr)):.3g}")
+
+
+def effective_batch(t: TrainingSpec) -> int:
+    """Examples per optimizer step: per-device batch x accumulation x processes."""
+    return t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_processes
+
+
+EAGER_MAX_LENGTH = 1024  # attention "auto": eager on a CPU up to this max_length
+
+
+def attention_kernel(training: TrainingSpec, use_cuda: bool) -> str:
+    """transformers' ``attn_implementation`` for training: the spec's choice, or for ``auto`` eager on a CPU when
+    rows are at most ``EAGER_MAX_LENGTH`` tokens (faster than the CPU flash-attention backward there) and sdpa
+    otherwise (eager's attention matrices grow with the length squared) and on CUDA."""
+    if training.attention != "auto":
+        return training.attention
+    return "eager" if not use_cuda and training.max_length <= EAGER_MAX_LENGTH else "sdpa"
+
+
 CUDA_ONLY_OPTIM = {"adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "paged_lion_8bit"}
 
 
@@ -111,8 +140,7 @@ def planned_steps(t: TrainingSpec, rows: int) -> int:
     effective batch (per-device batch x accumulation x processes), rounded up."""
     if t.max_steps is not None:
         return t.max_steps
-    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_processes
-    return max(1, math.ceil(float(t.num_train_epochs or 1) * math.ceil(rows / per_step)))
+    return max(1, math.ceil(float(t.num_train_epochs or 1) * math.ceil(rows / effective_batch(t))))
 
 
 def warmup_steps(t: TrainingSpec, steps: int) -> int:
@@ -131,5 +159,4 @@ def budget_warmup_steps(t: TrainingSpec, planned: int, fit: int) -> int:
 
 def epoch_steps(t: TrainingSpec, rows: int) -> int:
     """Optimizer steps of one pass over ``rows`` training rows (or packed sequences) at the effective batch."""
-    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_processes
-    return max(1, math.ceil(rows / per_step))
+    return max(1, math.ceil(rows / effective_batch(t)))

@@ -67,6 +67,7 @@ class TrainResult(Record):
     resumed_from_step: int = 0
     stopped_early: bool = False
     eval_history: list[tuple[int, float]] = []
+    learning_rate: float | None = None  # the peak rate used (the spec's, or default_learning_rate's)
     dtype: str = "float32"
     device: str = "cpu"
     peak_memory_mb: float = 0.0

@@ -97,7 +97,15 @@ def setup(req: TrainRequest, log: LogFn = print, extra_callbacks: list[Any] | No
     from finetune_pipeline.models.hardware import choose_dtype
     from finetune_pipeline.training import contract, cost
     from finetune_pipeline.training.chat import resolve_chat_template
-    from finetune_pipeline.training.configs import check_optim, epoch_steps, planned_steps, sft_config, warmup_steps
+    from finetune_pipeline.training.configs import (
+        check_optim,
+        default_learning_rate,
+        effective_batch,
+        epoch_steps,
+        planned_steps,
+        sft_config,
+        warmup_steps,
+    )
     from finetune_pipeline.training.trainer import RecordingSFTTrainer
 
     t, rt = req.training, req.runtime
@@ -113,6 +121,15 @@ def setup(req: TrainRequest, log: LogFn = print, extra_callbacks: list[Any] | No
     chat = resolve_chat_template(tok, t.chat_template, spec_dir, need_markers=t.assistant_only_loss)
     chat.install(tok)  # the template, and its end-of-turn token as EOS
     model = _model(req, dtype)
+    if t.learning_rate is None:  # the rule's rate, from the model's size, the method and the effective batch
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        lr = default_learning_rate(base.num_parameters(), req.model.method, effective_batch(t))
+        log(
+            f"learning rate {lr:.3g}: training.learning_rate left out, chosen for {base.num_parameters():,} "
+            f"parameters, {req.model.method}, effective batch {effective_batch(t)} (default_learning_rate)"
+        )
+        t = t.model_copy(update={"learning_rate": lr})
+        req = req.model_copy(update={"training": t})
     init = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -121,7 +138,7 @@ def setup(req: TrainRequest, log: LogFn = print, extra_callbacks: list[Any] | No
     steps = planned_steps(t, len(req.train_messages))
     log(
         f"training {req.model.method} in {dtype} on {device}: {trainable:,} trainable of {total:,} parameters, "
-        f"{steps} steps"
+        f"{steps} steps, {model.config._attn_implementation} attention"
         + (f" ({t.num_train_epochs:g} epochs of {len(req.train_messages)} rows)" if t.num_train_epochs else "")
     )
     peak = cost.measure_matmul_peak(dtype, device) if req.measure_cost else None
@@ -362,12 +379,14 @@ def _loss_share(trainer: Any) -> float:
 def _model(req: TrainRequest, dtype: str) -> Any:
     """The base model in the chosen dtype, with a fresh adapter for lora / qlora (initialised reproducibly from the
     training seed)."""
+    import torch
     from transformers import set_seed
 
     from finetune_pipeline.models.base import load_model
-    from finetune_pipeline.training.configs import lora_config
+    from finetune_pipeline.training.configs import attention_kernel, lora_config
 
     model = load_model(req.base_path, req.model.model_copy(update={"dtype": dtype}), for_training=True)
+    model.set_attn_implementation(attention_kernel(req.training, torch.cuda.is_available()))
     if req.model.method in ("lora", "qlora"):
         from peft import get_peft_model
 
@@ -392,6 +411,7 @@ def _cost_figures(session: Session, fitted: Fitted) -> dict[str, Any]:
     fpt = cost.train_flops_per_token(trainer.model, avg_len)
     achieved = fpt * fitted.tokens / fitted.wall_seconds / 1e12 if fitted.wall_seconds > 0 else 0.0
     return {
+        "learning_rate": session.req.training.learning_rate,
         "dtype": session.dtype,
         "device": session.device,
         "num_processes": n_proc,
