@@ -2,6 +2,7 @@
 trainer (``sft.setup``), each operator put into one phase and one kind.
 
     python bench/profile_step.py --task demo|sql [--steps 3] [--batch 8] [--dtype auto] [--out FILE.json]
+        [--training '{"attention": "sdpa", "half_precision_lora": false}' --lora '{"dropout": 0.05}']  # before
 
 Phases: collation (the DataLoader's next batch), forward, backward (inside autograd's engine), optimizer (AdamW step
 and zero_grad), other (the trainer's own work between them). Kinds: base matmul (the frozen linear layers and the LM
@@ -83,6 +84,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--training", default="{}", help="JSON: extra training settings (the candidate's)")
+    ap.add_argument(
+        "--lora",
+        default="{}",
+        help="JSON: LoRA settings over r16 / alpha 32 and the spec's defaults, e.g. '{\"dropout\": 0.05}' (before)",
+    )
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     os.environ.setdefault("FINETUNE_HOME", str(REPO / ".finetune"))
@@ -99,7 +105,7 @@ def main() -> None:
     rank = 16
     req = TrainRequest(
         base_path=base,
-        model=ModelSpec(dtype=args.dtype, lora={"r": rank, "alpha": 32, "dropout": 0.0}),
+        model=ModelSpec(dtype=args.dtype, lora={"r": rank, "alpha": 32, **json.loads(args.lora)}),
         training=TrainingSpec(
             max_steps=total, per_device_train_batch_size=args.batch, max_length=256, **json.loads(args.training)
         ),
@@ -188,6 +194,8 @@ def main() -> None:
         "dtype": session.dtype,
         "batch": args.batch,
         "training": json.loads(args.training),
+        "lora": json.loads(args.lora),
+        "attention": model.config._attn_implementation,
         "threads": torch.get_num_threads(),
         "load_average": os.getloadavg(),
         "step_seconds_unprofiled": sum(unprofiled) / max(1, len(unprofiled)),

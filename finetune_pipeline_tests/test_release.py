@@ -58,6 +58,7 @@ def test_release_of_the_champion(tmp_path: Path, tiny_model: Path) -> None:
     for r in rows:
         assert r.data["size_mb"] > 0 and r.data["c1_p50_s"] > 0 and r.data["c2_tok_s"] > 0 and r.data["peak_rss_mb"] > 0
         assert r.data["vs_evaluated"].startswith(("+", "-"))
+        assert r.data["largest_batch"] >= 1  # served by the serve engine, whose /health counts its batches
     evaluated = mat["evaluated_perplexity"].value
     for r in rows:  # bf16 and q8_0 rounding move perplexity a little, not a lot
         assert abs(r.data["perplexity"] / evaluated - 1) < 0.05, (r.data, evaluated)

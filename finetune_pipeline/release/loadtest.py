@@ -2,8 +2,8 @@
 latency percentiles, output tokens per second and the server process's peak memory.
 
 ``load_test`` only speaks HTTP (``POST {base_url}/v1/chat/completions``), so it measures any OpenAI-compatible
-server; ``measure_artifact`` starts the release's minimal server (``release.artifact_server``) for one artifact in its own
-process and reads that process's peak resident memory (Linux ``VmHWM``).
+server; ``measure_artifact`` serves one artifact with ``finetune-pipeline serve``'s engine and routes
+(``release.artifact_server``) in its own process and reads that process's peak resident memory (Linux ``VmHWM``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+
+from finetune_pipeline.release.artifact_server import SERVER
 
 
 class LoadResult(BaseModel):
@@ -39,6 +41,7 @@ class ServingNumbers(BaseModel):
     startup_s: float
     peak_rss_mb: float
     runs: list[LoadResult]
+    largest_batch: int = 0  # the most requests the server generated together (its /health)
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -145,6 +148,7 @@ def measure_artifact(
             raise RuntimeError(f"the {fmt} server refused a load-test request: {warm.first_error}")
         runs = [load_test(url, prompts, n, c, max_tokens) for c in levels]
         peak = peak_rss_mb(proc.pid)
+        largest = int(httpx.get(f"{url}/health", timeout=10.0).json().get("largest_batch", 0))
     finally:
         proc.terminate()
         try:
@@ -153,8 +157,9 @@ def measure_artifact(
             proc.kill()
             proc.wait()
         err.close()
-    server = "release.artifact_server (FastAPI + uvicorn, one generation at a time, no batching)"
-    return ServingNumbers(format=fmt, server=server, startup_s=startup, peak_rss_mb=peak, runs=runs)
+    return ServingNumbers(
+        format=fmt, server=SERVER, startup_s=startup, peak_rss_mb=peak, runs=runs, largest_batch=largest
+    )
 
 
 def summary(s: ServingNumbers) -> dict[str, Any]:

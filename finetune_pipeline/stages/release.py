@@ -262,5 +262,6 @@ def metadata_rows(rec: ReleaseRecord) -> list[dict[str, Any]]:
                 row[f"c{run.concurrency}_p95_s"] = round(run.p95_s, 3)
                 row[f"c{run.concurrency}_tok_s"] = round(run.tokens_per_s, 1)
             row["peak_rss_mb"] = round(serving[s.format].peak_rss_mb)
+            row["largest_batch"] = serving[s.format].largest_batch
         rows.append(row)
     return rows

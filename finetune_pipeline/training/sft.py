@@ -123,9 +123,11 @@ def setup(req: TrainRequest, log: LogFn = print, extra_callbacks: list[Any] | No
     model = _model(req, dtype)
     if t.learning_rate is None:  # the rule's rate, from the model's size, the method and the effective batch
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        lr = default_learning_rate(base.num_parameters(), req.model.method, effective_batch(t))
+        adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        params = base.num_parameters() - adapter  # the model's own (4-bit weights counted unpacked)
+        lr = default_learning_rate(params, req.model.method, effective_batch(t))
         log(
-            f"learning rate {lr:.3g}: training.learning_rate left out, chosen for {base.num_parameters():,} "
+            f"learning rate {lr:.3g}: training.learning_rate left out, chosen for {params:,} "
             f"parameters, {req.model.method}, effective batch {effective_batch(t)} (default_learning_rate)"
         )
         t = t.model_copy(update={"learning_rate": lr})
