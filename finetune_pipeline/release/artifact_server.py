@@ -22,8 +22,8 @@ def build_app(fmt: str, path: Path, batch_size: int = 8) -> Any:
     from finetune_pipeline.serving.engine import Engine, ModelBundle
     from finetune_pipeline.serving.openai_api import create_app
 
-    model, tok, loader, _ = load_artifact(fmt, path)
-    bundle = ModelBundle(model.eval(), tok, name=f"release-{fmt}", version=fmt, defaults={"loader": loader})
+    model, tok, _, _ = load_artifact(fmt, path)
+    bundle = ModelBundle(model.eval(), tok, name=f"release-{fmt}", version=fmt)
     return create_app(Engine(bundle, batch_size=batch_size))
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 from finetune_pipeline.data.readiness import Readiness, assess
 from finetune_pipeline.layout import AdapterRecord, PipelineLayout
 from finetune_pipeline.spec import LoadedSpec
-from finetune_pipeline.training.configs import planned_steps
+from finetune_pipeline.training.configs import effective_batch, planned_steps
 
 
 def gate_confidence(spec: LoadedSpec) -> float | None:
@@ -56,7 +56,7 @@ def data_readiness(layout: PipelineLayout, spec: LoadedSpec) -> Readiness:
         confidence=gate_confidence(spec),
         label_counts=labels,
         mean_train_tokens=mean_tokens,
-        tokens_per_step_rows=t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_processes,
+        tokens_per_step_rows=effective_batch(t),
         max_steps=planned_steps(t, counts.get("train", 0)),  # from max_steps or num_train_epochs
         tokens_per_second=last_tokens_per_second(layout),
         budget_minutes=t.max_minutes,
