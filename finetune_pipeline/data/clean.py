@@ -19,8 +19,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from finetune_pipeline.data import dedup, labels, normalize, quality
+from finetune_pipeline.data import labels, normalize, quality
+from finetune_pipeline.data.clean_store import MemoryStore, ParquetStore, row_problems
+from finetune_pipeline.data.near_stream import NearDedupStream
 from finetune_pipeline.data.readers import RAW_PREVIEW_CHARS, FileProblem, ReadResult, Reject, read_file, safe_text
+from finetune_pipeline.data.readers.record_formats import plain_text
 from finetune_pipeline.spec import PipelineSpec, SourceSpec
 
 KEPT_COLUMNS = [
@@ -40,7 +43,6 @@ KEPT_COLUMNS = [
 QUARANTINE_COLUMNS = ["drop", "source_line", "reason", "detail", "raw"]
 DUPLICATE_COLUMNS = ["drop", "source_line", "row_id", "duplicate_of", "content_hash", "kind", "similarity"]
 PII_COLUMNS = ["drop", "source_line", "row_id", "kinds", "outcome", "preview"]
-_BASE_COLUMNS = ["messages", "content_hash", "n_messages", "chars", "source_line"]
 
 
 @dataclass
@@ -57,6 +59,8 @@ class CleanResult:
     timings: dict[str, float] = field(default_factory=dict)
     pii: pd.DataFrame = field(default_factory=lambda: _empty(PII_COLUMNS))  # rows with personal data or secrets
     pii_counts: dict[str, int] = field(default_factory=dict)  # findings per kind (cleaning.pii)
+    kept_path: Path | None = None  # where the kept rows were written (clean_file's kept_path; then no messages)
+    kept_problems: list[str] | None = None  # chat-schema problems found while writing kept_path
 
     @property
     def rejection_rate(self) -> float:
@@ -94,46 +98,47 @@ def clean_file(
     *,
     source_name: str | None = None,
     source: SourceSpec | None = None,
+    kept_path: Path | None = None,
 ) -> CleanResult:
     """Parse and clean one drop file. Never raises for bad rows; each goes to the quarantine.
 
     ``source_name`` is the file the user dropped (``path`` is usually its stored copy): file-level messages name
     it. ``count_tokens(list[str] messages JSON) -> np.ndarray`` enables cleaning.min_tokens / max_tokens.
     ``source``: the spec source the file came from (its formats, column map and labels; default the first); its
-    name is stored in every kept row's ``source`` column."""
+    name is stored in every kept row's ``source`` column.
+
+    The file streams through: each batch the reader makes is normalised, checked, scored and exact-deduplicated
+    on its own; only a few fields per row (ids, lines, hashes, the near dedup's MinHash signature) outlive it.
+    ``kept_path``: the kept rows are written there batch by batch, and the result's ``kept`` holds every column
+    but ``messages`` (with ``kept_problems``: the chat-schema problems found while writing). Without it the kept
+    rows are collected in memory (whole rows in ``kept``)."""
     src = source or spec.source_list()[0]
-    timings: dict[str, float] = {}
+    run = _Run(drop, spec, src, count_tokens, ParquetStore(kept_path) if kept_path else MemoryStore())
     t0 = time.perf_counter()
     try:
-        read = read_file(path, src, source_name=source_name)
+        read = read_file(path, src, source_name=source_name, on_tables=run.chunk)
     except FileProblem as exc:
+        run.store.discard()
         q = pd.DataFrame([{"drop": drop, "source_line": 0, "reason": exc.reason, "detail": str(exc), "raw": ""}])
         return CleanResult(_empty(KEPT_COLUMNS), q, _empty(DUPLICATE_COLUMNS), 1, 0, {exc.reason: 1}, notes=[str(exc)])
-    timings["parse"] = time.perf_counter() - t0
-    w = _normalise_tables(read, src, spec, timings)
-    _check_row_fields(w, spec, src)
-    _score_quality(w, spec)
-    _count_tokens(w, spec, count_tokens)
-    _assign_row_ids(w, drop, src)
-    _dedup(w, spec, drop)
-    return _result(w, read, spec, drop)
+    run.timings["parse"] = time.perf_counter() - t0 - sum(run.timings.values())
+    return run.finish(read)
 
 
 @dataclass
 class _Work:
-    """One file on its way through the steps of clean_file: the rows so far and what was said about them."""
+    """One batch of a file on its way through the steps of clean_file: its rows and what was said about them."""
 
     kept: pd.DataFrame
     rejects: list[Reject]
     prompt: pa.Array  # per row: the prompt side (near dedup)
     final: pa.Array  # per row: the final answer (near dedup)
     answer: pa.Array  # per row: the assistant turns (quality score)
-    notes: list[str]
     timings: dict[str, float]
     pii_parts: list[pd.DataFrame]
     drop_mask: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # quarantined by a row check
-    alive: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # kept in the end
-    dups: list[pd.DataFrame] = field(default_factory=list)
+    alive: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # kept after the exact dedup
+    moved: int = 0  # conversations whose leading assistant turns were moved or dropped
 
     def reject_rows(self, mask: np.ndarray, why: str, detail_of: Any) -> None:
         """Quarantine the rows in ``mask`` not already quarantined, with ``detail_of(i)``."""
@@ -145,26 +150,203 @@ class _Work:
         self.drop_mask[new] = True
 
 
-def _normalise_tables(read: ReadResult, src: SourceSpec, spec: PipelineSpec, timings: dict[str, float]) -> _Work:
+class _Run:
+    """One file's cleaning: ``chunk`` takes each group of tables the reader makes, ``finish`` the reader's result.
+
+    Between batches it keeps the rejects, the exact dedup's first row per content key, the duplicates found, the
+    PII rows, the near dedup's signatures and, per kept row, its id, line and content hash."""
+
+    def __init__(self, drop: str, spec: PipelineSpec, src: SourceSpec, count_tokens: Any, store: Any):
+        self.drop, self.spec, self.src, self.count_tokens, self.store = drop, spec, src, count_tokens, store
+        self.rejects: list[Reject] = []
+        self.timings: dict[str, float] = {}
+        self.moved = 0
+        self.seen: dict[Any, str] = {}  # content key -> row id of the first row kept with it
+        self.dups: list[pd.DataFrame] = []
+        self.pii_tables: list[pd.DataFrame] = []
+        self.pii_counts: dict[str, int] = {}
+        self.ids: list[np.ndarray] = []
+        self.lines: list[np.ndarray] = []
+        self.hashes: list[np.ndarray] = []
+        d = spec.dedup
+        self.near = NearDedupStream(d.near_threshold, d.num_perm, d.ngram, d.boilerplate_share) if d.near else None
+
+    def _time(self, name: str, t0: float) -> None:
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+    def chunk(self, pairs: list[tuple[pa.Table, str]]) -> None:
+        w = _normalise_tables(pairs, self.src, self.spec, self.timings)
+        if w is None:
+            return
+        self.moved += w.moved
+        _check_row_fields(w, self.spec, self.src)
+        _score_quality(w, self.spec)
+        _count_tokens(w, self.spec, self.count_tokens)
+        _assign_row_ids(w, self.drop, self.src)
+        self._exact_dedup(w)
+        self.rejects += w.rejects
+        t0 = time.perf_counter()
+        live = np.flatnonzero(w.alive)
+        pick = pa.array(live, pa.int64())
+        prompt, final = w.prompt.take(pick), w.final.take(pick)
+        kept = w.kept[KEPT_COLUMNS].iloc[live].reset_index(drop=True)
+        for c in ("messages", "content_hash"):  # plain Python strings for the code downstream
+            kept[c] = kept[c].to_numpy(dtype=object)
+        self.ids.append(kept["row_id"].to_numpy())
+        self.lines.append(kept["source_line"].to_numpy())
+        self.hashes.append(kept["content_hash"].to_numpy())
+        if w.pii_parts:
+            table, counts = _pii_report(
+                w.pii_parts, w.kept[["source_line", "row_id", "messages"]], w.alive, w.drop_mask, self.drop, self.spec
+            )
+            self.pii_tables.append(table)
+            for k, v in counts.items():
+                self.pii_counts[k] = self.pii_counts.get(k, 0) + v
+        self._time("select", t0)
+        if self.near is not None:
+            t0 = time.perf_counter()
+            self.near.add(prompt, final)
+            self._time("near_dedup", t0)
+        self.store.add(kept, prompt, final)
+
+    def _exact_dedup(self, w: _Work) -> None:
+        """A row whose content key an earlier kept row has (in this batch or an earlier one) is a duplicate of it."""
+        t0 = time.perf_counter()
+        kept = w.kept
+        w.alive = ~w.drop_mask
+        key = (kept.pop("_key") if "_key" in kept else kept["content_hash"]).to_numpy()
+        row_id = kept["row_id"].to_numpy()
+        rows, owners = [], []
+        for pos, k in zip(np.flatnonzero(w.alive).tolist(), key[w.alive].tolist(), strict=True):
+            owner = self.seen.get(k)
+            if owner is None:
+                self.seen[k] = row_id[pos]
+            else:
+                rows.append(pos)
+                owners.append(owner)
+        if rows:
+            at = np.asarray(rows, np.int64)
+            self.dups.append(
+                pd.DataFrame(
+                    {
+                        "drop": self.drop,
+                        "source_line": kept["source_line"].to_numpy()[at],
+                        "row_id": row_id[at],
+                        "duplicate_of": owners,
+                        "content_hash": kept["content_hash"].to_numpy()[at],
+                        "kind": "exact",
+                        "similarity": 1.0,
+                    }
+                )
+            )
+            w.alive[at] = False
+        self._time("exact_dedup", t0)
+
+    def finish(self, read: ReadResult) -> CleanResult:
+        """The near duplicates among all kept rows, then the kept rows, the quarantine in line order, the
+        duplicates and the PII report."""
+        spec, drop = self.spec, self.drop
+        notes = list(read.notes)
+        if self.moved:
+            how = "kept as context in the system message" if self.src.leading_assistant == "context" else "dropped"
+            notes.append(
+                f"{self.moved} conversations began with assistant turns: those turns were {how} "
+                "(source.leading_assistant)"
+            )
+        ids, lines, hashes = (
+            np.concatenate(x) if x else np.zeros(0, object) for x in (self.ids, self.lines, self.hashes)
+        )
+        alive = np.ones(len(ids), bool)
+        if self.near is not None and len(ids) > 1:
+            t0 = time.perf_counter()
+            nd = self.near.finish(self.store.texts)
+            if len(nd.row):
+                self.dups.append(
+                    pd.DataFrame(
+                        {
+                            "drop": drop,
+                            "source_line": lines[nd.row],
+                            "row_id": ids[nd.row],
+                            "duplicate_of": ids[nd.matched],
+                            "content_hash": hashes[nd.row],
+                            "kind": "near",
+                            "similarity": np.round(nd.similarity, 4),
+                        }
+                    )
+                )
+                alive[nd.row] = False
+            self._time("near_dedup", t0)
+        t0 = time.perf_counter()
+        kept, problems = self.store.finish(alive, KEPT_COLUMNS, plain_text(read.record_format))
+        self._time("select", t0)
+        rejects = list(read.rejects) + self.rejects
+        if spec.cleaning.pii.mode == "mask":
+            rejects = _scrub_rejects(rejects, spec)
+        quarantine = (
+            pd.DataFrame(
+                [
+                    {
+                        "drop": drop,
+                        "source_line": r.line,
+                        "reason": r.reason,
+                        "detail": safe_text(r.detail),
+                        "raw": safe_text(r.raw),
+                    }
+                    for r in rejects
+                ],
+                columns=QUARANTINE_COLUMNS,
+            )
+            .sort_values("source_line", kind="stable")
+            .reset_index(drop=True)
+        )
+        reasons = quarantine["reason"].value_counts().sort_index().to_dict()
+        duplicates = (
+            pd.concat(self.dups, ignore_index=True)[DUPLICATE_COLUMNS] if self.dups else _empty(DUPLICATE_COLUMNS)
+        )
+        return CleanResult(
+            kept=kept,
+            quarantine=quarantine,
+            duplicates=duplicates.sort_values("source_line", kind="stable").reset_index(drop=True),
+            rows_in=read.rows_in,
+            blank_lines=read.blank_lines,
+            reasons={str(k): int(v) for k, v in reasons.items()},
+            file_format=read.file_format,
+            record_format=read.record_format,
+            notes=notes,
+            timings=self.timings,
+            pii=self._pii(lines[~alive]),
+            pii_counts=dict(sorted(self.pii_counts.items())),
+            kept_path=self.store.path,
+            kept_problems=problems,
+        )
+
+    def _pii(self, near_lines: np.ndarray) -> pd.DataFrame:
+        """The PII rows of every batch; a row found to be a near duplicate at the end says so."""
+        if not self.pii_tables:
+            return _empty(PII_COLUMNS)
+        table = pd.concat(self.pii_tables, ignore_index=True)
+        late = (table["outcome"] == "kept") & table["source_line"].isin(near_lines)
+        table.loc[late, "outcome"] = "duplicate"
+        return table
+
+
+def _normalise_tables(
+    pairs: list[tuple[pa.Table, str]], src: SourceSpec, spec: PipelineSpec, timings: dict[str, float]
+) -> _Work | None:
     """Each table to the chat schema (normalize.normalise); invalid rows become rejects; rows in file order."""
     cols = src.columns
-    rejects: list[Reject] = list(read.rejects)
+    rejects: list[Reject] = []
     frames: list[pd.DataFrame] = []
     texts: list[tuple[pa.Array, pa.Array, pa.Array]] = []
     pii_parts: list[pd.DataFrame] = []
     t0 = time.perf_counter()
-    pairs = [(t, f) for t, f in zip(read.tables, read.table_formats, strict=True) if t.num_rows]
+    pairs = [(t, f) for t, f in pairs if t.num_rows]
+    if not pairs:
+        return None
     results = [
         normalize.normalise(t, f, cols, spec.cleaning, roles=src.role_map(), leading_assistant=src.leading_assistant)
         for t, f in pairs
     ]
-    notes = list(read.notes)
-    moved = sum(r.leading_moved for r in results)
-    if moved:
-        how = "kept as context in the system message" if src.leading_assistant == "context" else "dropped"
-        notes.append(
-            f"{moved} conversations began with assistant turns: those turns were {how} (source.leading_assistant)"
-        )
     for (table, _), res in zip(pairs, results, strict=True):
         lines = table.column("_line").to_numpy()
         if len(res.reject_rows):
@@ -183,19 +365,18 @@ def _normalise_tables(read: ReadResult, src: SourceSpec, spec: PipelineSpec, tim
         if res.pii is not None and len(res.pii):
             pii_parts.append(pd.DataFrame({"source_line": lines[res.pii["pos"].to_numpy()], "kind": res.pii["kind"]}))
         texts.append((res.prompt_text, res.answer_text, res.assistant_text))
-    kept = pd.concat(frames, ignore_index=True) if frames else _empty(_BASE_COLUMNS)
+    kept = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     for name in ("id", "label", "timestamp"):
         if name not in kept:
             kept[name] = None
-    prompt, final, answer = (
-        pa.concat_arrays([t[k] for t in texts]) if texts else pa.array([], pa.string()) for k in range(3)
-    )
-    if len(set(read.table_formats)) > 1 and len(kept):  # a mixed file: rows back in file order
+    prompt, final, answer = (pa.concat_arrays([t[k] for t in texts]) for k in range(3))
+    if len({f for _, f in pairs}) > 1 and len(kept):  # a mixed file: rows back in file order
         order = np.argsort(kept["source_line"].to_numpy(), kind="stable")
         kept = kept.iloc[order].reset_index(drop=True)
         prompt, final, answer = (x.take(pa.array(order)) for x in (prompt, final, answer))
-    timings["normalise"] = time.perf_counter() - t0
-    return _Work(kept, rejects, prompt, final, answer, notes, timings, pii_parts, np.zeros(len(kept), bool))
+    timings["normalise"] = timings.get("normalise", 0.0) + time.perf_counter() - t0
+    moved = sum(r.leading_moved for r in results)
+    return _Work(kept, rejects, prompt, final, answer, timings, pii_parts, np.zeros(len(kept), bool), moved=moved)
 
 
 def _check_row_fields(w: _Work, spec: PipelineSpec, src: SourceSpec) -> None:
@@ -243,7 +424,7 @@ def _score_quality(w: _Work, spec: PipelineSpec) -> None:
             "low_quality",
             lambda i: q.explain(int(i)) + f" < cleaning.quality.min_score={cleaning.quality.min_score}",
         )
-    w.timings["quality"] = time.perf_counter() - t0
+    w.timings["quality"] = w.timings.get("quality", 0.0) + time.perf_counter() - t0
 
 
 def _count_tokens(w: _Work, spec: PipelineSpec, count_tokens: Any) -> None:
@@ -267,7 +448,7 @@ def _count_tokens(w: _Work, spec: PipelineSpec, count_tokens: Any) -> None:
             "too_few_tokens",
             lambda i: f"{toks[i]} tokens < cleaning.min_tokens={cleaning.min_tokens}",
         )
-    w.timings["tokens"] = time.perf_counter() - t0
+    w.timings["tokens"] = w.timings.get("tokens", 0.0) + time.perf_counter() - t0
 
 
 def _assign_row_ids(w: _Work, drop: str, src: SourceSpec) -> None:
@@ -284,99 +465,6 @@ def _assign_row_ids(w: _Work, drop: str, src: SourceSpec) -> None:
     kept["row_id"] = row_id
     kept["drop"] = drop
     kept["source"] = src.name
-
-
-def _dedup(w: _Work, spec: PipelineSpec, drop: str) -> None:
-    """Exact duplicates (same content key), then near duplicates (dedup.near) among the rows still alive."""
-    kept, alive = w.kept, w.alive
-    t0 = time.perf_counter()
-    key = (kept.pop("_key") if "_key" in kept else kept["content_hash"]).to_numpy()
-    live = np.flatnonzero(alive)
-    live_keys = pd.Series(key[live])
-    repeat = live_keys.duplicated(keep="first").to_numpy()
-    exact = np.zeros(len(kept), bool)
-    exact[live[repeat]] = True
-    w.dups.append(_duplicates_frame(kept, live, live_keys, repeat, drop))
-    alive &= ~exact
-    w.timings["exact_dedup"] = time.perf_counter() - t0
-    if not spec.dedup.near or alive.sum() <= 1:
-        return
-    t0 = time.perf_counter()
-    live = np.flatnonzero(alive)
-    pick = pa.array(live)
-    sides = dedup.side_shingles(
-        w.prompt.take(pick) if len(live) < len(kept) else w.prompt,
-        w.final.take(pick) if len(live) < len(kept) else w.final,
-        spec.dedup.ngram,
-    )
-    nd = dedup.near_duplicates(
-        sides, spec.dedup.near_threshold, spec.dedup.num_perm, boilerplate_share=spec.dedup.boilerplate_share
-    )
-    if len(nd.row):
-        rows, matched = live[nd.row], live[nd.matched]
-        w.dups.append(
-            pd.DataFrame(
-                {
-                    "drop": drop,
-                    "source_line": kept["source_line"].to_numpy()[rows],
-                    "row_id": kept["row_id"].to_numpy()[rows],
-                    "duplicate_of": kept["row_id"].to_numpy()[matched],
-                    "content_hash": kept["content_hash"].to_numpy()[rows],
-                    "kind": "near",
-                    "similarity": np.round(nd.similarity, 4),
-                }
-            )
-        )
-        alive[rows] = False
-    w.timings["near_dedup"] = time.perf_counter() - t0
-
-
-def _result(w: _Work, read: ReadResult, spec: PipelineSpec, drop: str) -> CleanResult:
-    """The kept rows (one filter), the quarantine in line order, the duplicates and the PII report."""
-    t0 = time.perf_counter()
-    pii_rows = w.kept[["source_line", "row_id", "messages"]] if w.pii_parts else None
-    kept = w.kept[KEPT_COLUMNS]
-    if not w.alive.all():
-        kept = kept[w.alive]
-    kept = kept.reset_index(drop=True)
-    for c in ("messages", "content_hash"):  # plain Python strings for the code downstream
-        kept[c] = kept[c].to_numpy(dtype=object)
-    w.timings["select"] = time.perf_counter() - t0
-    duplicates = pd.concat(w.dups, ignore_index=True)[DUPLICATE_COLUMNS]
-    pii_table, pii_counts = _pii_report(w.pii_parts, pii_rows, w.alive, w.drop_mask.copy(), drop, spec)
-    rejects = _scrub_rejects(w.rejects, spec) if spec.cleaning.pii.mode == "mask" else w.rejects
-    quarantine = (
-        pd.DataFrame(
-            [
-                {
-                    "drop": drop,
-                    "source_line": r.line,
-                    "reason": r.reason,
-                    "detail": safe_text(r.detail),
-                    "raw": safe_text(r.raw),
-                }
-                for r in rejects
-            ],
-            columns=QUARANTINE_COLUMNS,
-        )
-        .sort_values("source_line", kind="stable")
-        .reset_index(drop=True)
-    )
-    reasons = quarantine["reason"].value_counts().sort_index().to_dict()
-    return CleanResult(
-        kept=kept,
-        quarantine=quarantine,
-        duplicates=duplicates.sort_values("source_line", kind="stable").reset_index(drop=True),
-        rows_in=read.rows_in,
-        blank_lines=read.blank_lines,
-        reasons={str(k): int(v) for k, v in reasons.items()},
-        file_format=read.file_format,
-        record_format=read.record_format,
-        notes=w.notes,
-        timings=w.timings,
-        pii=pii_table,
-        pii_counts=pii_counts,
-    )
 
 
 def _pii_report(
@@ -431,40 +519,15 @@ def _scrub_rejects(rejects: list[Reject], spec: PipelineSpec) -> list[Reject]:
     return [Reject(r.line, r.reason, masked[n + i], masked[i]) for i, r in enumerate(rejects)]
 
 
-def _duplicates_frame(
-    kept: pd.DataFrame, live: np.ndarray, live_keys: pd.Series, repeat: np.ndarray, drop: str
-) -> pd.DataFrame:
-    """Exact duplicates (``live[repeat]``) with the id of the first live row that had the same content."""
-    first_pos = pd.Series(live[~repeat], index=live_keys[~repeat].to_numpy())
-    rows = live[repeat]
-    owner = first_pos.reindex(live_keys[repeat].to_numpy()).to_numpy()
-    row_ids = kept["row_id"].to_numpy()
-    return pd.DataFrame(
-        {
-            "drop": drop,
-            "source_line": kept["source_line"].to_numpy()[rows],
-            "row_id": row_ids[rows],
-            "duplicate_of": row_ids[owner],
-            "content_hash": kept["content_hash"].to_numpy()[rows],
-            "kind": "exact",
-            "similarity": 1.0,
-        }
-    )
-
-
 def _empty(columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series([], dtype=object) for c in columns})
 
 
 def schema_problems(kept: pd.DataFrame, text_only: bool = False) -> list[str]:
     """Invariants of a cleaned drop: each row parses, has a user turn (except plain text), ends with a non-empty
-    assistant answer, and row ids are unique. Empty list = fine."""
-    problems = []
-    for row_id, m in zip(kept["row_id"], kept["messages"], strict=True):
-        msgs = json.loads(m)
-        has_user = text_only or any(x["role"] == "user" for x in msgs)
-        if not has_user or msgs[-1]["role"] != "assistant" or not msgs[-1]["content"]:
-            problems.append(f"row {row_id}: not a chat ending with a non-empty assistant answer")
+    assistant answer, and row ids are unique. Empty list = fine. A result written to a file (``kept_path``) was
+    checked row by row while it was written (``kept_problems``); its row ids are checked here."""
+    problems = row_problems(kept["row_id"].tolist(), kept["messages"].tolist(), text_only) if "messages" in kept else []
     dup_ids = kept["row_id"][kept["row_id"].duplicated()].tolist()
     if dup_ids:
         problems.append(f"row ids used twice with different content: {dup_ids[:5]}")

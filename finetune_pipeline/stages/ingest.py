@@ -8,9 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from finetune_pipeline.data.clean import CleanResult, clean_file, frame_digest, schema_problems, write_parquet_atomic
+from finetune_pipeline.data.clean_store import read_rows
+from finetune_pipeline.data.drift import MAX_ROWS as DRIFT_MAX_ROWS
 from finetune_pipeline.data.drift import DriftReport, drift
 from finetune_pipeline.data.drops import (
     ScanResult,
@@ -67,6 +70,17 @@ def scan_sources(spec: LoadedSpec, previous: dict[str, list], known: set[str]) -
     return ScanResult(ready, seen, waiting, skipped, why)
 
 
+def _line_count(path: Path, block: int = 1 << 20) -> tuple[int, int]:
+    """Bytes and lines of a file (a last line without a newline counts), read a block at a time."""
+    size, lines, last = 0, 0, b""
+    with path.open("rb") as f:
+        while chunk := f.read(block):
+            size += len(chunk)
+            lines += chunk.count(b"\n")
+            last = chunk
+    return size, lines + (0 if last.endswith(b"\n") or not size else 1)
+
+
 def store_raw(layout: PipelineLayout, spec: LoadedSpec, drop: str, source_file: str | None) -> RawDropRecord:
     """Copy the dropped file byte for byte into the state root; the copy keeps the file's extension; the record
     remembers which spec source the file came from."""
@@ -83,13 +97,13 @@ def store_raw(layout: PipelineLayout, spec: LoadedSpec, drop: str, source_file: 
             "Files in the incoming folder must not be edited in place: drop the new version as a new file."
         )
     tmp.replace(dest)
-    data = dest.read_bytes()
+    size, lines = _line_count(dest)
     rec = RawDropRecord(
         drop=drop,
         source_file=str(source),
         stored_at=str(dest),
-        bytes=len(data),
-        lines=data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1),
+        bytes=size,
+        lines=lines,
         sha256=digest,
         source=src.name,
     )
@@ -135,6 +149,15 @@ def needs_tokenizer(spec: LoadedSpec) -> bool:
     return c.min_tokens is not None or c.max_tokens is not None
 
 
+def drift_rows(res: CleanResult, kept_file: Path) -> pd.DataFrame:
+    """The kept rows drift compares (its deterministic sample: the lowest content hashes), with their messages
+    read back from the file they were written to."""
+    if res.kept_path is None:
+        return res.kept
+    pos = np.argsort(res.kept["content_hash"].to_numpy(dtype=str), kind="stable")[:DRIFT_MAX_ROWS]
+    return read_rows(kept_file, pos, ["messages", "content_hash", "chars", "n_messages", "label"])
+
+
 def ingest_drop(layout: PipelineLayout, spec: LoadedSpec, drop: str, log: LogFn = print) -> DropRecord:
     """Clean one stored drop; keep its rows for training only when every blocking gate passes."""
     raw = layout.raw(drop)
@@ -146,7 +169,9 @@ def ingest_drop(layout: PipelineLayout, spec: LoadedSpec, drop: str, log: LogFn 
     source_name = raw_rec.source_file if raw_rec else None  # what the user dropped
     src = s.source_named(raw_rec.source if raw_rec else None)
     counter = token_counter(layout) if needs_tokenizer(spec) else None
-    res = clean_file(raw, drop, s, count_tokens=counter, source_name=source_name, source=src)
+    kept_file = layout.kept(drop)
+    staged = kept_file.with_name(f".{kept_file.name}.staged")  # the kept rows, written batch by batch
+    res = clean_file(raw, drop, s, count_tokens=counter, source_name=source_name, source=src, kept_path=staged)
     write_parquet_atomic(res.quarantine, layout.quarantine(drop))
     write_parquet_atomic(res.duplicates, layout.duplicates(drop))
     if s.cleaning.pii.mode != "off":
@@ -159,17 +184,20 @@ def ingest_drop(layout: PipelineLayout, spec: LoadedSpec, drop: str, log: LogFn 
         f"{len(res.quarantine)} quarantined {res.reasons}, {len(res.duplicates) - res.near_duplicates} exact "
         f"and {res.near_duplicates} near duplicates"
     )
-    schema = schema_problems(res.kept, text_only=plain_text(res.record_format))
+    schema = (res.kept_problems or []) + schema_problems(res.kept, text_only=plain_text(res.record_format))
     ok = res.accounted() and res.rejection_rate <= s.cleaning.max_rejection_rate and not schema
-    if ok:
-        write_parquet_atomic(res.kept, layout.kept(drop))  # only a drop that passed its gates is used for training
-    else:
-        layout.kept(drop).unlink(missing_ok=True)
-        log(f"drop {drop} failed its quality gates: it is left out of dataset_splits")
     rep = None
     if s.drift.enabled and layout.split("train").exists() and len(res.kept):
-        rep = drift(res.kept, pd.read_parquet(layout.split("train")))
+        rep = drift(drift_rows(res, staged), pd.read_parquet(layout.split("train")))
         rep.save(layout.drift(drop))
+    if ok and res.kept_path is not None:
+        staged.replace(kept_file)  # only a drop that passed its gates is used for training
+    elif ok:
+        write_parquet_atomic(res.kept, kept_file)
+    else:
+        kept_file.unlink(missing_ok=True)
+        staged.unlink(missing_ok=True)
+        log(f"drop {drop} failed its quality gates: it is left out of dataset_splits")
     return DropRecord(
         drop=drop,
         raw_path=raw,

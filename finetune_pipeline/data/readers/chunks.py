@@ -11,6 +11,8 @@ import io
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,13 +97,31 @@ def choose_format(source: SourceSpec, sample: list[Any], where: str, notes: list
     return fmt
 
 
+TableConsumer = Callable[[list[tuple[pa.Table, str]]], None]
+_CONSUMER: ContextVar[TableConsumer | None] = ContextVar("table_consumer", default=None)
+
+
+@contextmanager
+def consuming(consumer: TableConsumer | None) -> Iterator[None]:
+    """While inside, every Sink hands its tables to ``consumer`` as they are made (a group of (table, record
+    format) pairs at a time, in source order; a group of several formats covers one range of lines) instead of
+    keeping them: the reader's memory then holds one batch, not the file."""
+    token = _CONSUMER.set(consumer)
+    try:
+        yield
+    finally:
+        _CONSUMER.reset(token)
+
+
 class Sink:
     """Turns parsed records into Arrow tables, one schema per record format, in source order.
 
     The record format is fixed (chat, sharegpt, ...), ``mixed`` (each record in the format its own fields show),
-    or given by the spec's record hook (raw record in, messages out; the rows are chat)."""
+    or given by the spec's record hook (raw record in, messages out; the rows are chat). The tables are kept
+    (``tables``) or, under ``consuming``, handed on as they are made."""
 
     def __init__(self, source: SourceSpec, fmt: str, where: str, flush_rows: int | None = None):
+        self.consumer = _CONSUMER.get()
         self.flush_rows = flush_rows  # rows kept as Python objects before they become a table (default CHUNK_LINES)
         self.cols = source.columns
         self.fmt = fmt
@@ -170,18 +190,28 @@ class Sink:
         if self.pending >= (self.flush_rows or CHUNK_LINES):
             self.flush()
 
+    def _emit(self, group: list[tuple[pa.Table, str]]) -> None:
+        if self.consumer is not None:
+            self.consumer(group)
+            return
+        for table, fmt in group:
+            self.tables.append(table)
+            self.formats.append(fmt)
+
     def append(self, table: pa.Table, fmt: str) -> None:
         self.flush()
-        self.tables.append(table)
-        self.formats.append(fmt)
+        self._emit([(table, fmt)])
 
     def flush(self) -> None:
-        for fmt, rows in self.rows.items():
-            if rows:
-                self.tables.append(pa.Table.from_pylist(rows, schema=input_schema(self.cols, fmt)))
-                self.formats.append(fmt)
+        group = [
+            (pa.Table.from_pylist(rows, schema=input_schema(self.cols, fmt)), fmt)
+            for fmt, rows in self.rows.items()
+            if rows
+        ]
         self.rows = {}
         self.pending = 0
+        if group:
+            self._emit(group)
 
 
 OneByOne = Callable[[Batch, np.ndarray], None]  # reads the given records of a batch one at a time into the sink

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from finetune_pipeline.data.readers import csv_rows, json_document, jsonl, parquet_rows
+from finetune_pipeline.data.readers.chunks import TableConsumer, consuming
 from finetune_pipeline.data.readers.result import Dropped, FileProblem, Reader, ReadResult
 from finetune_pipeline.data.readers.text import is_utf8
 from finetune_pipeline.spec import SourceSpec
@@ -137,10 +138,18 @@ def _not_jsonl(dropped: Dropped, source: SourceSpec, signal: jsonl.NotJsonLines)
     )
 
 
-def read_file(path: Path, source: SourceSpec, *, source_name: str | None = None) -> ReadResult:
+def read_file(
+    path: Path, source: SourceSpec, *, source_name: str | None = None, on_tables: TableConsumer | None = None
+) -> ReadResult:
     """Read one drop. Raises FileProblem only for failures of the whole file; it names ``source_name`` (the file
     the user dropped; default: ``path``) and the fix. The file format comes from ``path``'s suffix (the stored
-    copy keeps the dropped file's extension) unless source.file_format says otherwise."""
+    copy keeps the dropped file's extension) unless source.file_format says otherwise. With ``on_tables`` the
+    tables go to it as they are read (``chunks.consuming``) and the result holds none."""
+    with consuming(on_tables):
+        return _read_file(path, source, source_name)
+
+
+def _read_file(path: Path, source: SourceSpec, source_name: str | None) -> ReadResult:
     where = source_name or str(path)
     ff = file_format_of(path, source, where)
     if ff == "parquet":
