@@ -139,8 +139,18 @@ def test_kept_rows_written_to_a_file_equal_the_rows_kept_in_memory(
 def test_a_row_found_to_be_a_near_duplicate_at_the_end_is_reported_as_one_in_the_pii_report(tmp_path: Path) -> None:
     base = "please reset the sync token for account alpha bravo charlie delta echo foxtrot golf hotel india"
     rows = [
-        {"messages": [{"role": "user", "content": f"{base} mail me at jo{i}@example.com"}, {"role": "assistant", "content": f"done {ans}"}]}
-        for i, ans in enumerate(["the token was reset and a new one mailed to you today kilo lima", "the token was reset and a new one mailed to you today kilo mike"])
+        {
+            "messages": [
+                {"role": "user", "content": f"{base} mail me at jo{i}@example.com"},
+                {"role": "assistant", "content": f"done {ans}"},
+            ]
+        }
+        for i, ans in enumerate(
+            [
+                "the token was reset and a new one mailed to you today kilo lima",
+                "the token was reset and a new one mailed to you today kilo mike",
+            ]
+        )
     ]
     f = tmp_path / "p.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
