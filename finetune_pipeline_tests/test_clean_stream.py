@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from finetune_pipeline.data import dedup
+from finetune_pipeline.data import clean, dedup
 from finetune_pipeline.data.clean import KEPT_COLUMNS, clean_file
 from finetune_pipeline.data.readers import jsonl
 from finetune_pipeline_tests.conftest import make_spec
@@ -40,14 +40,18 @@ def planted_rows(n: int, seed: int = 0, answer_words: int = 40) -> tuple[list[st
         if i > 50 and i % 41 == 0:
             src = json.loads(json.dumps(rows[rng.randrange(0, len(rows) // 2)]))
             words = src["messages"][-1]["content"].split()
-            src["messages"][-1]["content"] = " ".join(words[:-1] + ["zulu"])
+            src["messages"][-1]["content"] = " ".join(words[:-1] + [f"zulu{i}"])
             src["id"] = f"near{i}"
             lines.append(json.dumps(src))
             planted["near"].add(len(lines))
             continue
         if i % 53 == 7:
-            lines.append('{"id": "cut", "messages": [{"role": "user"')
+            lines.append('{"id": "cut", "messages": [{"role": "user"')  # the reader rejects it
             planted["bad"].add(len(lines))
+            continue
+        if i % 59 == 11:
+            lines.append(json.dumps({"id": f"q{i}", "messages": [{"role": "user", "content": "no answer"}]}))
+            planted["bad"].add(len(lines))  # the cleaning rejects it
             continue
         question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30)))
         answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(12, answer_words)))
@@ -123,9 +127,15 @@ def test_kept_rows_written_to_a_file_equal_the_rows_kept_in_memory(
     monkeypatch.setattr(jsonl, "BLOCK_BYTES", 4096)
     spec = make_spec(cleaning={"pii": {"mode": "report"}})
     memory = clean_file(f, "d", spec)
-    out = tmp_path / "state" / "kept.parquet"
-    written = clean_file(f, "d", spec, kept_path=out)
+    out, q = tmp_path / "state" / "kept.parquet", tmp_path / "state" / "quarantine.parquet"
+    monkeypatch.setattr(clean, "QUARANTINE_HEAD_ROWS", 5)
+    written = clean_file(f, "d", spec, kept_path=out, quarantine_path=q)
     assert written.kept_path == out and written.kept_problems == []
+    assert pd.read_parquet(q).values.tolist() == memory.quarantine.values.tolist()  # reader's and rows' in line order
+    assert written.quarantine.values.tolist() == memory.quarantine.head(5).values.tolist()
+    assert written.quarantined == memory.quarantined == len(memory.quarantine) > 20
+    assert written.reasons == memory.reasons and len(written.reasons) == 2
+    assert written.accounted() and written.rejection_rate == memory.rejection_rate
     assert not list(out.parent.glob(".*"))  # the spill and the temporary file are gone
     on_disk = pd.read_parquet(out)
     assert list(on_disk.columns) == KEPT_COLUMNS
@@ -133,7 +143,6 @@ def test_kept_rows_written_to_a_file_equal_the_rows_kept_in_memory(
     small = [c for c in KEPT_COLUMNS if c != "messages"]
     assert written.kept[small].astype(str).equals(memory.kept[small].astype(str))
     assert written.duplicates.values.tolist() == memory.duplicates.values.tolist()
-    assert written.quarantine.values.tolist() == memory.quarantine.values.tolist()
 
 
 def test_a_row_found_to_be_a_near_duplicate_at_the_end_is_reported_as_one_in_the_pii_report(tmp_path: Path) -> None:

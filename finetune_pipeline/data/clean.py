@@ -20,7 +20,13 @@ import pandas as pd
 import pyarrow as pa
 
 from finetune_pipeline.data import labels, normalize, quality
-from finetune_pipeline.data.clean_store import MemoryStore, ParquetStore, row_problems
+from finetune_pipeline.data.clean_store import (
+    MemoryQuarantine,
+    MemoryStore,
+    ParquetQuarantine,
+    ParquetStore,
+    row_problems,
+)
 from finetune_pipeline.data.near_stream import NearDedupStream
 from finetune_pipeline.data.readers import RAW_PREVIEW_CHARS, FileProblem, ReadResult, Reject, read_file, safe_text
 from finetune_pipeline.data.readers.record_formats import plain_text
@@ -40,6 +46,7 @@ KEPT_COLUMNS = [
     "quality",
     "tokens",
 ]
+QUARANTINE_HEAD_ROWS = 1000  # quarantine rows a result written to files holds (the rest are in the file)
 QUARANTINE_COLUMNS = ["drop", "source_line", "reason", "detail", "raw"]
 DUPLICATE_COLUMNS = ["drop", "source_line", "row_id", "duplicate_of", "content_hash", "kind", "similarity"]
 PII_COLUMNS = ["drop", "source_line", "row_id", "kinds", "outcome", "preview"]
@@ -61,13 +68,19 @@ class CleanResult:
     pii_counts: dict[str, int] = field(default_factory=dict)  # findings per kind (cleaning.pii)
     kept_path: Path | None = None  # where the kept rows were written (clean_file's kept_path; then no messages)
     kept_problems: list[str] | None = None  # chat-schema problems found while writing kept_path
+    n_quarantined: int | None = None  # rows in the quarantine (with quarantine_path: more than ``quarantine`` holds)
+    quarantine_path: Path | None = None  # where the quarantine was written (clean_file's quarantine_path)
+
+    @property
+    def quarantined(self) -> int:
+        return len(self.quarantine) if self.n_quarantined is None else self.n_quarantined
 
     @property
     def rejection_rate(self) -> float:
-        return len(self.quarantine) / self.rows_in if self.rows_in else 0.0
+        return self.quarantined / self.rows_in if self.rows_in else 0.0
 
     def accounted(self) -> bool:
-        return self.rows_in == len(self.kept) + len(self.quarantine) + len(self.duplicates)
+        return self.rows_in == len(self.kept) + self.quarantined + len(self.duplicates)
 
     @property
     def near_duplicates(self) -> int:
@@ -99,6 +112,7 @@ def clean_file(
     source_name: str | None = None,
     source: SourceSpec | None = None,
     kept_path: Path | None = None,
+    quarantine_path: Path | None = None,
 ) -> CleanResult:
     """Parse and clean one drop file. Never raises for bad rows; each goes to the quarantine.
 
@@ -111,14 +125,24 @@ def clean_file(
     on its own; only a few fields per row (ids, lines, hashes, the near dedup's MinHash signature) outlive it.
     ``kept_path``: the kept rows are written there batch by batch, and the result's ``kept`` holds every column
     but ``messages`` (with ``kept_problems``: the chat-schema problems found while writing). Without it the kept
-    rows are collected in memory (whole rows in ``kept``)."""
+    rows are collected in memory (whole rows in ``kept``). ``quarantine_path``: likewise the quarantine, in line
+    order; the result's ``quarantine`` then holds its first QUARANTINE_HEAD_ROWS rows and ``quarantined`` counts
+    them all."""
     src = source or spec.source_list()[0]
-    run = _Run(drop, spec, src, count_tokens, ParquetStore(kept_path) if kept_path else MemoryStore())
+    run = _Run(
+        drop,
+        spec,
+        src,
+        count_tokens,
+        ParquetStore(kept_path) if kept_path else MemoryStore(),
+        ParquetQuarantine(quarantine_path, QUARANTINE_HEAD_ROWS) if quarantine_path else MemoryQuarantine(),
+    )
     t0 = time.perf_counter()
     try:
         read = read_file(path, src, source_name=source_name, on_tables=run.chunk)
     except FileProblem as exc:
         run.store.discard()
+        run.quarantine.discard()
         q = pd.DataFrame([{"drop": drop, "source_line": 0, "reason": exc.reason, "detail": str(exc), "raw": ""}])
         return CleanResult(_empty(KEPT_COLUMNS), q, _empty(DUPLICATE_COLUMNS), 1, 0, {exc.reason: 1}, notes=[str(exc)])
     run.timings["parse"] = time.perf_counter() - t0 - sum(run.timings.values())
@@ -156,9 +180,10 @@ class _Run:
     Between batches it keeps the rejects, the exact dedup's first row per content key, the duplicates found, the
     PII rows, the near dedup's signatures and, per kept row, its id, line and content hash."""
 
-    def __init__(self, drop: str, spec: PipelineSpec, src: SourceSpec, count_tokens: Any, store: Any):
+    def __init__(self, drop: str, spec: PipelineSpec, src: SourceSpec, count_tokens: Any, store: Any, quarantine: Any):
         self.drop, self.spec, self.src, self.count_tokens, self.store = drop, spec, src, count_tokens, store
-        self.rejects: list[Reject] = []
+        self.quarantine = quarantine
+        self.reasons: dict[str, int] = {}
         self.timings: dict[str, float] = {}
         self.moved = 0
         self.seen: dict[Any, str] = {}  # content key -> row id of the first row kept with it
@@ -184,7 +209,9 @@ class _Run:
         _count_tokens(w, self.spec, self.count_tokens)
         _assign_row_ids(w, self.drop, self.src)
         self._exact_dedup(w)
-        self.rejects += w.rejects
+        for r in w.rejects:
+            self.reasons[r.reason] = self.reasons.get(r.reason, 0) + 1
+        self.quarantine.add(self._quarantine_frame(w.rejects))
         t0 = time.perf_counter()
         live = np.flatnonzero(w.alive)
         pick = pa.array(live, pa.int64())
@@ -245,7 +272,7 @@ class _Run:
     def finish(self, read: ReadResult) -> CleanResult:
         """The near duplicates among all kept rows, then the kept rows, the quarantine in line order, the
         duplicates and the PII report."""
-        spec, drop = self.spec, self.drop
+        drop = self.drop
         notes = list(read.notes)
         if self.moved:
             how = "kept as context in the system message" if self.src.leading_assistant == "context" else "dropped"
@@ -279,27 +306,10 @@ class _Run:
         t0 = time.perf_counter()
         kept, problems = self.store.finish(alive, KEPT_COLUMNS, plain_text(read.record_format))
         self._time("select", t0)
-        rejects = list(read.rejects) + self.rejects
-        if spec.cleaning.pii.mode == "mask":
-            rejects = _scrub_rejects(rejects, spec)
-        quarantine = (
-            pd.DataFrame(
-                [
-                    {
-                        "drop": drop,
-                        "source_line": r.line,
-                        "reason": r.reason,
-                        "detail": safe_text(r.detail),
-                        "raw": safe_text(r.raw),
-                    }
-                    for r in rejects
-                ],
-                columns=QUARANTINE_COLUMNS,
-            )
-            .sort_values("source_line", kind="stable")
-            .reset_index(drop=True)
-        )
-        reasons = quarantine["reason"].value_counts().sort_index().to_dict()
+        quarantine, n_quarantined = self.quarantine.finish(self._quarantine_frame(read.rejects))
+        reasons = dict(self.reasons)
+        for r in read.rejects:
+            reasons[r.reason] = reasons.get(r.reason, 0) + 1
         duplicates = (
             pd.concat(self.dups, ignore_index=True)[DUPLICATE_COLUMNS] if self.dups else _empty(DUPLICATE_COLUMNS)
         )
@@ -309,7 +319,7 @@ class _Run:
             duplicates=duplicates.sort_values("source_line", kind="stable").reset_index(drop=True),
             rows_in=read.rows_in,
             blank_lines=read.blank_lines,
-            reasons={str(k): int(v) for k, v in reasons.items()},
+            reasons={str(k): int(v) for k, v in sorted(reasons.items())},
             file_format=read.file_format,
             record_format=read.record_format,
             notes=notes,
@@ -318,6 +328,28 @@ class _Run:
             pii_counts=dict(sorted(self.pii_counts.items())),
             kept_path=self.store.path,
             kept_problems=problems,
+            n_quarantined=n_quarantined,
+            quarantine_path=self.quarantine.path,
+        )
+
+    def _quarantine_frame(self, rejects: list[Reject]) -> pd.DataFrame:
+        """Rejected rows as quarantine rows in line order (previews masked under cleaning.pii mask)."""
+        if self.spec.cleaning.pii.mode == "mask":
+            rejects = _scrub_rejects(rejects, self.spec)
+        rows = [
+            {
+                "drop": self.drop,
+                "source_line": r.line,
+                "reason": r.reason,
+                "detail": safe_text(r.detail),
+                "raw": safe_text(r.raw),
+            }
+            for r in rejects
+        ]
+        return (
+            pd.DataFrame(rows, columns=QUARANTINE_COLUMNS)
+            .sort_values("source_line", kind="stable")
+            .reset_index(drop=True)
         )
 
     def _pii(self, near_lines: np.ndarray) -> pd.DataFrame:

@@ -33,6 +33,15 @@ KEPT_SCHEMA = pa.schema(
         ("tokens", pa.int64()),
     ]
 )
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("drop", pa.string()),
+        ("source_line", pa.int64()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("raw", pa.string()),
+    ]
+)
 _TEXT_SCHEMA = pa.schema([("_prompt", pa.large_string()), ("_final", pa.large_string())])
 
 
@@ -143,6 +152,91 @@ class ParquetStore:
 
     def discard(self) -> None:
         self._close()
+        self.spill.unlink(missing_ok=True)
+
+
+class MemoryQuarantine:
+    """The quarantine in memory: every rejected row in the CleanResult."""
+
+    path: Path | None = None
+
+    def __init__(self) -> None:
+        self.frames: list[pd.DataFrame] = []
+
+    def add(self, frame: pd.DataFrame) -> None:
+        self.frames.append(frame)
+
+    def finish(self, first: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+        """All rows in line order (``first``, the reader's rejects, before a batch's at the same line)."""
+        q = pd.concat([first, *self.frames], ignore_index=True) if self.frames else first
+        self.frames = []
+        return q.sort_values("source_line", kind="stable").reset_index(drop=True), len(q)
+
+    def discard(self) -> None:
+        self.frames = []
+
+
+class ParquetQuarantine:
+    """The quarantine written to ``path`` batch by batch (each batch's rows sorted by line; batches come in file
+    order), then merged with the reader's rejects in line order; the CleanResult holds its first ``preview_rows``."""
+
+    def __init__(self, path: Path, preview_rows: int):
+        self.path, self.preview_rows = path, preview_rows
+        self.spill = path.with_name(f".{path.name}.spill")
+        self.spill.parent.mkdir(parents=True, exist_ok=True)
+        self.writer: pq.ParquetWriter | None = None
+        self.last_line = -1
+        self.ordered = True  # every batch's lines after the previous batch's
+
+    def add(self, frame: pd.DataFrame) -> None:
+        if not len(frame):
+            return
+        lines = frame["source_line"].to_numpy()
+        self.ordered &= bool(lines[0] >= self.last_line)
+        self.last_line = int(lines[-1])
+        t = pa.Table.from_pandas(frame, schema=QUARANTINE_SCHEMA, preserve_index=False)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.spill, QUARANTINE_SCHEMA)
+        self.writer.write_table(t)
+
+    def finish(self, first: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        groups: Iterator[pd.DataFrame] = (
+            (g.to_pandas() for g in row_groups(self.spill, QUARANTINE_SCHEMA.names))
+            if self.spill.exists()
+            else iter(())
+        )
+        if not self.ordered:  # a batch out of line order (rare): sort all of it at once
+            groups = iter([pd.concat(list(groups), ignore_index=True).sort_values("source_line", kind="stable")])
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        writer = pq.ParquetWriter(tmp, QUARANTINE_SCHEMA)
+        head, total, pending = [], 0, first
+        for g in [*groups, None]:
+            if g is None:
+                part, pending = pending, pending.iloc[:0]
+            else:
+                hi = g["source_line"].iloc[-1] if len(g) else -1
+                take = (pending["source_line"] <= hi).to_numpy()
+                part = pd.concat([pending[take], g], ignore_index=True).sort_values("source_line", kind="stable")
+                pending = pending[~take]
+            if not len(part):
+                continue
+            writer.write_table(pa.Table.from_pandas(part, schema=QUARANTINE_SCHEMA, preserve_index=False))
+            if total < self.preview_rows:
+                head.append(part.head(self.preview_rows - total))
+            total += len(part)
+        writer.close()
+        tmp.replace(self.path)
+        self.spill.unlink(missing_ok=True)
+        preview = pd.concat(head, ignore_index=True) if head else first.iloc[:0]
+        return preview.reset_index(drop=True), total
+
+    def discard(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
         self.spill.unlink(missing_ok=True)
 
 

@@ -90,7 +90,7 @@ def drop_metadata(rec: DropRecord, kept_path: object, quarantine_path: object) -
     return {
         "rows_in": res.rows_in,
         "kept": len(res.kept),
-        "quarantined": len(res.quarantine),
+        "quarantined": res.quarantined,
         "deduplicated": len(res.duplicates),
         "exact_duplicates": len(res.duplicates) - res.near_duplicates,
         "near_duplicates": res.near_duplicates,
@@ -120,7 +120,7 @@ def drop_metadata(rec: DropRecord, kept_path: object, quarantine_path: object) -
 def drop_checks(rec: DropRecord) -> list[dg.AssetCheckResult]:
     """The gates of one drop: nothing lost, rejection rate, chat schema (blocking), and the drift warning."""
     res, limit = rec.result, rec.max_rejection_rate
-    counts = {"rows_in": res.rows_in, "kept": len(res.kept), "quarantined": len(res.quarantine)}
+    counts = {"rows_in": res.rows_in, "kept": len(res.kept), "quarantined": res.quarantined}
     reject_msg = (
         f"{res.rejection_rate:.1%} of rows quarantined > {limit:.1%}: inspect the quarantine table, fix the file, "
         "or raise cleaning.max_rejection_rate" + (f". {res.notes[0]}" if res.notes and res.rows_in == 1 else "")

@@ -171,8 +171,18 @@ def ingest_drop(layout: PipelineLayout, spec: LoadedSpec, drop: str, log: LogFn 
     counter = token_counter(layout) if needs_tokenizer(spec) else None
     kept_file = layout.kept(drop)
     staged = kept_file.with_name(f".{kept_file.name}.staged")  # the kept rows, written batch by batch
-    res = clean_file(raw, drop, s, count_tokens=counter, source_name=source_name, source=src, kept_path=staged)
-    write_parquet_atomic(res.quarantine, layout.quarantine(drop))
+    res = clean_file(
+        raw,
+        drop,
+        s,
+        count_tokens=counter,
+        source_name=source_name,
+        source=src,
+        kept_path=staged,
+        quarantine_path=layout.quarantine(drop),
+    )
+    if res.quarantine_path is None:  # the file could not be read: one row, in memory
+        write_parquet_atomic(res.quarantine, layout.quarantine(drop))
     write_parquet_atomic(res.duplicates, layout.duplicates(drop))
     if s.cleaning.pii.mode != "off":
         write_parquet_atomic(res.pii, layout.pii(drop))
@@ -181,7 +191,7 @@ def ingest_drop(layout: PipelineLayout, spec: LoadedSpec, drop: str, log: LogFn 
         log(f"{Path(source_name).name if source_name else raw.name}: {note}")
     log(
         f"{res.rows_in} rows in ({res.file_format}, {res.record_format}): {len(res.kept)} kept, "
-        f"{len(res.quarantine)} quarantined {res.reasons}, {len(res.duplicates) - res.near_duplicates} exact "
+        f"{res.quarantined} quarantined {res.reasons}, {len(res.duplicates) - res.near_duplicates} exact "
         f"and {res.near_duplicates} near duplicates"
     )
     schema = (res.kept_problems or []) + schema_problems(res.kept, text_only=plain_text(res.record_format))
