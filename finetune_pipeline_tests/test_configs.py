@@ -145,3 +145,34 @@ def test_micro_batch_message_names_the_product_and_the_next_size() -> None:
         "18,000 MB budget; 16 would need 1,468 MB and change the effective batch (set "
         "training.per_device_train_batch_size to use it)"
     )
+
+
+@pytest.mark.parametrize(
+    ("fields", "micro", "accumulation", "left_out"),
+    [
+        ({"per_device_train_batch_size": 4, "gradient_accumulation_steps": 3}, 4, 3, False),  # both set: as given
+        ({"per_device_train_batch_size": 4}, 4, 1, False),  # only the micro-batch: accumulation 1
+        ({"gradient_accumulation_steps": 3}, 8, 3, False),  # only accumulation: micro-batch 8
+        ({}, 8, 1, True),  # both left out: 8 x 1 until choose_micro_batch splits the 8
+        ({"num_processes": 2}, 8, 1, True),
+    ],
+    ids=["both-set", "micro-set", "accumulation-set", "none-set", "none-set-two-processes"],
+)
+def test_batch_defaults(fields: dict, micro: int, accumulation: int, left_out: bool) -> None:
+    from finetune_pipeline.training.configs import batch_fields, batch_left_out, effective_batch, given_micro_batch
+
+    t = TrainingSpec(max_steps=1, **fields)
+    assert batch_fields(t) == (micro, accumulation)
+    assert batch_left_out(t) is left_out
+    assert effective_batch(t) == micro * accumulation * t.num_processes
+    given = given_micro_batch(t)
+    assert (given is None) if left_out else ((given.micro, given.accumulation) == (micro, accumulation))
+
+
+def test_batch_fields_stay_positive_when_set() -> None:
+    from pydantic import ValidationError
+
+    for field in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        with pytest.raises(ValidationError):
+            TrainingSpec(**{field: 0})
+        assert getattr(TrainingSpec(), field) is None
