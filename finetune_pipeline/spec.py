@@ -471,8 +471,22 @@ class TrainingSpec(_Strict):
         "count is capped to what fits (logged, and stored as budget_steps); the learning-rate schedule is "
         "rescaled to end there. Needs runtime.calibration_steps > 0.",
     )
-    per_device_train_batch_size: int = Field(8, gt=0, description="Examples per device per step.")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="Steps to accumulate before an optimizer update.")
+    per_device_train_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Examples per device per forward/backward pass (the micro-batch). Left out with "
+        "gradient_accumulation_steps also left out: the effective batch is 8 per device and the micro-batch is the "
+        "largest of 8, 4, 2, 1 whose estimated peak memory fits the memory budget (CUDA: (free device memory + what "
+        "this process holds) x 0.9; CPU: (MemAvailable + this process's resident memory) x 0.8), accumulating "
+        "8 / micro-batch passes, so the learning is unchanged (training.configs.choose_micro_batch; logged and "
+        "recorded as micro_batch). Left out with gradient_accumulation_steps set: 8.",
+    )
+    gradient_accumulation_steps: int | None = Field(
+        None,
+        gt=0,
+        description="Micro-batches accumulated per optimizer update. Left out: 1 when per_device_train_batch_size "
+        "is set; with both left out, chosen with the micro-batch from the memory estimate (8 / micro-batch).",
+    )
     learning_rate: float | None = Field(
         None,
         gt=0,
@@ -570,7 +584,8 @@ class TrainingSpec(_Strict):
         1,
         gt=0,
         description="Data-parallel processes (needs runtime.launcher: accelerate). A learning setting: the effective "
-        "batch is per_device_train_batch_size x gradient_accumulation_steps x num_processes.",
+        "batch is per_device_train_batch_size x gradient_accumulation_steps x num_processes (8 x num_processes "
+        "when both are left out).",
     )
 
     @model_validator(mode="before")

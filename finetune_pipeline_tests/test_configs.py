@@ -100,3 +100,79 @@ def test_sft_config_refuses_an_unresolved_learning_rate() -> None:
         sft_config(
             TrainingSpec(), RuntimeSpec(), output_dir="x", use_cuda=False, dtype="float32", do_eval=False, saving=False
         )
+
+
+def _estimate(per_row: float, fixed: float = 1000.0):  # noqa: ANN202 - a linear memory model: fixed + per row
+    return lambda micro: fixed + per_row * micro
+
+
+@pytest.mark.parametrize(
+    ("effective", "per_row", "budget", "micro", "accumulation", "fits"),
+    [
+        (8, 100.0, 18_000.0, 8, 1, True),  # fits at 8: today's 8 x 1
+        (8, 5_000.0, 12_000.0, 2, 4, True),  # 8 (41,000 MB) and 4 (21,000) do not fit; 2 (11,000) does
+        (8, 5_000.0, 5_000.0, 1, 8, False),  # not even 1 (6,000 MB) fits: 1, with the warning's reason
+        (6, 5_000.0, 17_000.0, 3, 2, True),  # not a power of two: the divisors 6, 3, 2, 1 (6 needs 31,000 MB)
+        (6, 5_000.0, 12_000.0, 2, 3, True),
+    ],
+    ids=["fits-at-8", "fits-at-2", "nothing-fits", "six-by-3", "six-by-2"],
+)
+def test_micro_batch_rule(
+    effective: int, per_row: float, budget: float, micro: int, accumulation: int, fits: bool
+) -> None:
+    from finetune_pipeline.training.configs import choose_micro_batch
+
+    est = _estimate(per_row)
+    got = choose_micro_batch(effective, est, budget)
+    assert (got.micro, got.accumulation, got.fits) == (micro, accumulation, fits)
+    assert got.micro * got.accumulation == effective  # the effective batch, and the learning, unchanged
+    assert got.estimate_mb == est(micro) and got.budget_mb == budget
+    assert f"{est(micro):,.0f} MB of a {budget:,.0f} MB budget" in got.reason
+    if fits and micro < effective:  # the next larger candidate, and what it would have needed
+        larger = min(m for m in range(micro + 1, effective + 1) if effective % m == 0)
+        assert f"; {larger} would need {est(larger):,.0f} MB" in got.reason
+    if not fits:
+        assert "exceeds the budget" in got.reason
+        assert all(fix in got.reason for fix in ("gradient_checkpointing", "max_length", "qlora"))
+
+
+def test_micro_batch_message_names_the_product_and_the_next_size() -> None:
+    from finetune_pipeline.training.configs import choose_micro_batch
+
+    got = choose_micro_batch(8, _estimate(29.25, 1000.0), 18_000.0)
+    assert got.message() == (
+        "micro-batch 8 x accumulation 1 (effective batch 8), chosen from the memory estimate: 1,234 MB of a "
+        "18,000 MB budget; 16 would need 1,468 MB and change the effective batch (set "
+        "training.per_device_train_batch_size to use it)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "micro", "accumulation", "left_out"),
+    [
+        ({"per_device_train_batch_size": 4, "gradient_accumulation_steps": 3}, 4, 3, False),  # both set: as given
+        ({"per_device_train_batch_size": 4}, 4, 1, False),  # only the micro-batch: accumulation 1
+        ({"gradient_accumulation_steps": 3}, 8, 3, False),  # only accumulation: micro-batch 8
+        ({}, 8, 1, True),  # both left out: 8 x 1 until choose_micro_batch splits the 8
+        ({"num_processes": 2}, 8, 1, True),
+    ],
+    ids=["both-set", "micro-set", "accumulation-set", "none-set", "none-set-two-processes"],
+)
+def test_batch_defaults(fields: dict, micro: int, accumulation: int, left_out: bool) -> None:
+    from finetune_pipeline.training.configs import batch_fields, batch_left_out, effective_batch, given_micro_batch
+
+    t = TrainingSpec(max_steps=1, **fields)
+    assert batch_fields(t) == (micro, accumulation)
+    assert batch_left_out(t) is left_out
+    assert effective_batch(t) == micro * accumulation * t.num_processes
+    given = given_micro_batch(t)
+    assert (given is None) if left_out else ((given.micro, given.accumulation) == (micro, accumulation))
+
+
+def test_batch_fields_stay_positive_when_set() -> None:
+    from pydantic import ValidationError
+
+    for field in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        with pytest.raises(ValidationError):
+            TrainingSpec(**{field: 0})
+        assert getattr(TrainingSpec(), field) is None

@@ -1,6 +1,7 @@
-"""Integration tier: real trl training on a tiny model (training/sft.py): every LoRA weight changes, same seed same
-weights, full fine-tuning, QLoRA on CPU and its merge, the lean loss equal to trl's, adapter variants, early
-stopping, padding-free and packing, a Llama-3 tokenizer's end of turn; evaluation of base and tuned."""
+"""Integration tier: real trl training on a tiny model (training/sft.py): every LoRA weight changes, the left-out
+learning rate and micro-batch chosen, logged and recorded, same seed same weights, full fine-tuning, QLoRA on CPU and
+its merge, the lean loss equal to trl's, adapter variants, early stopping, padding-free and packing, a Llama-3
+tokenizer's end of turn; evaluation of base and tuned."""
 
 import json
 from pathlib import Path
@@ -65,6 +66,48 @@ def test_a_left_out_learning_rate_is_chosen_by_the_rule_logged_and_recorded(tiny
 
     kernel = "sdpa" if torch.cuda.is_available() else "eager"  # attention auto: eager on a CPU for rows <= 1024
     assert any(f"{kernel} attention" in ln for ln in lines), lines
+
+
+@pytest.mark.parametrize(("budget", "micro"), [(None, 8), (1.0, 1)], ids=["this-machine", "nothing-fits"])
+def test_a_left_out_batch_is_split_by_the_memory_estimate_logged_and_recorded(
+    budget: float | None, micro: int, tiny_model: Path, tmp_path: Path
+) -> None:
+    from finetune_pipeline.training.child import cost_metadata
+    from finetune_pipeline.training.sft import train
+
+    lines: list[str] = []
+    t = TRAIN.model_copy(update={"per_device_train_batch_size": None, "max_steps": 2})
+    req = request(str(tiny_model), LORA, t, ROWS[:16], [], tmp_path / "a", runtime=RT, memory_budget_mb=budget)
+    res = train(req, log=lines.append)
+    assert (res.micro_batch, res.gradient_accumulation_steps) == (micro, 8 // micro)  # the effective batch stays 8
+    line = next(ln for ln in lines if "micro-batch" in ln)
+    print(line)
+    warning = "" if budget is None else "warning: "  # a 1 MB budget: nothing fits, 1 x 8 and what to change
+    head = f"{warning}micro-batch {micro} x accumulation {8 // micro} (effective batch 8), chosen from the memory"
+    assert line.startswith(head), line
+    assert res.memory_budget_mb is not None and f"of a {res.memory_budget_mb:,.0f} MB budget" in line
+    if budget is None:  # the tiny model fits at 8 on any machine that runs the tests
+        assert res.memory_budget_mb > res.memory_estimate_mb["total_mb"] and "; 16 would need" in line
+    else:
+        assert "exceeds the budget even at micro-batch 1" in line and "gradient_checkpointing" in line
+    meta = cost_metadata(res)
+    assert (meta["micro_batch"], meta["gradient_accumulation_steps"]) == (micro, 8 // micro)
+    order = (tmp_path / "a" / "data_order.jsonl").read_text().splitlines()
+    assert len(order) == 2 * (8 // micro)  # one record per micro-batch trained: the trainer used the choice
+
+
+def test_a_resumed_run_keeps_the_micro_batch_of_its_checkpoint(tiny_model: Path, tmp_path: Path) -> None:
+    """The budget at resume time may differ: the run keeps its checkpoint's micro-batch (the same batches)."""
+    from finetune_pipeline.training.sft import train
+
+    t = TRAIN.model_copy(update={"per_device_train_batch_size": None, "max_steps": 2})
+    rt = RuntimeSpec(logging_steps=1, save_steps=1, calibration_steps=0, eos_check_samples=0)
+    kw = {"runtime": rt, "checkpoint_dir": tmp_path / "ckpt"}
+    first = train(request(str(tiny_model), LORA, t, ROWS[:16], [], tmp_path / "a", memory_budget_mb=1.0, **kw))
+    lines: list[str] = []
+    again = train(request(str(tiny_model), LORA, t, ROWS[:16], [], tmp_path / "b", **kw), log=lines.append)
+    assert (first.micro_batch, again.micro_batch, again.gradient_accumulation_steps) == (1, 1, 8)
+    assert "micro-batch 1 x accumulation 8 (effective batch 8), kept from checkpoint-2 (resumed)" in lines, lines
 
 
 def test_lora_same_seed_same_adapter(tiny_model: Path, tmp_path: Path) -> None:

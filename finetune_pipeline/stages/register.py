@@ -21,6 +21,7 @@ from finetune_pipeline.stages.eval_report import margins
 from finetune_pipeline.tracking.mlflow_store import ADAPTER_TAG, Lineage
 from finetune_pipeline.tracking.registry import MetricLink, ServedModel
 from finetune_pipeline.tracking.tracker import Tracker
+from finetune_pipeline.training.configs import batch_fields
 
 RELOAD_TOLERANCE = 1e-3
 # MLflow models-from-code: loaded by MLflow from the model folder, never imported by the package
@@ -266,11 +267,20 @@ def _facts(spec: LoadedSpec, adapter: AdapterRecord) -> dict[str, str]:
     return {
         "base model": f"{s.model.base} (weights digest {adapter.base_weights_digest})",
         "method": f"{s.model.method}" + (f", LoRA r={lora.r} alpha={lora.alpha}" if s.model.method != "full" else ""),
-        "training": f"{trained_steps(t, adapter.cost)}, learning_rate={adapter.cost.get('learning_rate') or t.learning_rate}, batch={t.per_device_train_batch_size}, max_length={t.max_length}, seed={t.seed}",
+        "training": f"{trained_steps(t, adapter.cost)}, learning_rate={adapter.cost.get('learning_rate') or t.learning_rate}, {batch_used(t, adapter.cost)}, max_length={t.max_length}, seed={t.seed}",
         "data digests": ", ".join(f"{k}={v}" for k, v in adapter.split_digests.items()),
         "drops": ", ".join(adapter.drops),
         "adapter key": adapter.adapter_key,
     }
+
+
+def batch_used(t: Any, cost: dict[str, Any]) -> str:
+    """The micro-batch and accumulation the adapter trained with (as its training child reported them; the spec's
+    fields by their defaults for adapters that did not report them)."""
+    micro, accumulation = batch_fields(t)
+    micro = cost.get("micro_batch") or micro
+    accumulation = cost.get("gradient_accumulation_steps") or accumulation
+    return f"micro-batch={micro} x accumulation={accumulation}"
 
 
 def trained_steps(t: Any, cost: dict[str, Any]) -> str:

@@ -27,6 +27,9 @@ def cost_metadata(res: Any) -> dict[str, Any]:
     """The numbers a user wants before paying for the next run (JSON-able, for Dagster metadata and MLflow)."""
     return {
         "learning_rate": res.learning_rate,
+        "micro_batch": res.micro_batch,
+        "gradient_accumulation_steps": res.gradient_accumulation_steps,
+        "memory_budget_mb": None if res.memory_budget_mb is None else round(res.memory_budget_mb, 1),
         "tokens_per_second": round(res.tokens_per_second, 1),
         "train_tokens": res.train_tokens,
         "wall_seconds": round(res.wall_seconds, 1),

@@ -8,6 +8,8 @@ The base model's quantization config lives with the model loading (``models.base
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from finetune_pipeline.spec import LoraSpec, RuntimeSpec, TrainingSpec
@@ -48,19 +50,21 @@ def sft_config(
     would only add casts); ``do_eval``: evaluate every ``training.eval_steps``; ``saving``: checkpoint every
     ``runtime.save_steps``; ``steps``: the run's planned step count (from ``max_steps`` or ``num_train_epochs``,
     see ``sft.planned_steps``). NaN losses are logged as they are (``logging_nan_inf_filter`` off) so that the
-    guard sees them.
+    guard sees them. The batch is ``batch_fields``: with both batch fields left out that is the provisional 8 x 1,
+    which ``sft.setup`` replaces on the trainer's arguments once ``choose_micro_batch`` has chosen.
     """
     from trl import SFTConfig
 
     t, rt = training, runtime
     if t.learning_rate is None:
         raise ValueError("training.learning_rate is left out: resolve it first (sft.setup uses default_learning_rate)")
+    micro, accumulation = batch_fields(t)
     return SFTConfig(
         output_dir=output_dir,
         max_steps=steps or t.max_steps or 1,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        per_device_train_batch_size=micro,
+        per_device_eval_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=warmup_steps(t, steps or t.max_steps or 1),
@@ -106,9 +110,91 @@ def default_learning_rate(parameters: int, method: str, effective_batch: int) ->
     return float(f"{min(high, max(low, lr)):.3g}")
 
 
+DEFAULT_BATCH = 8  # per-device examples per optimizer step when the spec leaves the batch out
+
+
+def batch_left_out(t: TrainingSpec) -> bool:
+    """Both ``per_device_train_batch_size`` and ``gradient_accumulation_steps`` left out: the micro-batch is chosen
+    from the memory estimate (``choose_micro_batch``)."""
+    return t.per_device_train_batch_size is None and t.gradient_accumulation_steps is None
+
+
+def batch_fields(t: TrainingSpec) -> tuple[int, int]:
+    """(per-device micro-batch, gradient accumulation) as the spec gives them: both set, as given; only the
+    micro-batch set, accumulation 1; only accumulation set, micro-batch 8; both left out, 8 x 1 until
+    ``choose_micro_batch`` splits those 8 examples per device (same effective batch)."""
+    micro = t.per_device_train_batch_size
+    accumulation = t.gradient_accumulation_steps
+    return (DEFAULT_BATCH if micro is None else micro), (1 if accumulation is None else accumulation)
+
+
 def effective_batch(t: TrainingSpec) -> int:
-    """Examples per optimizer step: per-device batch x accumulation x processes."""
-    return t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_processes
+    """Examples per optimizer step: per-device batch x accumulation x processes (a left-out batch counts 8 x 1:
+    the micro-batch rule keeps the product)."""
+    micro, accumulation = batch_fields(t)
+    return micro * accumulation * t.num_processes
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """The micro-batch ``choose_micro_batch`` chose: ``micro`` x ``accumulation`` examples per device and optimizer
+    step, the estimated peak memory at ``micro`` and the budget it was held against (MB), whether it fits, why."""
+
+    micro: int
+    accumulation: int
+    estimate_mb: float | None
+    budget_mb: float | None
+    reason: str
+    fits: bool = True
+
+    def message(self, processes: int = 1) -> str:
+        eff = self.micro * self.accumulation * processes
+        return f"micro-batch {self.micro} x accumulation {self.accumulation} (effective batch {eff}), {self.reason}"
+
+
+def given_micro_batch(t: TrainingSpec) -> MicroBatch | None:
+    """The spec's micro-batch and accumulation when it sets either of them (a left-out one is today's default:
+    micro-batch 8, accumulation 1); None when it leaves both out (then ``choose_micro_batch`` decides)."""
+    if batch_left_out(t):
+        return None
+    micro, accumulation = batch_fields(t)
+    if t.per_device_train_batch_size is None:
+        why = f"training.gradient_accumulation_steps as set, micro-batch {DEFAULT_BATCH} (left out)"
+    elif t.gradient_accumulation_steps is None:
+        why = "training.per_device_train_batch_size as set, accumulation 1 (left out)"
+    else:
+        why = "as the spec sets them"
+    return MicroBatch(micro, accumulation, None, None, why)
+
+
+def choose_micro_batch(effective: int, estimate_mb: Callable[[int], float], budget_mb: float) -> MicroBatch:
+    """The micro-batch when the spec leaves the batch out: the largest divisor of ``effective`` (per device: 8 gives
+    8, 4, 2, 1) whose estimated peak memory ``estimate_mb(micro)`` fits ``budget_mb``, with accumulation
+    ``effective / micro``, so the effective batch (and the learning) is unchanged. When not even 1 fits: 1, and a
+    reason that says so and what to change (``fits`` False)."""
+    candidates = [m for m in range(effective, 0, -1) if effective % m == 0]
+    tried: list[tuple[int, float]] = []
+    for micro in candidates:
+        est = float(estimate_mb(micro))
+        if est <= budget_mb:
+            if tried:
+                bigger, need = tried[-1]
+                beyond = f"{bigger} would need {need:,.0f} MB"
+            else:
+                beyond = (
+                    f"{2 * effective} would need {float(estimate_mb(2 * effective)):,.0f} MB and change the "
+                    "effective batch (set training.per_device_train_batch_size to use it)"
+                )
+            why = f"chosen from the memory estimate: {est:,.0f} MB of a {budget_mb:,.0f} MB budget; {beyond}"
+            return MicroBatch(micro, effective // micro, est, budget_mb, why)
+        tried.append((micro, est))
+    est = tried[-1][1]
+    why = (
+        f"chosen from the memory estimate, which exceeds the budget even at micro-batch 1: {est:,.0f} MB of a "
+        f"{budget_mb:,.0f} MB budget; training may run out of memory: turn on training.gradient_checkpointing, "
+        "lower training.max_length, or train with model.method: qlora"
+    )
+    return MicroBatch(1, effective, est, budget_mb, why, fits=False)
 
 
 EAGER_MAX_LENGTH = 1024  # attention "auto": eager on a CPU up to this max_length

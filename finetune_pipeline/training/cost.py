@@ -6,6 +6,7 @@ Heavy imports stay inside functions.
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from dataclasses import dataclass
@@ -95,7 +96,7 @@ def estimate_memory(
     weights: the loaded model's parameters and buffers as they are (quantised ones at their packed size);
     gradients and optimizer: per trainable parameter (AdamW keeps two float32 moments, 8-bit AdamW two bytes,
     Adafactor ~factored, SGD none); activations: what autograd keeps per token and layer of a llama-style block for
-    ``per_device_train_batch_size`` rows of ``seq_len`` tokens: the two RMSNorms' input, normalised and scaled
+    ``per_device_train_batch_size`` rows (the micro-batch) of ``seq_len`` tokens: the two RMSNorms' input, normalised and scaled
     values (6h with the residual), q and k before and after rotary embedding with the rotated halves (2h + 2kv), the
     keys and values repeated to every head (2h), the attention output and its reshaped copy (2h), the attention
     probabilities (heads x seq_len: a padded batch takes SDPA's math path), the MLP's gate, SiLU, up and product
@@ -121,7 +122,9 @@ def estimate_memory(
     heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
     kv = h // heads * int(getattr(cfg, "num_key_value_heads", heads) or heads)
     vocab = int(getattr(cfg, "vocab_size", 0) or 0)
-    tokens = training.per_device_train_batch_size * seq_len
+    from finetune_pipeline.training.configs import batch_fields
+
+    tokens = batch_fields(training)[0] * seq_len
     adapted = [m for n, m in model.named_modules() if n.endswith("lora_A.default")]
     lora_in = sum(int(m.in_features) for m in adapted)
     rank = sum(int(m.out_features) for m in adapted) // max(1, layers)
@@ -148,3 +151,33 @@ def estimate_memory(
         parts["runtime_mb"] = max(0.0, current_rss_mb() - weights / 2**20)
     parts["total_mb"] = sum(parts.values())
     return parts
+
+
+CUDA_BUDGET_SHARE = 0.9  # of the device memory this process may use, for the micro-batch rule
+CPU_BUDGET_SHARE = 0.8  # of the machine memory this process may use (other processes and the page cache move more)
+
+
+def memory_budget_mb(device: str) -> float | None:
+    """The memory the micro-batch rule (``configs.choose_micro_batch``) holds the estimate against, in MB: on CUDA
+    (free device memory + what this process's allocator already holds) x 0.9; on a CPU (MemAvailable + this
+    process's resident memory) x 0.8. What this process holds counts because the estimate includes the weights
+    already loaded (and on a CPU the runtime's memory). None when the machine does not say."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return (free + torch.cuda.memory_reserved()) / 2**20 * CUDA_BUDGET_SHARE
+    available = None
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) / 1024
+                break
+    except OSError:
+        pass
+    if available is None:
+        try:  # no /proc (macOS): free pages, without the reclaimable cache
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (ValueError, OSError, AttributeError):
+            return None
+    return (available + current_rss_mb()) * CPU_BUDGET_SHARE

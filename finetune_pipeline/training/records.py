@@ -44,6 +44,7 @@ class TrainRequest(Record):
     spec_dir: str | None = None  # resolves a relative training.chat_template
     measure_cost: bool = False  # matmul peak, FLOP utilisation and the EOS check (the adapter asset turns it on)
     eos_max_new_tokens: int = 48
+    memory_budget_mb: float | None = None  # the micro-batch rule's budget; None: measured on the machine that trains
 
 
 class TrainResult(Record):
@@ -92,3 +93,7 @@ class TrainResult(Record):
     eot_contract: dict[str, Any] = {}  # the end-of-turn check on the tokenised training rows
     best_step: int | None = None  # the step whose weights were kept (best validation loss), when validating
     memory_estimate_mb: dict[str, float] = {}  # estimated peak before training, by part
+    micro_batch: int | None = None  # examples per device per forward/backward pass actually used
+    gradient_accumulation_steps: int | None = None  # micro-batches per optimizer step actually used
+    micro_batch_reason: str = ""  # how the micro-batch was chosen (the spec's, the memory estimate, the checkpoint)
+    memory_budget_mb: float | None = None  # the budget the memory estimate was held against, when it chose

@@ -57,6 +57,7 @@ class Session:
     contract: Any = None  # contract.ContractReport
     keep_best: Any = None  # callbacks.KeepBest when validating during training
     memory: dict[str, float] = field(default_factory=dict)
+    batch: Any = None  # configs.MicroBatch: the micro-batch and accumulation used, and why
 
     @property
     def device(self) -> str:
@@ -98,6 +99,7 @@ def setup(req: TrainRequest, log: LogFn = print, extra_callbacks: list[Any] | No
     from finetune_pipeline.training import contract, cost
     from finetune_pipeline.training.chat import resolve_chat_template
     from finetune_pipeline.training.configs import (
+        batch_fields,
         check_optim,
         default_learning_rate,
         effective_batch,
@@ -131,7 +133,10 @@ def setup(req: TrainRequest, log: LogFn = print, extra_callbacks: list[Any] | No
             f"parameters, {req.model.method}, effective batch {effective_batch(t)} (default_learning_rate)"
         )
         t = t.model_copy(update={"learning_rate": lr})
-        req = req.model_copy(update={"training": t})
+    spec_training = t  # the batch fields as the spec gives them (both left out: chosen below from the memory estimate)
+    micro, accumulation = batch_fields(t)  # provisional 8 x 1 when both are left out
+    t = t.model_copy(update={"per_device_train_batch_size": micro, "gradient_accumulation_steps": accumulation})
+    req = req.model_copy(update={"training": t})
     init = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -176,9 +181,26 @@ def setup(req: TrainRequest, log: LogFn = print, extra_callbacks: list[Any] | No
     log(f"end-of-turn check on the tokenised training rows: {report.message()}")
     if not report.passed:
         raise contract.EndOfTurnContractError(f"training stopped before its first step: {report.message()}")
-    memory = cost.estimate_memory(
-        trainer.model, req.model, t, dtype, device, _batch_tokens(trainer.train_dataset, t), _loss_share(trainer)
-    )
+    loss_share = _loss_share(trainer)
+
+    def estimate(m: int) -> dict[str, float]:  # the estimated peak at a micro-batch of m rows
+        at = t.model_copy(update={"per_device_train_batch_size": m})
+        return cost.estimate_memory(
+            trainer.model, req.model, at, dtype, device, _batch_tokens(trainer.train_dataset, t, m), loss_share
+        )
+
+    batch = _micro_batch(trainer, spec_training, resume, device, lambda m: estimate(m)["total_mb"], req)
+    log(("warning: " if not batch.fits else "") + batch.message(t.num_processes))
+    if (batch.micro, batch.accumulation) != (micro, accumulation):  # the trainer was built with the provisional 8 x 1
+        args = trainer.args
+        args.per_device_train_batch_size = args.per_device_eval_batch_size = batch.micro
+        args.gradient_accumulation_steps = batch.accumulation
+        trainer._train_batch_size = args.train_batch_size  # what the trainer's dataloader reads
+        t = t.model_copy(
+            update={"per_device_train_batch_size": batch.micro, "gradient_accumulation_steps": batch.accumulation}
+        )
+        req = req.model_copy(update={"training": t})
+    memory = estimate(batch.micro)
     log(
         f"estimated peak memory {memory['total_mb']:.0f} MB ("
         + ", ".join(f"{k.removesuffix('_mb')} {v:.0f}" for k, v in memory.items() if k != "total_mb")
@@ -206,6 +228,7 @@ def setup(req: TrainRequest, log: LogFn = print, extra_callbacks: list[Any] | No
         contract=report,
         keep_best=keep_best,
         memory=memory,
+        batch=batch,
     )
     if req.save_outputs:
         out.mkdir(parents=True, exist_ok=True)
@@ -310,6 +333,10 @@ def finalize(session: Session, fitted: Fitted) -> TrainResult:
         eot_contract=session.contract.as_metadata() if session.contract else {},
         best_step=fitted.best_step,
         memory_estimate_mb=session.memory,
+        micro_batch=req.training.per_device_train_batch_size,
+        gradient_accumulation_steps=req.training.gradient_accumulation_steps,
+        micro_batch_reason=session.batch.reason if session.batch else "",
+        memory_budget_mb=session.batch.budget_mb if session.batch else None,
         reproducibility={
             "seeds": repro.seeds(req.training.seed),
             "libraries": repro.library_versions(),
@@ -356,13 +383,57 @@ def _callbacks(
     return progress, calib, callbacks, keep_best
 
 
-def _batch_tokens(ds: Any, t: TrainingSpec) -> float:
-    """Padded length of a training batch: the longest row of each group of per_device_train_batch_size rows, the
-    largest over the data (the peak comes from the longest batch)."""
+def _batch_tokens(ds: Any, t: TrainingSpec, micro: int) -> float:
+    """Padded length of a training micro-batch of ``micro`` rows: the longest row, the largest over the data (the
+    peak comes from the longest batch); packed or padding-free, the mean of the ``micro`` longest rows."""
     lengths = [len(r) for r in ds["input_ids"]] if len(ds) else [0]
     if t.packing or t.padding_free:
-        return sum(sorted(lengths)[-t.per_device_train_batch_size :]) / t.per_device_train_batch_size
+        return sum(sorted(lengths)[-micro:]) / micro
     return float(max(lengths))
+
+
+def _micro_batch(
+    trainer: Any, spec_training: TrainingSpec, resume: Path | None, device: str, estimate_mb: Any, req: TrainRequest
+) -> Any:
+    """The micro-batch and accumulation (``configs.MicroBatch``): the spec's when it sets either; else the one of
+    the checkpoint being resumed (the same batches as the interrupted run); else ``choose_micro_batch`` against the
+    request's ``memory_budget_mb`` or the machine's (``cost.memory_budget_mb``), the smallest any process chose."""
+    from finetune_pipeline.training import cost
+    from finetune_pipeline.training.configs import MicroBatch, batch_fields, choose_micro_batch, given_micro_batch
+
+    given = given_micro_batch(spec_training)
+    if given is not None:
+        return given
+    micro, accumulation = batch_fields(spec_training)
+    per_device = micro * accumulation
+    kept = _checkpoint_micro_batch(resume, max(1, int(trainer.args.n_gpu)))
+    if kept and per_device % kept == 0:
+        return MicroBatch(kept, per_device // kept, estimate_mb(kept), None, f"kept from {resume.name} (resumed)")
+    budget = req.memory_budget_mb if req.memory_budget_mb is not None else cost.memory_budget_mb(device)
+    if budget is None:
+        return MicroBatch(micro, accumulation, None, None, "the default: this machine does not report its free memory")
+    choice = choose_micro_batch(per_device, estimate_mb, budget)
+    acc = trainer.accelerator
+    if acc.num_processes > 1:  # each process measured its own memory: all must step alike
+        import torch
+
+        agreed = int(acc.gather(torch.tensor([choice.micro], device=acc.device)).min())
+        if agreed < choice.micro:
+            est = estimate_mb(agreed)
+            why = f"the smallest any process chose (here {choice.micro}): {est:,.0f} MB of a {budget:,.0f} MB budget"
+            choice = MicroBatch(agreed, per_device // agreed, est, budget, why)
+    return choice
+
+
+def _checkpoint_micro_batch(resume: Path | None, n_gpu: int = 1) -> int | None:
+    """The micro-batch the checkpoint being resumed trained with (the trainer state's ``train_batch_size``, which
+    counts the GPUs of one process's DataParallel)."""
+    if resume is None:
+        return None
+    try:
+        return int(json.loads((resume / "trainer_state.json").read_text())["train_batch_size"]) // n_gpu or None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _loss_share(trainer: Any) -> float:
@@ -408,7 +479,7 @@ def _cost_figures(session: Session, fitted: Fitted) -> dict[str, Any]:
 
     trainer, peak = session.trainer, session.peak
     n_proc = int(trainer.accelerator.num_processes)
-    batch = session.req.training.per_device_train_batch_size
+    batch = session.req.training.per_device_train_batch_size  # resolved in setup
     avg_len = fitted.tokens / max(1, (fitted.steps - session.resumed_from) * batch * n_proc)
     fpt = cost.train_flops_per_token(trainer.model, avg_len)
     achieved = fpt * fitted.tokens / fitted.wall_seconds / 1e12 if fitted.wall_seconds > 0 else 0.0
