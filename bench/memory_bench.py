@@ -1,10 +1,15 @@
-"""Bytes in vs peak memory of the readers: a generated ShareGPT-shaped JSON array (pretty-printed like the public
-exports; ~1 GB by default), the same records as JSON Lines and as Parquet, each read by ``read_file`` in a fresh
-process (peak RSS = ru_maxrss of that process, its baseline after the imports reported too), today's readers
-(``after``) and the readers of ``--before-ref`` (``before``: data/formats.py as it was, loaded from git).
+"""Bytes in vs peak memory of the readers and of the whole cleaning: a generated ShareGPT-shaped JSON array
+(pretty-printed like the public exports; ~1 GB by default), the same records as JSON Lines and as Parquet, each read
+in a fresh process (peak = VmHWM of that process, its baseline after the imports reported too).
 
-    nice python bench/memory_bench.py                      # ~1 GB, before and after
+``--stage read``: ``read_file``, today's readers (``after``) and the readers of ``--before-ref`` (``before``:
+data/formats.py as it was, loaded from git). ``--stage clean``: what cleaned_dataset does with a drop (clean_file,
+then the kept rows and the quarantine written as Parquet): today's code streaming to the files (``after``) and the
+code of a checkout given by ``--before-tree`` (``before``: its clean_file holds the drop, then writes the frames).
+
+    nice python bench/memory_bench.py                      # ~1 GB, read, before and after
     python bench/memory_bench.py --mb 100 --skip-before    # smaller, today's readers only
+    python bench/memory_bench.py --stage clean --before-tree ../base   # the cleaning, before and after
 
 Results: .finetune/bench/memory_bench.json and a table on stdout.
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -22,8 +28,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] or str(REPO))  # the tree measured
+sys.path.insert(1, str(REPO / "bench"))
 
 
 def _rss_mb(field: str = "VmHWM") -> float:
@@ -79,6 +85,42 @@ def load_before(ref: str):  # type: ignore[no-untyped-def]
     return mod
 
 
+def measure_clean(path: Path, impl: str, work: Path) -> dict:
+    """One cleaning as cleaned_dataset runs it, in this (fresh) process whose ``finetune_pipeline`` is the tree
+    being measured."""
+    from finetune_pipeline.data.clean import clean_file, write_parquet_atomic
+    from finetune_pipeline.spec import PipelineSpec
+
+    spec = PipelineSpec.model_validate(
+        {
+            "name": "bench",
+            "source": {"incoming_dir": "in", "record_format": "sharegpt"},
+            "registry": {"model_name": "m"},
+        }
+    )
+    kept, quarantine = work / f"kept_{impl}.parquet", work / f"quarantine_{impl}.parquet"
+    base = _rss_mb("VmRSS")
+    t0 = time.perf_counter()
+    if impl == "after":
+        res = clean_file(path, "bench", spec, kept_path=kept, quarantine_path=quarantine)
+        n_quarantined = res.quarantined
+    else:
+        res = clean_file(path, "bench", spec)
+        write_parquet_atomic(res.quarantine, quarantine)
+        write_parquet_atomic(res.kept, kept)
+        n_quarantined = len(res.quarantine)
+    seconds = time.perf_counter() - t0
+    return {
+        "rows": len(res.kept),
+        "rows_in": res.rows_in,
+        "rejects": n_quarantined,
+        "duplicates": len(res.duplicates),
+        "seconds": round(seconds, 2),
+        "baseline_rss_mb": round(base),
+        "peak_rss_mb": round(_rss_mb()),
+    }
+
+
 def measure(path: Path, impl: str, ref: str) -> dict:
     """One reading, in this (fresh) process."""
     from finetune_pipeline.spec import SourceSpec
@@ -110,12 +152,19 @@ def main() -> None:
     ap.add_argument("--before-ref", default="main")
     ap.add_argument("--skip-before", action="store_true")
     ap.add_argument("--formats", default="json,jsonl,parquet")
-    ap.add_argument("--out", type=Path, default=REPO / ".finetune" / "bench" / "memory_bench.json")
+    ap.add_argument("--out", type=Path, help="default .finetune/bench/memory_bench[_clean].json")
+    ap.add_argument("--stage", choices=["read", "clean"], default="read")
+    ap.add_argument("--before-tree", type=Path, help="a checkout of the code to compare with (--stage clean)")
     ap.add_argument("--measure", nargs=2, metavar=("PATH", "IMPL"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
-        print(json.dumps(measure(Path(args.measure[0]), args.measure[1], args.before_ref)))
+        if args.stage == "clean":
+            print(json.dumps(measure_clean(Path(args.measure[0]), args.measure[1], args.work)))
+        else:
+            print(json.dumps(measure(Path(args.measure[0]), args.measure[1], args.before_ref)))
         return
+    if args.stage == "clean" and not args.skip_before and args.before_tree is None:
+        ap.error("--stage clean compares with --before-tree (a checkout), or give --skip-before")
     from json_bench import generate
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -131,17 +180,23 @@ def main() -> None:
     for fmt in args.formats.split(","):
         for impl in ["before", "after"][1 if args.skip_before else 0 :]:
             cmd = [sys.executable, __file__, "--measure", str(files[fmt]), impl, "--before-ref", args.before_ref]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            cmd += ["--stage", args.stage, "--work", str(args.work)]
+            tree = args.before_tree if impl == "before" and args.stage == "clean" else REPO
+            env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve())}
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode:
                 r = {"error": out.stderr.strip().splitlines()[-1:] or [f"exit {out.returncode}"]}
             else:
                 r = json.loads(out.stdout.splitlines()[-1])
-            r = {"format": fmt, "reader": impl, "bytes": files[fmt].stat().st_size, **r}
+            r = {"stage": args.stage, "format": fmt, "reader": impl, "bytes": files[fmt].stat().st_size, **r}
             if "peak_rss_mb" in r:
                 r["reader_mb"] = r["peak_rss_mb"] - r["baseline_rss_mb"]  # above the process after its imports
                 r["peak_rss_per_file_byte"] = round(r["peak_rss_mb"] * 2**20 / r["bytes"], 2)
             rows.append(r)
             print(json.dumps(r), flush=True)
+    args.out = (
+        args.out or REPO / ".finetune" / "bench" / f"memory_bench{'_clean' if args.stage == 'clean' else ''}.json"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2))
     print(

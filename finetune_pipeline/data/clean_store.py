@@ -8,6 +8,7 @@ sides) are kept alongside, for the exact verification of the candidate pairs (``
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -213,7 +214,7 @@ class ParquetQuarantine:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         writer = pq.ParquetWriter(tmp, QUARANTINE_SCHEMA)
         head, total, pending = [], 0, first
-        for g in [*groups, None]:
+        for g in itertools.chain(groups, [None]):  # one row group in memory at a time
             if g is None:
                 part, pending = pending, pending.iloc[:0]
             else:
