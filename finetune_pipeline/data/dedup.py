@@ -433,6 +433,24 @@ def near_duplicates(
     close = sp >= threshold
     earlier, later, sp = earlier[close], later[close], sp[close]
     sa = pair_jaccard(distinct, 2 * earlier + 1, 2 * later + 1)
+    return decide(earlier, later, sp, sa, informative, threshold, len(cand), len(stats.boilerplate), conflicts)
+
+
+def decide(
+    earlier: np.ndarray,
+    later: np.ndarray,
+    sp: np.ndarray,
+    sa: np.ndarray,
+    informative: np.ndarray,
+    threshold: float,
+    candidates: int,
+    boilerplate_shingles: int,
+    conflicts: bool = False,
+) -> NearDuplicates:
+    """The rule on verified pairs (``earlier``, ``later``; ordered by later row, then earliest match first) whose
+    prompt similarity ``sp`` reached the threshold, with answer similarity ``sa``: a duplicate when the answers reach
+    it too, or the distinctive prompts are identical and the answers reach ``same_prompt_threshold``; each later row
+    reports its earliest such match. With ``conflicts``, the rest of those pairs are label conflicts."""
     both_informative = informative[earlier] & informative[later]
     dup = (sa >= threshold) | ((sp == 1.0) & both_informative & (sa >= same_prompt_threshold(threshold)))
     hit, at = np.unique(later[dup], return_index=True)  # the earliest verified match of each row
@@ -450,9 +468,9 @@ def near_duplicates(
         row=hit,
         matched=earlier[pick],
         similarity=sims.min(axis=1) if len(hit) else np.zeros(0),
-        candidates=len(cand),
+        candidates=candidates,
         prompt_similarity=sims[:, 0],
         answer_similarity=sims[:, 1],
         conflicts=conf,
-        boilerplate_shingles=len(stats.boilerplate),
+        boilerplate_shingles=boilerplate_shingles,
     )

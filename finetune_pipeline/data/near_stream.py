@@ -108,22 +108,7 @@ class NearDedupStream:
         cand = np.unique(cand, axis=0)
         cand = cand[np.lexsort((cand[:, 0], cand[:, 1]))]  # by later row, then earliest candidate first
         earlier, later, sp, sa = self._verify(cand, texts_of)
-        both_informative = informative[earlier] & informative[later]
-        dup = (sa >= self.threshold) | (
-            (sp == 1.0) & both_informative & (sa >= dedup.same_prompt_threshold(self.threshold))
-        )
-        hit, first = np.unique(later[dup], return_index=True)  # the earliest verified match of each row
-        pick = np.flatnonzero(dup)[first]
-        sims = np.stack([sp[pick], sa[pick]], axis=1)
-        return dedup.NearDuplicates(
-            row=hit,
-            matched=earlier[pick],
-            similarity=sims.min(axis=1) if len(hit) else np.zeros(0),
-            candidates=len(cand),
-            prompt_similarity=sims[:, 0],
-            answer_similarity=sims[:, 1],
-            boilerplate_shingles=len(self.stats.boilerplate),
-        )
+        return dedup.decide(earlier, later, sp, sa, informative, self.threshold, len(cand), len(self.stats.boilerplate))
 
     def _verify(self, cand: np.ndarray, texts_of: TextsOf) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The candidate pairs whose prompts reach the threshold, with both sides' exact Jaccard similarity,
