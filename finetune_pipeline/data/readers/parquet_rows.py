@@ -42,7 +42,7 @@ def read(dropped: Dropped, source: SourceSpec) -> ReadResult:
     where = dropped.where
     unreadable: list[Reject] = []  # rows that are not UTF-8: not records, counted in rows_in
     try:
-        pf = pq.ParquetFile(dropped.path)
+        pf = pq.ParquetFile(dropped.path, pre_buffer=False)  # pre-buffering reads ahead: memory grows
         if pf.metadata.num_rows == 0:
             raise FileProblem(
                 "no_records", f"{where}: the Parquet file has no rows: drop a file with at least one record"
