@@ -41,8 +41,11 @@ def _rss_mb(field: str = "VmHWM") -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def derive(array: Path, jsonl: Path, parquet: Path) -> None:
-    """The array's records as JSON Lines and as Parquet (streamed: never the whole array in memory)."""
+def derive(array: Path, jsonl: Path, parquet: Path, csv_file: Path) -> None:
+    """The array's records as JSON Lines, Parquet and CSV (the conversation as JSON text in its column; streamed:
+    never the whole array in memory)."""
+    import csv
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -50,11 +53,14 @@ def derive(array: Path, jsonl: Path, parquet: Path) -> None:
 
     writer = None
     batch: list[dict] = []
-    with array.open("rb") as f, jsonl.open("w", encoding="utf-8") as out:
+    with array.open("rb") as f, jsonl.open("w", encoding="utf-8") as out, csv_file.open("w", newline="") as c:
+        table = csv.writer(c)
+        table.writerow(["id", "conversations"])
         s = json_stream.Stream(f)
         for raw, _, _ in json_stream.elements(s, s.ws(0), [], []):
             rec = json.loads(raw)
             out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            table.writerow([rec.get("id"), json.dumps(rec.get("conversations"), ensure_ascii=False)])
             batch.append(rec)
             if len(batch) >= 20_000:
                 t = pa.Table.from_pylist(batch)
@@ -151,7 +157,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "finetune_memory_bench")
     ap.add_argument("--before-ref", default="main")
     ap.add_argument("--skip-before", action="store_true")
-    ap.add_argument("--formats", default="json,jsonl,parquet")
+    ap.add_argument("--formats", default="json,jsonl,parquet,csv")
     ap.add_argument("--out", type=Path, help="default .finetune/bench/memory_bench[_clean].json")
     ap.add_argument("--stage", choices=["read", "clean"], default="read")
     ap.add_argument("--before-tree", type=Path, help="a checkout of the code to compare with (--stage clean)")
@@ -169,13 +175,13 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     tag = f"{args.mb:g}mb"
-    files = {f: args.work / f"sharegpt_{tag}.{f}" for f in ("json", "jsonl", "parquet")}
+    files = {f: args.work / f"sharegpt_{tag}.{f}" for f in ("json", "jsonl", "parquet", "csv")}
     if not files["json"].exists():
         print(f"generating {files['json']} ...", flush=True)
         generate(files["json"], args.mb)
-    if not files["jsonl"].exists() or not files["parquet"].exists():
-        print("deriving JSON Lines and Parquet ...", flush=True)
-        derive(files["json"], files["jsonl"], files["parquet"])
+    if not all(files[f].exists() for f in ("jsonl", "parquet", "csv")):
+        print("deriving JSON Lines, Parquet and CSV ...", flush=True)
+        derive(files["json"], files["jsonl"], files["parquet"], files["csv"])
     rows = []
     for fmt in args.formats.split(","):
         for impl in ["before", "after"][1 if args.skip_before else 0 :]:

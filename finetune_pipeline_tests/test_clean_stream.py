@@ -2,6 +2,7 @@
 file as they come, changes nothing in what is kept, quarantined or deduplicated (exactly or near, across batch
 ends, with boilerplate ignored); and the memory a drop needs grows with a batch, not with the file."""
 
+import csv
 import json
 import random
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 
 from finetune_pipeline.data import clean, dedup
 from finetune_pipeline.data.clean import KEPT_COLUMNS, clean_file
-from finetune_pipeline.data.readers import jsonl
+from finetune_pipeline.data.readers import csv_rows, jsonl
 from finetune_pipeline_tests.conftest import make_spec
 
 pytestmark = pytest.mark.unit
@@ -94,6 +95,35 @@ def test_many_batches_clean_like_one(
     assert many.accounted()
 
 
+def test_a_csv_file_cut_into_batches_cleans_like_one(
+    drop_file: tuple[Path, dict[str, set[int]]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The CSV reader parses rows as it reads (no whole-file text): tables of 256 rows clean like one table."""
+    src, planted = drop_file
+    f = tmp_path / "drop.csv"
+    with f.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "messages"])
+        for line in src.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                w.writerow(["cut", '[{"role": "user"'])  # invalid JSON in the list field
+                continue
+            w.writerow([rec["id"], json.dumps(rec["messages"])])
+    spec = make_spec()
+    one = clean_file(f, "d", spec)
+    monkeypatch.setattr(csv_rows, "FLUSH_BYTES", 1)  # a table every 256 rows
+    many = clean_file(f, "d", spec)
+    assert many.kept.equals(one.kept) and len(one.kept) > 700
+    assert many.quarantine.values.tolist() == one.quarantine.values.tolist()
+    assert many.duplicates.values.tolist() == one.duplicates.values.tolist()
+    dups = many.duplicates
+    assert set(dups.loc[dups["kind"] == "exact", "source_line"]) == {n + 1 for n in planted["exact"]}  # the header
+    assert set(dups.loc[dups["kind"] == "near", "source_line"]) == {n + 1 for n in planted["near"]}
+    assert set(many.quarantine["source_line"]) == {n + 1 for n in planted["bad"]}
+
+
 def test_streamed_near_dedup_finds_what_the_whole_batch_computation_finds(
     drop_file: tuple[Path, dict[str, set[int]]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -172,7 +202,7 @@ import json, sys, tracemalloc
 from pathlib import Path
 import pyarrow as pa
 from finetune_pipeline.data import clean
-from finetune_pipeline.data.readers import jsonl
+from finetune_pipeline.data.readers import csv_rows, jsonl
 from finetune_pipeline_tests.conftest import make_spec
 
 jsonl.BLOCK_BYTES = 1 << 20

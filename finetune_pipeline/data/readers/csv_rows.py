@@ -4,48 +4,79 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from finetune_pipeline.data.readers import chunks
 from finetune_pipeline.data.readers.result import Dropped, FileProblem, ReadResult, Reject
-from finetune_pipeline.data.readers.text import decode_text, preview
+from finetune_pipeline.data.readers.text import preview
 from finetune_pipeline.spec import SourceSpec
+
+FLUSH_BYTES = 16 << 20  # about this much text per table handed on
 
 
 def read(dropped: Dropped, source: SourceSpec) -> ReadResult:
+    """Rows are parsed as the file is read (one row in memory, plus the first rows that decide the record format);
+    bytes that are not UTF-8 become U+DC80..U+DCFF and their records invalid_utf8, as in the other readers."""
     where = dropped.where
-    cols = source.columns
-    text = decode_text(dropped.read_bytes()).removeprefix("\ufeff")
-    reader = csv.reader(io.StringIO(text, newline=""))
+    text = io.TextIOWrapper(dropped.open(), encoding="utf-8", errors="surrogateescape", newline="")
+    reader = csv.reader(text)
     try:
         header = next(reader)
     except StopIteration:
         raise FileProblem("empty_file", f"{where}: the CSV file is empty: it needs a header row and records") from None
-    records: list[Any] = []
-    lines: list[int] = []
+    if header:
+        header[0] = header[0].removeprefix("\ufeff")
     rejects: list[Reject] = []
-    raws: dict[int, str] = {}
-    prev_end = reader.line_num
+    raws: dict[int, str] = {}  # the previews of the rows not yet through the sink (the sample, then one)
+    counts = {"blank": 0, "structural": 0, "chars": 0}
+    rows = _rows(reader, header, source, rejects, raws, counts)
+    sample = list(itertools.islice(rows, chunks.DETECT_SAMPLE))
+    if not sample and not rejects:
+        raise FileProblem(
+            "no_records", f"{where}: the CSV file has a header but no rows: drop a file with at least one record"
+        )
+    row_chars = counts["chars"] / max(1, len(sample))  # rows become a table every FLUSH_BYTES or so
+    flush = int(min(chunks.CHUNK_LINES, max(256, FLUSH_BYTES // max(row_chars, 1))))
+    fmt, sink, notes, n = chunks.read_records(
+        where, source, [r for r, _ in sample], itertools.chain(sample, rows), rejects, raw_of=raws.get, flush_rows=flush
+    )
+    return ReadResult("csv", fmt, sink.tables, rejects, n + counts["structural"], counts["blank"], notes, sink.formats)
+
+
+def _rows(
+    reader: Any, header: list[str], source: SourceSpec, rejects: list[Reject], raws: dict[int, str], counts: dict
+) -> Iterator[tuple[dict[str, Any], int]]:
+    """(record, line) per well-formed row; rows that are not (quoting, field count, JSON in a list field) go to
+    ``rejects`` and are counted in ``counts["structural"]``, blank rows in ``counts["blank"]``."""
+    cols = source.columns
     list_fields = {cols.messages, cols.conversations}
-    blank = 0
+    prev_end = reader.line_num
+
+    def reject(r: Reject) -> None:
+        rejects.append(r)
+        counts["structural"] += 1
+
     while True:
         try:
             row = next(reader)
         except StopIteration:
-            break
+            return
         except csv.Error as exc:
-            rejects.append(Reject(prev_end + 1, "bad_csv_row", f"{exc}: fix the quoting of this row", ""))
+            reject(Reject(prev_end + 1, "bad_csv_row", f"{exc}: fix the quoting of this row", ""))
             prev_end = reader.line_num
             continue
         line = prev_end + 1
         prev_end = reader.line_num
         if not any(c.strip() for c in row):
-            blank += 1
+            counts["blank"] += 1
             continue
         raw = preview(",".join(row))
+        counts["chars"] += sum(len(c) for c in row)
         if len(row) != len(header):
-            rejects.append(
+            reject(
                 Reject(
                     line, "bad_csv_row", f"{len(row)} fields where the header has {len(header)}: fix the quoting", raw
                 )
@@ -63,16 +94,9 @@ def read(dropped: Dropped, source: SourceSpec) -> ReadResult:
             else:
                 rec[k] = v if v != "" else None
         if bad:
-            rejects.append(bad)
+            reject(bad)
             continue
-        records.append(rec)
-        lines.append(line)
         raws[line] = raw
-    if not records and not rejects:
-        raise FileProblem(
-            "no_records", f"{where}: the CSV file has a header but no rows: drop a file with at least one record"
-        )
-    structural = len(rejects)
-    rows = zip(records, lines, strict=True)
-    fmt, sink, notes, n = chunks.read_records(where, source, records, rows, rejects, raw_of=raws.get)
-    return ReadResult("csv", fmt, sink.tables, rejects, n + structural, blank, notes, sink.formats)
+        if len(raws) > 2 * chunks.DETECT_SAMPLE:  # the sink is past the oldest ones
+            del raws[next(iter(raws))]
+        yield rec, line

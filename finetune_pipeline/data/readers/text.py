@@ -92,13 +92,6 @@ def is_utf8(b: bytes) -> bool:
         return False
 
 
-def decode_text(data: bytes) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:  # bad bytes become U+DC80..U+DCFF and their records invalid_utf8
-        return data.decode("utf-8", errors="surrogateescape")
-
-
 def load_json(raw: bytes) -> Any:
     """One JSON value from bytes; bytes that are not UTF-8 become U+DC80..U+DCFF (then invalid_utf8 rows)."""
     try:
