@@ -239,8 +239,7 @@ class _Run:
     def _exact_dedup(self, w: _Work) -> None:
         """A row whose content key an earlier kept row has (in this batch or an earlier one) is a duplicate of it."""
         t0 = time.perf_counter()
-        kept = w.kept
-        w.alive = ~w.drop_mask
+        kept = w.kept  # w.alive: the rows no row check quarantined (_assign_row_ids)
         key = (kept.pop("_key") if "_key" in kept else kept["content_hash"]).to_numpy()
         row_id = kept["row_id"].to_numpy()
         rows, owners = [], []

@@ -46,6 +46,34 @@ QUARANTINE_SCHEMA = pa.schema(
 _TEXT_SCHEMA = pa.schema([("_prompt", pa.large_string()), ("_final", pa.large_string())])
 
 
+class _Spill:
+    """A hidden Parquet file next to ``target``, written a table at a time and read back a row group at a time."""
+
+    def __init__(self, target: Path):
+        self.path = target.with_name(f".{target.name}.spill")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer: pq.ParquetWriter | None = None
+
+    def write(self, table: pa.Table) -> None:
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema)
+        self.writer.write_table(table)
+
+    def groups(self, columns: list[str]) -> Iterator[pa.Table]:
+        self.close()
+        if self.path.exists():
+            yield from row_groups(self.path, columns)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def discard(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
 class MemoryStore:
     """Kept rows in memory: the whole drop's rows end up in the CleanResult."""
 
@@ -88,10 +116,7 @@ class ParquetStore:
 
     def __init__(self, path: Path):
         self.path = path
-        self.spill = path.with_name(f".{path.name}.spill")
-        self.spill.parent.mkdir(parents=True, exist_ok=True)
-        self.writer: pq.ParquetWriter | None = None
-        self.rows = 0
+        self.spill = _Spill(path)
 
     def add(self, frame: pd.DataFrame, prompt: pa.Array, final: pa.Array) -> None:
         if not len(frame):
@@ -100,26 +125,12 @@ class ParquetStore:
         t = t.append_column("_prompt", prompt.cast(pa.large_string())).append_column(
             "_final", final.cast(pa.large_string())
         )
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.spill, t.schema)
-        self.writer.write_table(t)
-        self.rows += len(frame)
-
-    def _close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-    def _batches(self, columns: list[str]):  # type: ignore[no-untyped-def]
-        self._close()
-        if not self.spill.exists():
-            return
-        yield from row_groups(self.spill, columns)
+        self.spill.write(t)
 
     def texts(self, rows: np.ndarray) -> tuple[pa.Array, pa.Array]:
         """The two sides of the given rows (sorted positions), read back from the spill."""
         parts, start = [], 0
-        for b in self._batches(_TEXT_SCHEMA.names):
+        for b in self.spill.groups(_TEXT_SCHEMA.names):
             end = start + b.num_rows
             lo, hi = np.searchsorted(rows, [start, end])
             if hi > lo:
@@ -136,7 +147,7 @@ class ParquetStore:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         writer = pq.ParquetWriter(tmp, KEPT_SCHEMA)
         small, problems, start = [], [], 0
-        for b in self._batches(KEPT_SCHEMA.names):
+        for b in self.spill.groups(KEPT_SCHEMA.names):
             keep = alive[start : start + b.num_rows]
             start += b.num_rows
             t = b.filter(pa.array(keep))
@@ -145,15 +156,14 @@ class ParquetStore:
             small.append(t.drop_columns(["messages"]).to_pandas())
         writer.close()
         tmp.replace(self.path)
-        self.spill.unlink(missing_ok=True)
+        self.spill.discard()
         kept = pd.concat(small, ignore_index=True) if small else _empty([c for c in columns if c != "messages"])
         for c in ("label", "timestamp", "tokens"):
             kept[c] = kept[c].astype(object).where(kept[c].notna(), None)
         return kept, problems
 
     def discard(self) -> None:
-        self._close()
-        self.spill.unlink(missing_ok=True)
+        self.spill.discard()
 
 
 class MemoryQuarantine:
@@ -183,9 +193,7 @@ class ParquetQuarantine:
 
     def __init__(self, path: Path, preview_rows: int):
         self.path, self.preview_rows = path, preview_rows
-        self.spill = path.with_name(f".{path.name}.spill")
-        self.spill.parent.mkdir(parents=True, exist_ok=True)
-        self.writer: pq.ParquetWriter | None = None
+        self.spill = _Spill(path)
         self.last_line = -1
         self.ordered = True  # every batch's lines after the previous batch's
 
@@ -195,20 +203,10 @@ class ParquetQuarantine:
         lines = frame["source_line"].to_numpy()
         self.ordered &= bool(lines[0] >= self.last_line)
         self.last_line = int(lines[-1])
-        t = pa.Table.from_pandas(frame, schema=QUARANTINE_SCHEMA, preserve_index=False)
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.spill, QUARANTINE_SCHEMA)
-        self.writer.write_table(t)
+        self.spill.write(pa.Table.from_pandas(frame, schema=QUARANTINE_SCHEMA, preserve_index=False))
 
     def finish(self, first: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        groups: Iterator[pd.DataFrame] = (
-            (g.to_pandas() for g in row_groups(self.spill, QUARANTINE_SCHEMA.names))
-            if self.spill.exists()
-            else iter(())
-        )
+        groups: Iterator[pd.DataFrame] = (g.to_pandas() for g in self.spill.groups(QUARANTINE_SCHEMA.names))
         if not self.ordered:  # a batch out of line order (rare): sort all of it at once
             groups = iter([pd.concat(list(groups), ignore_index=True).sort_values("source_line", kind="stable")])
         tmp = self.path.with_name(f".{self.path.name}.tmp")
@@ -230,15 +228,12 @@ class ParquetQuarantine:
             total += len(part)
         writer.close()
         tmp.replace(self.path)
-        self.spill.unlink(missing_ok=True)
+        self.spill.discard()
         preview = pd.concat(head, ignore_index=True) if head else first.iloc[:0]
         return preview.reset_index(drop=True), total
 
     def discard(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        self.spill.unlink(missing_ok=True)
+        self.spill.discard()
 
 
 def row_groups(path: Path, columns: list[str]) -> Iterator[pa.Table]:
