@@ -52,6 +52,32 @@ def test_accelerates_own_config_is_honoured(
     assert not {"--multi_gpu", "--mixed_precision", "--dynamo_backend"} & set(cmd)
 
 
+@pytest.mark.parametrize("procs", [1, 2])
+def test_both_launchers_give_the_child_the_same_cpu_threads(
+    no_accelerate_config: Path, monkeypatch: pytest.MonkeyPatch, procs: int
+) -> None:
+    """accelerate's own default is one thread a process (half of a 2-core CPU, and other float32 bits than the same
+    run under python): the launcher passes the count a plain process would use, shared among the processes."""
+    from finetune_pipeline.training.launch import child_launch, cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cmd = child_command(RuntimeSpec(launcher="accelerate"), procs, request=Path("r.json"), python="py")
+    n = cmd[cmd.index("--num_cpu_threads_per_process") + 1]
+    assert n == str(cpu_threads(procs)) and int(n) >= 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    cmd = child_command(RuntimeSpec(launcher="accelerate"), procs, request=Path("r.json"), python="py")
+    assert cmd[cmd.index("--num_cpu_threads_per_process") + 1] == "3"
+    how = child_launch(RuntimeSpec(), 1, Path("r.json"), Path("state"))
+    assert how.env == {"OMP_NUM_THREADS": "3"}
+
+
+def test_a_config_files_thread_count_is_not_overridden(no_accelerate_config: Path) -> None:
+    cfg = no_accelerate_config / "acc.yaml"
+    cfg.write_text("distributed_type: NO\nnum_cpu_threads_per_process: 5\n")
+    cmd = child_command(RuntimeSpec(launcher="accelerate", accelerate_config=str(cfg)), 1, python="py")
+    assert "--num_cpu_threads_per_process" not in cmd
+
+
 def test_a_missing_config_file_names_the_field_and_the_fix(tmp_path: Path) -> None:
     with pytest.raises(
         FileNotFoundError,

@@ -33,6 +33,32 @@ def accelerate_config_file(runtime: RuntimeSpec, spec_dir: Path | None = None) -
     return default if default.is_file() else None
 
 
+def cpu_threads(num_processes: int = 1) -> int:
+    """CPU threads per training process: ``OMP_NUM_THREADS`` when it is set, else the machine's physical cores
+    (what torch itself takes by default) shared among the processes.
+
+    Both launchers start their child with this count. accelerate's own default without ``--cpu`` is one thread a
+    process, which halved a 2-core CPU and, in float32, changed the adapter's last bits against the same run
+    started with ``launcher: python`` (matmul splits its sums by thread count)."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        import psutil  # accelerate's dependency
+
+        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, num_processes))
+
+
+def _config_sets_threads(config: Path) -> bool:
+    try:
+        return "num_cpu_threads_per_process" in config.read_text()
+    except OSError:
+        return False
+
+
 def child_command(
     runtime: RuntimeSpec,
     num_processes: int = 1,
@@ -46,7 +72,8 @@ def child_command(
     With an accelerate config file (see ``accelerate_config_file``) only ``--config_file`` is added, so its
     distributed type (DDP, FSDP, DeepSpeed), mixed precision and machines are honoured. Without one, N > 1 means
     plain data parallel (``--multi_gpu``: NCCL on GPUs, gloo on CPU). Every process trains; only the first talks
-    to Dagster and writes the adapter.
+    to Dagster and writes the adapter. ``--num_cpu_threads_per_process`` is ``cpu_threads`` unless the config file
+    sets it.
     """
     tail = ["-m", CHILD_MODULE, *([str(request)] if request is not None else [])]
     if runtime.launcher == "python":
@@ -57,6 +84,8 @@ def child_command(
         cmd += ["--config_file", str(config)]
     else:
         cmd += (["--multi_gpu"] if num_processes > 1 else []) + ["--num_machines", "1", "--dynamo_backend", "no"]
+    if config is None or not _config_sets_threads(config):
+        cmd += ["--num_cpu_threads_per_process", str(cpu_threads(num_processes))]
     return cmd + tail
 
 
@@ -78,7 +107,8 @@ def child_launch(
     pod mounts the state root (``runtime.k8s.state_pvc``) at the same path."""
     extras = {"request": str(request)}
     if runtime.launcher != "k8s":
-        return ChildLaunch(child_command(runtime, num_processes, request, spec_dir=spec_dir), extras)
+        env = {"OMP_NUM_THREADS": str(cpu_threads(num_processes))}
+        return ChildLaunch(child_command(runtime, num_processes, request, spec_dir=spec_dir), extras, env=env)
     k = runtime.k8s
     if k is None:
         raise ValueError("runtime.launcher: k8s needs runtime.k8s (image, state_pvc)")
