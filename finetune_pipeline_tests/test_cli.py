@@ -296,8 +296,8 @@ def test_failed_gate_never_registers(tmp_path: Path, tiny_model: Path) -> None:
     spec = SPEC.replace(
         "registry: {{model_name: mini-model}}",
         "registry: {{model_name: mini-model, min_improvement_over_base: 1.0e+9}}",
-    )
-    assert spec != SPEC
+    ).replace("  enabled: true\n", "  enabled: false\n")  # the gate is what is tested: no sweep before training
+    assert spec.count("min_improvement_over_base") == 1 and "enabled: false" in spec
     w = make_world(tmp_path, tiny_model, spec)
     assert len(ingest_all(w)) == 2
     out = subprocess.run(
