@@ -71,6 +71,14 @@ def test_both_launchers_give_the_child_the_same_cpu_threads(
     assert how.env == {"OMP_NUM_THREADS": "3"}
 
 
+def test_cpu_threads_stay_within_the_cpus_the_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetune_pipeline.training.launch import cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)  # as under `taskset -c 0`
+    assert cpu_threads(1) == 1 and cpu_threads(4) == 1
+
+
 def test_a_config_files_thread_count_is_not_overridden(no_accelerate_config: Path) -> None:
     cfg = no_accelerate_config / "acc.yaml"
     cfg.write_text("distributed_type: NO\nnum_cpu_threads_per_process: 5\n")

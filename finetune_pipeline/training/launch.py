@@ -35,7 +35,7 @@ def accelerate_config_file(runtime: RuntimeSpec, spec_dir: Path | None = None) -
 
 def cpu_threads(num_processes: int = 1) -> int:
     """CPU threads per training process: ``OMP_NUM_THREADS`` when it is set, else the machine's physical cores
-    (what torch itself takes by default) shared among the processes.
+    (what torch itself takes by default), at most the CPUs this process may run on, shared among the processes.
 
     Both launchers start their child with this count. accelerate's own default without ``--cpu`` is one thread a
     process, which halved a 2-core CPU and, in float32, changed the adapter's last bits against the same run
@@ -43,13 +43,14 @@ def cpu_threads(num_processes: int = 1) -> int:
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
         import psutil  # accelerate's dependency
 
-        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        cores = psutil.cpu_count(logical=False) or usable
     except ImportError:
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, num_processes))
+        cores = usable
+    return max(1, min(cores, usable) // max(1, num_processes))
 
 
 def _config_sets_threads(config: Path) -> bool:
