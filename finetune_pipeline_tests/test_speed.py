@@ -45,6 +45,26 @@ def test_adapted_layers_run_in_bf16_with_float32_adapter_weights(tiny_model: Pat
     assert half_precision_lora(model, "float32") == 0
 
 
+def test_autocast_follows_the_device_of_the_input_not_the_one_named_at_setup(tiny_model: Path) -> None:
+    """The trainer moves the model to CUDA after the hooks are set: a hook that kept the device named at setup ran
+    its autocast on the CPU while the products ran on CUDA, and every bf16 LoRA run on a GPU failed ("expected mat1
+    and mat2 to have the same dtype", seen on an H200). Mirrored here: hooks set for "cuda", the forward on the CPU."""
+    import torch
+    from peft import get_peft_model
+
+    from finetune_pipeline.models.base import load_model
+    from finetune_pipeline.training.configs import lora_config
+    from finetune_pipeline.training.speed import half_precision_lora
+
+    model = get_peft_model(load_model(str(tiny_model), BF16, for_training=True), lora_config(BF16.lora))
+    assert half_precision_lora(model, "bfloat16", device="cuda") > 0
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
 def test_training_matches_the_float32_adapter_path(tiny_model: Path, tmp_path: Path) -> None:
     from finetune_pipeline.training.sft import TrainRequest, train
 

@@ -45,10 +45,13 @@ def half_precision_lora(model: Any, dtype: str, device: str = "cpu") -> int:
 
 
 def _enter(device: str, dt: Any) -> Any:
+    """The pre-hook: autocast on the device of the layer's input (the trainer moves the model to CUDA after the hooks
+    are set: an autocast on ``device`` alone would not cover the CUDA products)."""
     import torch
 
     def pre(module: Any, args: Any) -> None:
-        ctx = torch.autocast(device_type=device, dtype=dt)
+        x = args[0] if args else None
+        ctx = torch.autocast(device_type=x.device.type if isinstance(x, torch.Tensor) else device, dtype=dt)
         ctx.__enter__()
         module._fp_autocast = ctx
 
