@@ -103,7 +103,7 @@ def estimate_memory(
     (4i), each adapter's rank-r activation and one output-sized tensor per adapted layer, and with dropout each
     adapted layer's dropped-out input and mask; with
     gradient checkpointing only each layer's input plus one layer recomputed. Under half-precision weights peft keeps
-    a float32 copy of each adapted layer's input. The loss: float32 logits, their softmax and its gradient over the
+    a float32 copy of each adapted layer's input (not when the adapter runs in that precision: ``half_precision_lora``). The loss: float32 logits, their softmax and its gradient over the
     vocabulary at the ``loss_share`` of positions that carry loss (the lean loss projects only those; 1.0 when every
     position does). runtime (CPU only): the process's memory outside the model (libraries, allocator) measured now,
     as the peak resident set size counts it too."""
@@ -135,8 +135,12 @@ def estimate_memory(
         act = tokens * (layers * h * b + block_bytes)  # the layers' inputs, and one layer recomputed in backward
     else:
         act = tokens * layers * block_bytes
-    # peft runs the adapter in float32: with half-precision weights each adapted layer keeps a float32 copy of its input
-    act += tokens * lora_in * 4 if b != 4 else 0
+    # peft runs the adapter in float32: with half-precision weights each adapted layer keeps a float32 copy of its input,
+    # unless the adapter runs in the weights' dtype (training.half_precision_lora, method lora: speed.half_precision_lora)
+    half_lora = getattr(model_spec, "method", "lora") == "lora" and bool(
+        getattr(training, "half_precision_lora", False)
+    )
+    act += tokens * lora_in * 4 if b != 4 and not half_lora else 0
     # and each adapted layer keeps one tensor of its output's size (measured on SmolLM2-135M, LoRA on all linear
     # layers: +1.09 GB over full fine-tuning's forward at 8 x 204 tokens, one output's worth per adapted layer)
     act += tokens * sum(int(m.out_features) for n, m in model.named_modules() if n.endswith("lora_B.default")) * b
