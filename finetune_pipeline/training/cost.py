@@ -104,8 +104,8 @@ def estimate_memory(
     adapted layer's dropped-out input and mask; with
     gradient checkpointing only each layer's input plus one layer recomputed. Under half-precision weights peft keeps
     a float32 copy of each adapted layer's input (not when the adapter runs in that precision: ``half_precision_lora``).
-    The loss: float32 logits, their softmax and its gradient over the vocabulary at the ``loss_share`` of positions that carry loss (the lean loss projects only those; 1.0 when every
-    position does). runtime (CPU only): the process's memory outside the model (libraries, allocator) measured now,
+    The loss: float32 logits, their softmax and its gradient over the vocabulary at the ``loss_share`` of positions
+    that carry loss (the lean loss projects only those; 1.0 when every position does). runtime (CPU only): the process's memory outside the model (libraries, allocator) measured now,
     as the peak resident set size counts it too."""
     b = _BYTES.get(dtype, 4)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
