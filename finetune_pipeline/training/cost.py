@@ -105,8 +105,9 @@ def estimate_memory(
     gradient checkpointing only each layer's input plus one layer recomputed. Under half-precision weights peft keeps
     a float32 copy of each adapted layer's input (not when the adapter runs in that precision: ``half_precision_lora``).
     The loss: float32 logits, their softmax and its gradient over the vocabulary at the ``loss_share`` of positions
-    that carry loss (the lean loss projects only those; 1.0 when every position does). runtime (CPU only): the process's memory outside the model (libraries, allocator) measured now,
-    as the peak resident set size counts it too."""
+    that carry loss (the lean loss projects only those; 1.0 when every position does). runtime (CPU only): the
+    process's memory outside the model (libraries, allocator) measured now, as the peak resident set size counts it
+    too."""
     b = _BYTES.get(dtype, 4)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     weights += sum(x.numel() * x.element_size() for x in model.buffers())
@@ -136,11 +137,10 @@ def estimate_memory(
     else:
         act = tokens * layers * block_bytes
     # peft runs the adapter in float32: with half-precision weights each adapted layer keeps a float32 copy of its input,
-    # unless the adapter runs in the weights' dtype (training.half_precision_lora, method lora: speed.half_precision_lora)
-    half_lora = getattr(model_spec, "method", "lora") == "lora" and bool(
-        getattr(training, "half_precision_lora", False)
-    )
-    act += tokens * lora_in * 4 if b != 4 and not half_lora else 0
+    # unless the adapter runs in the weights' dtype (speed.adapter_in_half_precision)
+    from finetune_pipeline.training.speed import adapter_in_half_precision
+
+    act += tokens * lora_in * 4 if b != 4 and not adapter_in_half_precision(model_spec.method, training) else 0
     # and each adapted layer keeps one tensor of its output's size (measured on SmolLM2-135M, LoRA on all linear
     # layers: +1.09 GB over full fine-tuning's forward at 8 x 204 tokens, one output's worth per adapted layer)
     act += tokens * sum(int(m.out_features) for n, m in model.named_modules() if n.endswith("lora_B.default")) * b

@@ -465,9 +465,9 @@ def _model(req: TrainRequest, dtype: str) -> Any:
 
         set_seed(req.training.seed)  # adapter initialisation is reproducible from the recorded seed
         model = get_peft_model(model, lora_config(req.model.lora))
-        if req.model.method == "lora" and req.training.half_precision_lora:
-            from finetune_pipeline.training.speed import half_precision_lora
+        from finetune_pipeline.training.speed import adapter_in_half_precision, half_precision_lora
 
+        if adapter_in_half_precision(req.model.method, req.training):
             half_precision_lora(model, dtype, "cuda" if next(model.parameters()).is_cuda else "cpu")
     return model
 

@@ -19,6 +19,12 @@ from __future__ import annotations
 from typing import Any
 
 
+def adapter_in_half_precision(method: str, training: Any) -> bool:
+    """Whether training switches the adapter to the weights' half precision (``half_precision_lora``): LoRA only
+    (QLoRA's adapter stays on peft's float32 path), with ``training.half_precision_lora`` on."""
+    return method == "lora" and bool(training.half_precision_lora)
+
+
 def half_precision_lora(model: Any, dtype: str, device: str = "cpu") -> int:
     """Run the adapted layers of a LoRA ``model`` whose base weights are in ``dtype`` (bfloat16 / float16) under
     autocast in that dtype; returns the number of layers switched (0: nothing to do: float32, or no LoRA layers)."""
