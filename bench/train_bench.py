@@ -192,7 +192,8 @@ def section_e(args: Any, base: str, tmp: Path) -> dict[str, Any]:
     """Today's asset (the tree at --baseline) vs this tree's asset, same spec (the asset's defaults: dtype auto, LoRA
     r16 on all linear layers, each tree's default LoRA dropout and attention, batch --batch, learning rate 2e-4), on
     the demo tickets and on the short-row SQL task;
-    and this tree's asset in float32 vs its bf16 step. Runs alternate (A B A B) so load from others hits both."""
+    this tree's asset with the shared-prefix packing off (``new_padded``); and this tree's asset in float32 vs its
+    bf16 step. Runs alternate (A B A B) so load from others hits both."""
     from bench.sql_task import make_rows
     from finetune_pipeline.training.cost import measure_matmul_peak
 
@@ -216,6 +217,15 @@ def section_e(args: Any, base: str, tmp: Path) -> dict[str, Any]:
                 base, {"lora": lora}, train, r, tmp / f"e-{t}-new-{i}", True, calibration_steps=2
             ),
         }
+        arms["new_padded"] = lambda i, r=rows, t=task: run_child(  # this tree without the shared-prefix packing
+            base,
+            {"lora": lora},
+            {**train, "share_prefix": False},
+            r,
+            tmp / f"e-{t}-padded-{i}",
+            True,
+            calibration_steps=2,
+        )
         if task == first:
             arms["new_float32"] = lambda i, r=rows, t=task: run_child(
                 base, {"lora": lora, "dtype": "float32"}, train, r, tmp / f"e-{t}-fp32-{i}", True, calibration_steps=2
@@ -236,9 +246,15 @@ def section_e(args: Any, base: str, tmp: Path) -> dict[str, Any]:
                 "steps_in_5_minutes": int(300 // sps),
                 "heldout_loss": heldout_loss(base, rs[0]["adapter"], held),
                 "runs_tokens_per_second": [r["tokens_per_second"] for r in rs],
+                "prefix_tokens_saved": rs[0].get("prefix_tokens_saved", 0),
+                "train_tokens": rs[0].get("train_tokens"),
             }
         row["tokens_per_second_ratio"] = row["new"]["tokens_per_second"] / row["today"]["tokens_per_second"]
         row["heldout_loss_ratio"] = row["new"]["heldout_loss"] / row["today"]["heldout_loss"]
+        row["padded_tokens_per_second_ratio"] = (
+            row["new_padded"]["tokens_per_second"] / row["today"]["tokens_per_second"]
+        )
+        row["shared_prefix_speedup"] = row["new"]["tokens_per_second"] / row["new_padded"]["tokens_per_second"]
         if "new_float32" in row:
             row["bf16_step_speedup_over_float32"] = (
                 row["new_float32"]["seconds_per_step"] / row["new"]["seconds_per_step"]

@@ -538,6 +538,14 @@ class TrainingSpec(_Strict):
         "peft's float32 copies of every adapted layer's input; the adapter's weights and optimizer state stay "
         "float32. No effect in float32.",
     )
+    share_prefix: bool = Field(
+        True,
+        description="When every row of a micro-batch begins with the same unlabelled tokens (a fixed system prompt "
+        "or schema), compute that prefix once: the batch runs as one sequence (the prefix, then each row's own "
+        "tokens at their own positions, a mask keeping the rows apart), with the padded batch's loss and gradients. "
+        "Used only where it saves at least 15% of the step's FLOPs without more activation memory, with eager / "
+        "sdpa attention, no LoRA dropout and no gradient checkpointing.",
+    )
     nan_guard: bool = Field(
         True,
         description="Stop with an error when the training loss becomes NaN/inf or diverges (above 4x the lowest "

@@ -37,6 +37,7 @@ def cost_metadata(res: Any) -> dict[str, Any]:
         "peak_memory_mb": round(res.peak_memory_mb, 1),
         "trainable_params": res.trainable_params,
         "flops_per_token": res.flops_per_token,
+        "prefix_tokens_saved": res.prefix_tokens_saved,
         "achieved_tflops": round(res.achieved_tflops, 4),
         "matmul_peak_tflops": None if res.matmul_peak_tflops is None else round(res.matmul_peak_tflops, 4),
         "flop_utilisation": None if res.flop_utilisation is None else round(res.flop_utilisation, 4),

@@ -75,6 +75,7 @@ class TrainResult(Record):
     estimated_seconds: float | None = None
     seconds_per_step: float | None = None
     flops_per_token: float = 0.0
+    prefix_tokens_saved: int = 0  # tokens a shared prefix did not compute again (training.share_prefix)
     achieved_tflops: float = 0.0
     matmul_peak_tflops: float | None = None
     flop_utilisation: float | None = None

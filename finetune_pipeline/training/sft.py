@@ -233,6 +233,7 @@ def setup(req: TrainRequest, log: LogFn = print, extra_callbacks: list[Any] | No
     if req.save_outputs:
         out.mkdir(parents=True, exist_ok=True)
         trainer.order_file, trainer.session = out / DATA_ORDER, session.resumed_from
+    trainer.share_prefix = t.share_prefix
     trainer.remove_callback(PrinterCallback)  # progress goes through `log` (the Dagster run log) instead
     return session
 
@@ -482,7 +483,8 @@ def _cost_figures(session: Session, fitted: Fitted) -> dict[str, Any]:
     batch = session.req.training.per_device_train_batch_size  # resolved in setup
     avg_len = fitted.tokens / max(1, (fitted.steps - session.resumed_from) * batch * n_proc)
     fpt = cost.train_flops_per_token(trainer.model, avg_len)
-    achieved = fpt * fitted.tokens / fitted.wall_seconds / 1e12 if fitted.wall_seconds > 0 else 0.0
+    computed = fitted.tokens - trainer.prefix_tokens_saved  # a shared prefix counts once (training.prefix)
+    achieved = fpt * computed / fitted.wall_seconds / 1e12 if fitted.wall_seconds > 0 else 0.0
     return {
         "learning_rate": session.req.training.learning_rate,
         "dtype": session.dtype,
@@ -492,6 +494,7 @@ def _cost_figures(session: Session, fitted: Fitted) -> dict[str, Any]:
         "estimated_seconds": session.calib.get("estimated_seconds"),
         "seconds_per_step": session.calib.get("seconds_per_step"),
         "flops_per_token": fpt,
+        "prefix_tokens_saved": trainer.prefix_tokens_saved,
         "achieved_tflops": achieved,
         "matmul_peak_tflops": peak.gflops / 1e3 if peak else None,
         "flop_utilisation": achieved / (peak.gflops / 1e3) if peak else None,

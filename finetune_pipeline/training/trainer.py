@@ -25,6 +25,8 @@ class RecordingSFTTrainer(SFTTrainer):
 
     order_file: Path | None = None
     session: int = 0  # the step this session resumed from (0: a fresh run)
+    share_prefix: bool = False  # training.share_prefix: pack micro-batches whose rows share a prefix (prefix.pack)
+    prefix_tokens_saved: int = 0  # tokens the packing did not compute again, this session
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
         if self.order_file is not None and self.is_world_process_zero():
@@ -68,10 +70,21 @@ def lean_loss(trainer: Any, model: Any, inputs: dict[str, Any], num_items_in_bat
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = getattr(base, base.base_model_prefix)
-    fwd = {k: v for k, v in inputs.items() if k != "labels"}
-    fwd["use_cache"] = False
-    hidden = backbone(**fwd).last_hidden_state[:, :-1]
-    target = inputs["labels"][:, 1:]
+    packed = _packed(trainer, base, inputs) if trainer.share_prefix else None
+    if packed is not None:  # the rows' shared prefix computed once (training.prefix)
+        out = backbone(
+            input_ids=packed.input_ids,
+            attention_mask=packed.attention_mask,
+            position_ids=packed.position_ids,
+            use_cache=False,
+        )
+        hidden, target = out.last_hidden_state[0, packed.select], packed.targets
+        trainer.prefix_tokens_saved += packed.saved
+    else:
+        fwd = {k: v for k, v in inputs.items() if k != "labels"}
+        fwd["use_cache"] = False
+        hidden = backbone(**fwd).last_hidden_state[:, :-1]
+        target = inputs["labels"][:, 1:]
     mask = target != -100
     head = base.get_output_embeddings()
     logits = head(hidden[mask].to(head.weight.device)).float()
@@ -86,3 +99,21 @@ def lean_loss(trainer: Any, model: Any, inputs: dict[str, Any], num_items_in_bat
     trainer._metrics["train"]["num_tokens"] = [trainer._total_train_tokens]
     trainer._metrics["train"]["mean_token_accuracy"].append(acc)
     return loss
+
+
+def _packed(trainer: Any, base: Any, inputs: dict[str, Any]) -> Any:
+    """The micro-batch with its rows' shared prefix computed once (``prefix.pack``), or None where it does not pay
+    or does not apply (gradient checkpointing, LoRA dropout: each row would share the prefix's dropout mask)."""
+    from finetune_pipeline.training import prefix
+
+    if trainer.args.gradient_checkpointing or _lora_dropout(trainer.model):
+        return None
+    if getattr(trainer, "_prefix_shape", None) is None:
+        trainer._prefix_shape = prefix.Shape.of(base.config)
+    dtype = base.get_input_embeddings().weight.dtype
+    return prefix.pack(inputs, trainer._prefix_shape, str(base.config._attn_implementation), dtype)
+
+
+def _lora_dropout(model: Any) -> bool:
+    cfg = getattr(model, "peft_config", None) or {}
+    return any(float(getattr(c, "lora_dropout", 0.0) or 0.0) > 0 for c in cfg.values())
