@@ -36,10 +36,11 @@ LORA = ModelSpec(dtype="float32", lora={"r": 4, "alpha": 8, "dropout": 0.0})
         ([82, 79, 88, 75, 84, 87, 75, 80], 46, 88, True),  # a schema prompt on short rows: packed
         ([82, 79, 88, 75, 84, 87, 75, 80], 7, 88, False),  # fewer than MIN_PREFIX shared tokens
         ([82], 46, 82, False),  # one row: nothing to share
-        ([82, 79, 88, 75, 84, 87, 75, 80], 12, 88, False),  # saves under MIN_SAVING of the FLOPs
-        ([2048] * 8, 1000, 2048, False),  # long rows: the dense packed attention would keep more than the batch
+        ([88] * 8, 9, 88, False),  # no padding and 9 shared tokens: saves under MIN_SAVING of the FLOPs
+        ([2048] * 8, 1000, 2048, True),  # long rows sharing half their tokens
+        ([2048] * 8, 100, 2048, False),  # long rows sharing 5%
     ],
-    ids=["schema-prompt", "prefix-too-short", "one-row", "saves-too-little", "more-memory"],
+    ids=["schema-prompt", "prefix-too-short", "one-row", "saves-too-little", "long-rows-half-shared", "long-rows-5%"],
 )
 def test_worth_packing_rule(lengths: list[int], shared: int, padded: int, expected: bool) -> None:
     assert prefix.worth_packing(lengths, shared, padded, SMOL) is expected
@@ -72,25 +73,28 @@ def test_pack_layout_keeps_positions_and_keeps_rows_apart() -> None:
     rows = [shared + [1, 2, 3, 4, 5], shared + [6, 7, 8], shared + [9, 10, 11, 12, 13, 14]]
     b = _batch(rows, [41, 41, 41])
     p = prefix.pack(b, SMOL, "sdpa", torch.float32)
-    assert p is not None and p.saved == 2 * 40
+    assert p is not None and p.saved == 2 * 40 and p.prefix == 40
     assert p.input_ids[0].tolist() == shared + [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
     assert p.position_ids[0].tolist() == list(range(45)) + list(range(40, 43)) + list(range(40, 46))
-    allowed = p.attention_mask[0, 0]
-    row2 = 40 + 5 + 3  # the third row's first own token
-    assert allowed[row2, :40].all() and not allowed[row2, 40:48].any() and allowed[row2, row2]
-    assert not allowed[row2, row2 + 1 :].any()  # causal
+    # each row's own tokens, gathered into a 3 x 6 block; the real entries, in order, are the packed rows' tokens
+    assert p.gather.tolist() == [[40, 41, 42, 43, 44, 0], [45, 46, 47, 0, 0, 0], [48, 49, 50, 51, 52, 53]]
+    assert p.gather.flatten()[p.valid].tolist() == list(range(40, 54))
+    keys = p.row_mask[:, 0]  # rows x own x (prefix + own)
+    assert keys.shape == (3, 6, 46) and keys[:, :, :40].all()  # every row sees the whole prefix
+    assert keys[1, 2, 40:].tolist() == [True, True, True, False, False, False]  # its own, causal; padding never
+    assert not keys[1, 0, 41] and keys[2, 5, 40:].all()
+    assert p.prefix_mask[0, 0].tolist() == torch.ones(40, 40, dtype=torch.bool).tril().tolist()
     # each labelled position predicts its own row's next token: the targets are the padded batch's, in order
     padded = torch.cat([b["labels"][i, 41 : len(r)] for i, r in enumerate(rows)])
     assert p.targets.tolist() == padded.tolist()
     assert p.input_ids[0, p.select + 1].tolist() == padded.tolist()
     eager = prefix.pack(b, SMOL, "eager", torch.bfloat16)
-    assert eager.attention_mask.dtype == torch.bfloat16
-    assert bool((eager.attention_mask[0, 0] == 0).eq(allowed).all())
+    assert eager.row_mask.dtype == torch.bfloat16 and bool((eager.row_mask == 0).eq(p.row_mask).all())
 
 
 @pytest.mark.parametrize(
     "case",
-    ["left-padded", "flash-attention", "other-inputs", "one-row", "window-shorter-than-rows"],
+    ["left-padded", "flash-attention", "other-inputs", "one-row", "window-shorter-than-rows", "other-family"],
 )
 def test_pack_declines_batches_it_cannot_pack_exactly(case: str) -> None:
     import torch
@@ -106,9 +110,11 @@ def test_pack_declines_batches_it_cannot_pack_exactly(case: str) -> None:
         b["token_type_ids"] = torch.zeros_like(b["input_ids"])
     elif case == "one-row":
         b = {k: v[:1] for k, v in b.items()}
-    else:
+    elif case == "window-shorter-than-rows":
         shape = prefix.Shape(576, 1536, 9, 192, window=32)
-    assert prefix.pack(b, SMOL if case != "window-shorter-than-rows" else shape, attention, torch.float32) is None
+    else:  # a family whose attention block_attention does not reproduce (soft-capping, sinks, ...)
+        shape = prefix.Shape(576, 1536, 9, 192, plain=False)
+    assert prefix.pack(b, shape, attention, torch.float32) is None
     assert prefix.pack(_batch([shared + [1, 2, 3, 4, 5], shared + [6, 7, 8]], [41, 41]), SMOL, "sdpa", torch.float32)
 
 

@@ -72,12 +72,16 @@ def lean_loss(trainer: Any, model: Any, inputs: dict[str, Any], num_items_in_bat
     backbone = getattr(base, base.base_model_prefix)
     packed = _packed(trainer, base, inputs) if trainer.share_prefix else None
     if packed is not None:  # the rows' shared prefix computed once (training.prefix)
-        out = backbone(
-            input_ids=packed.input_ids,
-            attention_mask=packed.attention_mask,
-            position_ids=packed.position_ids,
-            use_cache=False,
-        )
+        from finetune_pipeline.training.prefix import packed_attention
+
+        placeholder = torch.zeros(1, 1, 1, 1, device=packed.input_ids.device)  # a 4D mask is passed on as it is
+        with packed_attention(backbone.config, packed):
+            out = backbone(
+                input_ids=packed.input_ids,
+                attention_mask=placeholder,
+                position_ids=packed.position_ids,
+                use_cache=False,
+            )
         hidden, target = out.last_hidden_state[0, packed.select], packed.targets
         trainer.prefix_tokens_saved += packed.saved
     else:
