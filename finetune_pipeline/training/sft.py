@@ -270,6 +270,8 @@ def fit(session: Session) -> Fitted:
             eval_loss = keep.best_loss
             if best_step != steps:
                 log(f"kept the weights of step {best_step}: best validation loss {keep.best_loss:.4f}")
+    if trainer.prefix_tokens_saved:
+        log(f"shared prefix: {trainer.prefix_tokens_saved:,} of {tokens:,} tokens computed once per batch, not per row")
     budget = session.calib.get("budget_steps")
     stopped_early = bool(t.early_stopping_patience) and steps < (budget or session.steps)
     if stopped_early:
