@@ -35,9 +35,9 @@ PLAIN = {"llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2", "smol
 
 @dataclass(frozen=True)
 class Shape:
-    """What the cost rule needs of the model: hidden size, MLP size, attention heads, key/value width, and the
-    sliding attention window where the model has one (a packed batch's mask is dense: rows longer than the window
-    stay padded)."""
+    """What the rule needs of the model: hidden size, MLP size, attention heads, key/value width, the sliding
+    attention window where the model has one (``block_attention`` applies none: rows longer than the window stay
+    padded), and whether its family's attention is one ``block_attention`` reproduces."""
 
     hidden: int
     intermediate: int
@@ -179,7 +179,7 @@ NAME = "finetune_pipeline_shared_prefix"
 def block_attention(
     module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float | None = None, **kwargs: Any
 ) -> tuple[Any, None]:
-    """transformers' attention interface for a packed batch (registered as ``NAME`` while ``packed_forward`` runs):
+    """transformers' attention interface for a packed batch (in force as ``NAME`` while ``packed_attention`` runs):
     the prefix attends to itself causally; each row's own tokens, gathered into a padded rows x longest block,
     attend to the prefix's keys and causally to their own; the result goes back into packed order. The pairs
     computed are the padded batch's (fewer: the prefix once), never N x N."""
@@ -187,8 +187,9 @@ def block_attention(
 
     lay = _LAYOUT.get()
     if lay is None:
-        raise RuntimeError("block_attention runs only inside prefix.packed_forward")
+        raise RuntimeError("block_attention runs only inside prefix.packed_attention")
     s, heads, groups = lay.prefix, query.shape[1], query.shape[1] // key.shape[1]
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     q, k, v = query[0], key[0], value[0]  # heads x N x d (keys and values: kv heads)
 
     def attend(q: Any, k: Any, v: Any, mask: Any) -> Any:
@@ -215,8 +216,7 @@ def packed_attention(config: Any, packed: Packed) -> Iterator[None]:
     backward pass uses the graph it built). The model's own attention setting is restored afterwards."""
     from transformers import AttentionInterface
 
-    if NAME not in AttentionInterface._global_mapping:
-        AttentionInterface.register(NAME, block_attention)
+    AttentionInterface.register(NAME, block_attention)  # the same entry each time
     token, before = _LAYOUT.set(packed), config._attn_implementation
     config._attn_implementation = NAME
     try:
