@@ -542,9 +542,10 @@ class TrainingSpec(_Strict):
         True,
         description="When every row of a micro-batch begins with the same unlabelled tokens (a fixed system prompt "
         "or schema), compute that prefix once: the batch runs as one sequence (the prefix, then each row's own "
-        "tokens at their own positions, a mask keeping the rows apart), with the padded batch's loss and gradients. "
-        "Used only where it saves at least 15% of the step's FLOPs without more activation memory, with eager / "
-        "sdpa attention, no LoRA dropout and no gradient checkpointing.",
+        "tokens at their own positions; each row attends to the prefix and to itself), with the padded batch's loss "
+        "and gradients and no more activation memory. Used where it saves at least 15% of the step's FLOPs, with "
+        "eager / sdpa attention in a plain-attention family (llama, mistral, qwen2, qwen3, phi3, granite, olmo2, "
+        "smollm3), no attention or LoRA dropout and no gradient checkpointing; other batches train padded.",
     )
     nan_guard: bool = Field(
         True,

@@ -12,7 +12,7 @@ import pytest
 from finetune_pipeline.spec import ModelSpec, RuntimeSpec, TrainingSpec
 from finetune_pipeline.training import prefix
 from finetune_pipeline_tests.conftest import chat_row
-from finetune_pipeline_tests.test_sft import request
+from finetune_pipeline_tests.test_sft import lean_trainer, request
 
 pytestmark = pytest.mark.integration
 
@@ -118,33 +118,6 @@ def test_pack_declines_batches_it_cannot_pack_exactly(case: str) -> None:
     assert prefix.pack(_batch([shared + [1, 2, 3, 4, 5], shared + [6, 7, 8]], [41, 41]), SMOL, "sdpa", torch.float32)
 
 
-def _trainer(tiny_model: Path, tmp_path: Path, attention: str) -> Any:
-    from datasets import Dataset
-    from peft import get_peft_model
-    from trl import SFTConfig
-
-    from finetune_pipeline.models.base import load_model, load_tokenizer
-    from finetune_pipeline.training.chat import resolve_chat_template
-    from finetune_pipeline.training.configs import lora_config
-    from finetune_pipeline.training.trainer import RecordingSFTTrainer
-
-    tok = load_tokenizer(str(tiny_model))
-    tok.chat_template = resolve_chat_template(tok, "auto").template
-    model = get_peft_model(load_model(str(tiny_model), LORA, for_training=True), lora_config(LORA.lora))
-    model.set_attn_implementation(attention)
-    ds = Dataset.from_list([{"messages": json.loads(r)} for r in ROWS[:6]])
-    cfg = SFTConfig(
-        output_dir=str(tmp_path / "trainer"),
-        per_device_train_batch_size=6,
-        assistant_only_loss=True,
-        use_cpu=True,
-        report_to=[],
-        max_length=128,
-        gradient_checkpointing=False,
-    )
-    return RecordingSFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
-
-
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_packed_batch_has_the_padded_batchs_loss_and_gradients(
     tiny_model: Path, tmp_path: Path, attention: str
@@ -153,7 +126,7 @@ def test_packed_batch_has_the_padded_batchs_loss_and_gradients(
 
     from finetune_pipeline.training.trainer import lean_loss
 
-    trainer = _trainer(tiny_model, tmp_path, attention)
+    trainer = lean_trainer(tiny_model, tmp_path, ROWS[:6], LORA, attention)
     batch = dict(next(iter(trainer.get_train_dataloader())))
     trainer.model.train()
     for p in trainer.model.parameters():  # B = 0 at initialisation: give the adapter an output to differentiate

@@ -163,9 +163,9 @@ def test_qlora_trains_and_merges_on_cpu(tiny_model: Path, tmp_path: Path) -> Non
     assert max_logit_diff(merged, tuned_model(str(tiny_model), q, str(tmp_path / "q")), tok) < 1e-4
 
 
-def test_lean_loss_equals_trl_loss(tiny_model: Path, tmp_path: Path) -> None:
-    """The asset's training loss (LM head on labelled positions only, no per-step entropy) is trl's loss."""
-    import torch
+def lean_trainer(tiny_model: Path, tmp_path: Path, rows: list[str], model_spec: ModelSpec, attention: str = "") -> Any:
+    """The asset's trainer over ``rows`` (one micro-batch of them all, assistant-only loss) on the tiny model with a
+    fresh adapter, for the tests that call its loss directly."""
     from datasets import Dataset
     from peft import get_peft_model
     from trl import SFTConfig
@@ -173,22 +173,34 @@ def test_lean_loss_equals_trl_loss(tiny_model: Path, tmp_path: Path) -> None:
     from finetune_pipeline.models.base import load_model, load_tokenizer
     from finetune_pipeline.training.chat import resolve_chat_template
     from finetune_pipeline.training.configs import lora_config
-    from finetune_pipeline.training.trainer import RecordingSFTTrainer, lean_loss, lean_ok
+    from finetune_pipeline.training.trainer import RecordingSFTTrainer
 
     tok = load_tokenizer(str(tiny_model))
     tok.chat_template = resolve_chat_template(tok, "auto").template
-    model = get_peft_model(load_model(str(tiny_model), LORA, for_training=True), lora_config(LORA.lora))
-    ds = Dataset.from_list([{"messages": json.loads(r)} for r in ROWS[:4]])
+    model = get_peft_model(load_model(str(tiny_model), model_spec, for_training=True), lora_config(model_spec.lora))
+    if attention:
+        model.set_attn_implementation(attention)
+    ds = Dataset.from_list([{"messages": json.loads(r)} for r in rows])
     cfg = SFTConfig(
         output_dir=str(tmp_path / "trainer"),
-        per_device_train_batch_size=4,
+        per_device_train_batch_size=len(rows),
         assistant_only_loss=True,
         use_cpu=True,
         report_to=[],
         max_length=128,
         gradient_checkpointing=False,
     )
-    trainer = RecordingSFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
+    return RecordingSFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
+
+
+def test_lean_loss_equals_trl_loss(tiny_model: Path, tmp_path: Path) -> None:
+    """The asset's training loss (LM head on labelled positions only, no per-step entropy) is trl's loss."""
+    import torch
+
+    from finetune_pipeline.training.trainer import lean_loss, lean_ok
+
+    trainer = lean_trainer(tiny_model, tmp_path, ROWS[:4], LORA)
+    tok = trainer.processing_class
     batch = next(iter(trainer.get_train_dataloader()))
     assert lean_ok(trainer)
     trainer.model.train()
