@@ -112,10 +112,8 @@ def _packed(trainer: Any, base: Any, inputs: dict[str, Any]) -> Any:
 
     if trainer.args.gradient_checkpointing or _lora_dropout(trainer.model):
         return None
-    if getattr(trainer, "_prefix_shape", None) is None:
-        trainer._prefix_shape = prefix.Shape.of(base.config)
     dtype = base.get_input_embeddings().weight.dtype
-    return prefix.pack(inputs, trainer._prefix_shape, str(base.config._attn_implementation), dtype)
+    return prefix.pack(inputs, prefix.Shape.of(base.config), str(base.config._attn_implementation), dtype)
 
 
 def _lora_dropout(model: Any) -> bool:
